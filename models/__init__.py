@@ -1,0 +1,1 @@
+"""Small ONNX models and sample data bundled with onnxlrp (installed as ``onnxlrp.models``)."""

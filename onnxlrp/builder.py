@@ -1,0 +1,59 @@
+"""A small tape that appends nodes and initializers to an ONNX graph under unique names."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+
+class GraphBuilder:
+    """Emit ops in order; every output gets a fresh name under the ``lrp/`` prefix."""
+
+    def __init__(self, graph: onnx.GraphProto, prefix: str = "lrp"):
+        self.graph = graph
+        self.prefix = prefix
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self._taken = {n for node in graph.node for n in (*node.input, *node.output, node.name)}
+        self._taken |= {t.name for t in graph.initializer} | {v.name for v in graph.input}
+        self._counter = 0
+        self._constants: dict[tuple, str] = {}
+        self.scope = ""
+
+    def fresh(self, hint: str) -> str:
+        base = f"{self.prefix}/{self.scope}/{hint}" if self.scope else f"{self.prefix}/{hint}"
+        name = base
+        while name in self._taken:
+            self._counter += 1
+            name = f"{base}_{self._counter}"
+        self._taken.add(name)
+        return name
+
+    def op(self, op_type: str, inputs: list[str], hint: str | None = None, n_out: int = 1, **attrs) -> str | list[str]:
+        """Append ``op_type(inputs, **attrs)``; returns the output name (or names when ``n_out > 1``)."""
+        outputs = [self.fresh(hint or op_type) for _ in range(n_out)]
+        attrs = {k: v for k, v in attrs.items() if v is not None}
+        node = helper.make_node(op_type, inputs, outputs, name=self.fresh(f"{hint or op_type}_node"), **attrs)
+        self.nodes.append(node)
+        return outputs[0] if n_out == 1 else outputs
+
+    def const(self, value, hint: str = "const", dtype=np.float32) -> str:
+        """An initializer holding ``value``; identical small constants are shared."""
+        array = np.asarray(value, dtype=dtype)
+        key = None
+        if array.size <= 16:
+            key = (array.dtype.str, array.shape, array.tobytes())
+            if key in self._constants:
+                return self._constants[key]
+        name = self.fresh(hint)
+        self.initializers.append(numpy_helper.from_array(array, name))
+        if key is not None:
+            self._constants[key] = name
+        return name
+
+    def commit(self) -> None:
+        """Append everything emitted so far to the graph."""
+        self.graph.node.extend(self.nodes)
+        self.graph.initializer.extend(self.initializers)
+        self.nodes, self.initializers = [], []

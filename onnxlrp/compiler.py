@@ -1,0 +1,110 @@
+"""``compile``: an ONNX model in, an ONNX model out that computes the forward pass and LRP relevance."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+from onnx import helper
+
+from onnxlrp.passes.canonicalize import canonicalize
+from onnxlrp.passes.relevance import RelevancePass, rule_table
+
+from . import __version__
+from .composites import Composite, LinearNode, get_composite, load_composite
+from .errors import OnnxlrpError
+from .loading import clamp_ir_version, load_model
+
+PARAMETER_NAMES = ("epsilon", "gamma", "alpha", "beta", "low", "high", "stabilizer")
+
+
+@dataclass
+class Plan:
+    """What ``inspect`` shows: the rule per linear node and every node on the path that has no rule."""
+
+    rules: dict[str, str]
+    unsupported: list[str]
+    explained: str
+    inputs: list[str]
+
+
+def read_model(model_or_path) -> tuple[onnx.ModelProto, str]:
+    """The model and the sha256 of its serialized bytes."""
+    if isinstance(model_or_path, onnx.ModelProto):
+        return model_or_path, hashlib.sha256(model_or_path.SerializeToString()).hexdigest()
+    model = load_model(model_or_path)
+    return model, hashlib.sha256(Path(model_or_path).read_bytes()).hexdigest()
+
+
+def choose_composite(rule: str, composite: str | Path | None) -> Composite:
+    return load_composite(composite) if composite else get_composite(rule)
+
+
+def _pass(model: onnx.ModelProto, composite: Composite, *, params: dict, flat_layers: int, output, node_output,
+          opset, input_shapes) -> RelevancePass:
+    unknown = set(params) - set(PARAMETER_NAMES)
+    if unknown:
+        raise OnnxlrpError(f"unknown parameter(s) {', '.join(sorted(unknown))}; valid: {', '.join(PARAMETER_NAMES)}")
+    params = {k: float(v) for k, v in params.items() if v is not None}
+    if flat_layers < 1:
+        raise OnnxlrpError("--flat-layers must be at least 1")
+    canonical, shapes = canonicalize(model, opset=opset, input_shapes=input_shapes)
+
+    def plan_rules(order):
+        layers = [LinearNode(node.name, node.op_type, i, depth) for i, (node, depth) in enumerate(order)]
+        return composite.plan(layers, params, flat_layers)
+
+    return RelevancePass(canonical, shapes, plan_rules, rlrp=composite.name == "rlrp", output=output,
+                         node_output=node_output)
+
+
+def compile(model_or_path, rule: str = "epsilon", *, composite: str | Path | None = None, output: str | None = None,
+            node_output: str | None = None, opset: int | None = None,
+            input_shapes: dict[str, list[int]] | None = None, flat_layers: int = 1, **params) -> onnx.ModelProto:
+    """Compile ``model_or_path`` (a ModelProto or a file) with ``rule`` (a rule or composite name, see
+    ``onnxlrp rules``) or a TOML ``composite``. Parameters: epsilon, gamma, alpha, beta, low, high, stabilizer.
+
+    The result keeps every original input and output and adds the optional input ``target`` (int64 [batch], -1
+    or absent: explain the predicted class) and the outputs ``relevance`` and ``explained_class``.
+    """
+    model, digest = read_model(model_or_path)
+    comp = choose_composite(rule, composite)
+    rp = _pass(model, comp, params=params, flat_layers=flat_layers, output=output, node_output=node_output,
+               opset=opset, input_shapes=input_shapes)
+    relevance = rp.run()
+    rp.finish(relevance)
+    compiled = rp.model
+    compiled.producer_name, compiled.producer_version = "onnxlrp", __version__
+    meta = {
+        "onnxlrp.version": __version__,
+        "onnxlrp.rule": comp.name,
+        "onnxlrp.plan": json.dumps(rule_table(rp.plan)),
+        "onnxlrp.explained": rp.target,
+        "onnxlrp.source_sha256": digest,
+    }
+    kept = [p for p in compiled.metadata_props if not p.key.startswith("onnxlrp.")]
+    del compiled.metadata_props[:]
+    compiled.metadata_props.extend(kept)
+    for key, value in meta.items():
+        compiled.metadata_props.append(helper.make_metadata_prop(key, value) if hasattr(helper, "make_metadata_prop")
+                                       else onnx.StringStringEntryProto(key=key, value=value))
+    clamp_ir_version(compiled)
+    return compiled
+
+
+def inspect(model_or_path, rule: str = "epsilon", *, composite=None, output=None, node_output=None, opset=None,
+            input_shapes=None, flat_layers: int = 1, **params) -> Plan:
+    """The rule plan and the unsupported nodes on the relevance path, without emitting anything."""
+    model, _ = read_model(model_or_path)
+    rp = _pass(model, choose_composite(rule, composite), params=params, flat_layers=flat_layers, output=output,
+               node_output=node_output, opset=opset, input_shapes=input_shapes)
+    problems = rp.unsupported()
+    rules = {} if problems else rule_table(rp.plan_rules(rp.linear_order()))
+    return Plan(rules, problems, rp.target, rp.sources)
+
+
+def is_compiled(model: onnx.ModelProto) -> bool:
+    return any(p.key == "onnxlrp.rule" for p in model.metadata_props)

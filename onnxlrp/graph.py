@@ -1,0 +1,119 @@
+"""Read-only analysis views of an ONNX graph (networkx): the ONNX proto stays the one source of truth.
+
+The data-flow view has one vertex per tensor name. An edge ``a -> b`` means a node reads ``a`` through a
+*data* input and writes ``b``. Shape and index inputs (a Reshape's shape, a Slice's starts, ...) and ops whose
+output is shape arithmetic (Shape, Size) carry no relevance, so they have no data edges.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import networkx as nx
+import onnx
+
+# For ops whose inputs are not all data, the indices of the inputs that carry relevance.
+DATA_INPUTS: dict[str, tuple[int, ...]] = {
+    "Reshape": (0,),
+    "Expand": (0,),
+    "Tile": (0,),
+    "Slice": (0,),
+    "Pad": (0,),
+    "Squeeze": (0,),
+    "Unsqueeze": (0,),
+    "Split": (0,),
+    "Resize": (0,),
+    "Upsample": (0,),
+    "Clip": (0,),
+    "ReduceMean": (0,),
+    "ReduceSum": (0,),
+    "ReduceMax": (0,),
+    "Gather": (0,),
+    "Dropout": (0,),
+    "Conv": (0,),
+    "ConvTranspose": (0,),
+    "BatchNormalization": (0,),
+    "InstanceNormalization": (0,),
+    "LayerNormalization": (0,),
+    "Shape": (),
+    "Size": (),
+    "ConstantOfShape": (),
+    "Constant": (),
+    "EyeLike": (),
+    "RandomNormalLike": (),
+    "RandomUniformLike": (),
+}
+
+# Ops that produce no relevance-carrying output however they are fed.
+NON_DIFFERENTIABLE = {"Shape", "Size", "ArgMax", "ArgMin", "Equal", "Greater", "Less", "GreaterOrEqual",
+                      "LessOrEqual", "Not", "And", "Or", "Xor", "NonZero", "IsNaN", "IsInf", "TopK"}
+
+
+def data_input_indices(node: onnx.NodeProto) -> tuple[int, ...]:
+    """Indices of ``node``'s inputs through which relevance flows."""
+    if node.op_type in NON_DIFFERENTIABLE:
+        return ()
+    fixed = DATA_INPUTS.get(node.op_type)
+    indices = range(len(node.input)) if fixed is None else fixed
+    return tuple(i for i in indices if i < len(node.input) and node.input[i])
+
+
+@dataclass
+class GraphView:
+    """Producers, consumers and the tensor-level data-flow DiGraph of one ONNX graph."""
+
+    graph: onnx.GraphProto
+    flow: nx.DiGraph
+    producer: dict[str, onnx.NodeProto]
+    consumers: dict[str, list[tuple[onnx.NodeProto, int]]]
+
+    @classmethod
+    def of(cls, graph: onnx.GraphProto) -> GraphView:
+        flow = nx.DiGraph()
+        producer: dict[str, onnx.NodeProto] = {}
+        consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+        for node in graph.node:
+            for out in node.output:
+                if out:
+                    producer[out] = node
+                    flow.add_node(out)
+            for i, name in enumerate(node.input):
+                if name:
+                    consumers.setdefault(name, []).append((node, i))
+            for i in data_input_indices(node):
+                for out in node.output:
+                    if out:
+                        flow.add_edge(node.input[i], out)
+        return cls(graph, flow, producer, consumers)
+
+    def relevance_tensors(self, sources: list[str], target: str) -> set[str]:
+        """Tensors on some data path from a source to ``target`` (both included)."""
+        if target not in self.flow:
+            return set()
+        upstream = nx.ancestors(self.flow, target) | {target}
+        downstream: set[str] = set()
+        for s in sources:
+            if s in self.flow:
+                downstream |= nx.descendants(self.flow, s) | {s}
+        return upstream & downstream
+
+    def relevance_nodes(self, tensors: set[str]) -> list[onnx.NodeProto]:
+        """Nodes (topological order) that read a relevance tensor through a data input and write one."""
+        nodes = []
+        for node in self.graph.node:
+            if any(o in tensors for o in node.output) and any(
+                node.input[i] in tensors for i in data_input_indices(node)
+            ):
+                nodes.append(node)
+        return nodes
+
+    def forks_of_joins(self, tensors: set[str], sources: list[str], joins: list[onnx.NodeProto]) -> dict[str, str]:
+        """Map each join node's name to its fork: the immediate dominator of the join's output tensor.
+
+        Dominators are computed on the relevance sub-DAG with a virtual root feeding every source.
+        """
+        sub = self.flow.subgraph(tensors).copy()
+        root = "\0root"
+        sub.add_edges_from((root, s) for s in sources if s in tensors)
+        idom = nx.immediate_dominators(sub, root)
+        return {node.name: idom[node.output[0]] for node in joins if node.output[0] in idom}

@@ -1,0 +1,278 @@
+"""LRP rules for linear layers, one class per rule, following Zennit 0.5's conventions.
+
+Notation: a linear layer computes ``z = W x + b``; ``R`` is the relevance of ``z``; ``W^T g`` is the transposed
+product (:meth:`Linear.transpose`). ``x+ = max(x, 0)``, ``x- = min(x, 0)``, likewise ``W+``, ``W-``, ``b+``,
+``b-``. ``stab(z) = z + eps * sign(z)`` with ``sign(0) = +1``. Weight transforms are numpy, evaluated once
+at compile time; only activation-dependent work is emitted as ONNX ops.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .builder import GraphBuilder
+from .errors import OnnxlrpError
+from .layers import Linear
+
+STABILIZER = 1e-6
+
+
+def pos(a: np.ndarray) -> np.ndarray:
+    return np.maximum(a, 0)
+
+
+def neg(a: np.ndarray) -> np.ndarray:
+    return np.minimum(a, 0)
+
+
+def stabilize(b: GraphBuilder, z: str, eps: float) -> str:
+    """``z + eps * sign(z)``, ``sign(0) = +1`` (Zennit's stabilizer)."""
+    zero = b.const(0.0, "zero")
+    signed_eps = b.op("Where", [b.op("GreaterOrEqual", [z, zero]), b.const(eps), b.const(-eps)], "eps")
+    return b.op("Add", [z, signed_eps], "stab")
+
+
+def safe_divide(b: GraphBuilder, r: str, z: str, eps: float) -> str:
+    """``r / stab(z)``; with ``eps == 0`` (LRP-0) the quotient is 0 where ``z == 0`` instead of NaN."""
+    if eps > 0:
+        return b.op("Div", [r, stabilize(b, z, eps)], "s")
+    zero = b.const(0.0, "zero")
+    is_zero = b.op("Equal", [z, zero])
+    denom = b.op("Where", [is_zero, b.const(1.0, "one"), z])
+    return b.op("Where", [is_zero, zero, b.op("Div", [r, denom], "s")], "s")
+
+
+def split_sign(b: GraphBuilder, x: str) -> tuple[str, str]:
+    """``(x+, x-)``."""
+    xp = b.op("Relu", [x], "x_pos")
+    return xp, b.op("Sub", [x, xp], "x_neg")
+
+
+def mul(b: GraphBuilder, a: str, c: str) -> str:
+    return b.op("Mul", [a, c], "prod")
+
+
+def add(b: GraphBuilder, *terms: str) -> str:
+    return terms[0] if len(terms) == 1 else b.op("Sum", list(terms), "sum")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A relevance rule for linear layers: ``relevance(layer, R) -> R_in`` emitted into the graph."""
+
+    name = "rule"
+
+    def relevance(self, b: GraphBuilder, layer: Linear, r: str) -> str:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        params = ", ".join(f"{k}={v}" for k, v in self.__dict__.items())
+        return f"{self.name}({params})" if params else self.name
+
+
+@dataclass(frozen=True)
+class Epsilon(Rule):
+    """LRP-epsilon: ``R_in = x * W^T (R / stab(z))`` with ``z = W x + b``, the forward pre-activation reused."""
+
+    epsilon: float = 1e-6
+    name = "epsilon"
+
+    def relevance(self, b, layer, r):
+        s = safe_divide(b, r, layer.z, self.epsilon)
+        return mul(b, layer.x, layer.transpose(b, s, layer.weight, "W"))
+
+
+@dataclass(frozen=True)
+class LRP0(Epsilon):
+    """LRP-0: LRP-epsilon with ``epsilon = 0`` (quotients with ``z == 0`` are set to 0)."""
+
+    epsilon: float = 0.0
+    name = "lrp0"
+
+    def describe(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class ZPlus(Rule):
+    """LRP-z+: ``z = W+ x+ + b+ + W- x-``, ``R_in = x+ * W+^T g + x- * W-^T g`` with ``g = R / stab(z)``."""
+
+    stabilizer: float = STABILIZER
+    name = "zplus"
+
+    def relevance(self, b, layer, r):
+        w, bias = layer.weight, layer.bias
+        xp, xn = split_sign(b, layer.x)
+        z = add(b, layer.forward(b, xp, pos(w), None if bias is None else pos(bias), "Wpos"),
+                layer.forward(b, xn, neg(w), None, "Wneg"))
+        g = safe_divide(b, r, z, self.stabilizer)
+        return add(b, mul(b, xp, layer.transpose(b, g, pos(w), "Wpos")),
+                   mul(b, xn, layer.transpose(b, g, neg(w), "Wneg")))
+
+
+@dataclass(frozen=True)
+class AlphaBeta(Rule):
+    """LRP-alpha-beta: activating part ``za = W+ x+ + b+ + W- x-`` weighted by alpha, inhibiting part
+    ``zb = W- x+ + b- + W+ x-`` weighted by beta: ``R_in = alpha * Ra - beta * Rb`` (alpha - beta = 1)."""
+
+    alpha: float = 2.0
+    beta: float = 1.0
+    stabilizer: float = STABILIZER
+    name = "alpha-beta"
+
+    def __post_init__(self):
+        if self.alpha < 0 or self.beta < 0 or abs(self.alpha - self.beta - 1) > 1e-9:
+            raise OnnxlrpError(f"alpha-beta needs alpha, beta >= 0 and alpha - beta = 1 (got {self.alpha}, "
+                               f"{self.beta})")
+
+    def relevance(self, b, layer, r):
+        w, bias = layer.weight, layer.bias
+        xp, xn = split_sign(b, layer.x)
+        parts = []
+        for coef, w_x_pos, w_x_neg, b_mod, tag in (
+            (self.alpha, pos(w), neg(w), None if bias is None else pos(bias), ("Wpos", "Wneg")),
+            (-self.beta, neg(w), pos(w), None if bias is None else neg(bias), ("Wneg", "Wpos")),
+        ):
+            if coef == 0:
+                continue
+            z = add(b, layer.forward(b, xp, w_x_pos, b_mod, tag[0] + ("_ba" if coef > 0 else "_bb")),
+                    layer.forward(b, xn, w_x_neg, None, tag[1]))
+            g = safe_divide(b, r, z, self.stabilizer)
+            part = add(b, mul(b, xp, layer.transpose(b, g, w_x_pos, tag[0])),
+                       mul(b, xn, layer.transpose(b, g, w_x_neg, tag[1])))
+            parts.append(mul(b, part, b.const(coef, "coef")))
+        return add(b, *parts)
+
+
+@dataclass(frozen=True)
+class Gamma(Rule):
+    """Zennit's generalized LRP-gamma. ``Wp = W + gamma W+``, ``Wn = W + gamma W-`` (biases alike).
+    Where ``z > 0``: ``g = R / stab(Wp x+ + bp + Wn x-)``, ``R_in = x+ * Wp^T g + x- * Wn^T g``;
+    where ``z < 0``: ``g = R / stab(Wn x+ + bn + Wp x-)``, ``R_in = x+ * Wn^T g + x- * Wp^T g``."""
+
+    gamma: float = 0.25
+    stabilizer: float = STABILIZER
+    name = "gamma"
+
+    def relevance(self, b, layer, r):
+        w, bias, gm = layer.weight, layer.bias, self.gamma
+        wp, wn = w + gm * pos(w), w + gm * neg(w)
+        bp = None if bias is None else bias + gm * pos(bias)
+        bn = None if bias is None else bias + gm * neg(bias)
+        xp, xn = split_sign(b, layer.x)
+        zero = b.const(0.0, "zero")
+        parts = []
+        for w_x_pos, w_x_neg, b_mod, gate_op, tags in ((wp, wn, bp, "Greater", ("Wp", "Wn", "bp")),
+                                                       (wn, wp, bn, "Less", ("Wn", "Wp", "bn"))):
+            z = add(b, layer.forward(b, xp, w_x_pos, b_mod, tags[0] + "_" + tags[2]),
+                    layer.forward(b, xn, w_x_neg, None, tags[1]))
+            gate = b.op("Cast", [b.op(gate_op, [layer.z, zero])], "gate", to=1)
+            g = safe_divide(b, mul(b, r, gate), z, self.stabilizer)
+            parts += [mul(b, xp, layer.transpose(b, g, w_x_pos, tags[0])),
+                      mul(b, xn, layer.transpose(b, g, w_x_neg, tags[1]))]
+        return add(b, *parts)
+
+
+@dataclass(frozen=True)
+class Flat(Rule):
+    """LRP-flat: all weights 1, bias 0, input ones: ``R_in = W1^T (R / stab(W1 1))``."""
+
+    stabilizer: float = STABILIZER
+    name = "flat"
+
+    def relevance(self, b, layer, r):
+        ones_w = np.ones_like(layer.weight)
+        ones_x = b.op("ConstantOfShape", [b.op("Shape", [layer.x])], "ones",
+                      value=_float_tensor(1.0))
+        z = layer.forward(b, ones_x, ones_w, None, "W1")
+        return layer.transpose(b, safe_divide(b, r, z, self.stabilizer), ones_w, "W1")
+
+
+@dataclass(frozen=True)
+class WSquare(Rule):
+    """LRP-w^2: ``R_in = (W*W)^T (R / stab((W*W) 1 + b*b))`` (Zennit squares the bias too)."""
+
+    stabilizer: float = STABILIZER
+    name = "wsquare"
+
+    def relevance(self, b, layer, r):
+        w2 = layer.weight ** 2
+        ones_x = b.op("ConstantOfShape", [b.op("Shape", [layer.x])], "ones", value=_float_tensor(1.0))
+        z = layer.forward(b, ones_x, w2, None if layer.bias is None else layer.bias ** 2, "W2")
+        return layer.transpose(b, safe_divide(b, r, z, self.stabilizer), w2, "W2")
+
+
+@dataclass(frozen=True)
+class ZBox(Rule):
+    """LRP-z^B for inputs bounded by [low, high]: ``z = W x + b - (W+ l + b+) - (W- h + b-)``,
+    ``R_in = x * W^T g - l * W+^T g - h * W-^T g`` with ``g = R / stab(z)``."""
+
+    low: float = 0.0
+    high: float = 1.0
+    stabilizer: float = STABILIZER
+    name = "zbox"
+
+    def relevance(self, b, layer, r):
+        w, bias = layer.weight, layer.bias
+        shape = b.op("Shape", [layer.x])
+        low = b.op("ConstantOfShape", [shape], "low", value=_float_tensor(self.low))
+        high = b.op("ConstantOfShape", [shape], "high", value=_float_tensor(self.high))
+        z = layer.forward(b, layer.x, w, bias, "W")
+        z_low = layer.forward(b, low, pos(w), None if bias is None else pos(bias), "Wpos_b")
+        z_high = layer.forward(b, high, neg(w), None if bias is None else neg(bias), "Wneg_b")
+        z = b.op("Sub", [b.op("Sub", [z, z_low]), z_high], "z")
+        g = safe_divide(b, r, z, self.stabilizer)
+        out = b.op("Sub", [mul(b, layer.x, layer.transpose(b, g, w, "W")),
+                           mul(b, low, layer.transpose(b, g, pos(w), "Wpos"))])
+        return b.op("Sub", [out, mul(b, high, layer.transpose(b, g, neg(w), "Wneg"))], "R")
+
+
+@dataclass(frozen=True)
+class RLRP(Rule):
+    """R-LRP (Nyiri & Gibaru), Eq. 8 (dense) and Eq. 12 (convolution):
+    ``z_i = Card(J_i) / N^(l+1) * 1 / M * x_i * (W^T z)_i`` where ``M`` is the fan-in ``N^(l)`` of a dense
+    layer (Eq. 8, where Card(J) = N^(l+1)) or the kernel size ``P1*P2`` of a convolution (Eq. 10-12). The
+    factor map is a compile-time constant; the bias is not an input neuron and takes no part."""
+
+    name = "rlrp"
+
+    def relevance(self, b, layer, r):
+        factor = rlrp_factor(layer)
+        wtg = layer.transpose(b, r, layer.weight, "W")
+        return mul(b, mul(b, layer.x, wtg), b.const(factor, "card_J"))
+
+
+def rlrp_factor(layer: Linear) -> np.ndarray:
+    """The constant ``Card(J_i) / (N^(l+1) * M)`` of Eq. 8 / Eq. 12, broadcastable against ``x``."""
+    if layer.kind == "dense":
+        return np.asarray(1.0 / layer.fan_in)  # Eq. 8: Card(J)/N^(l+1) = 1
+    wd = layer.window
+    cout = layer.weight.shape[0]
+    n_out = cout * int(np.prod(wd.out_spatial))
+    card = wd.cover_count() * (cout // layer.group)  # output neurons (all channels of the group) seeing i
+    return (card / (n_out * layer.fan_in))[None]  # [1, *spatial], broadcast over batch and channels
+
+
+def _float_tensor(value: float):
+    from onnx import helper
+
+    return helper.make_tensor("value", 1, [1], [value])
+
+
+RULES: dict[str, type[Rule]] = {cls.name: cls for cls in (LRP0, Epsilon, Gamma, ZPlus, AlphaBeta, Flat, WSquare,
+                                                          ZBox, RLRP)}
+
+
+def make_rule(name: str, **params) -> Rule:
+    """Instantiate a rule by name, with a one-line error listing valid names and parameters."""
+    cls = RULES.get(name)
+    if cls is None:
+        raise OnnxlrpError(f"unknown rule {name!r}; valid rules: {', '.join(RULES)}")
+    fields = set(cls.__dataclass_fields__)
+    unknown = set(params) - fields
+    if unknown:
+        valid = ", ".join(sorted(fields)) or "none"
+        raise OnnxlrpError(f"rule {name!r} has no parameter {', '.join(sorted(unknown))}; valid: {valid}")
+    return cls(**params)

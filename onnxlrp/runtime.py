@@ -1,0 +1,87 @@
+"""Run a compiled model with onnxruntime: CUDA when a GPU is usable, the CPU otherwise."""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from .compiler import compile as compile_model
+from .compiler import is_compiled, read_model
+from .errors import OnnxlrpError
+
+
+def cuda_usable() -> bool:
+    """True when onnxruntime has the CUDA provider and the NVIDIA driver library loads (no logging either way)."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    try:
+        ort.preload_dlls()
+    except Exception:  # preload is best-effort: the session creation below decides
+        pass
+    return True
+
+
+def make_session(model: onnx.ModelProto, providers: list[str] | None = None, threads: int | None = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    if providers is None:
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda_usable() else ["CPUExecutionProvider"]
+    try:
+        return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+    except Exception as err:
+        raise OnnxlrpError(f"onnxruntime cannot run the compiled model: {str(err).splitlines()[0]}") from err
+
+
+@dataclass
+class Explanation:
+    """The original outputs (by name), the relevance (one array, or one per float input) and the class."""
+
+    outputs: dict[str, np.ndarray]
+    relevance: np.ndarray | dict[str, np.ndarray]
+    explained_class: np.ndarray
+
+
+class Explainer:
+    """``Explainer(model_or_path, rule="rlrp")(x, target=None) -> Explanation``."""
+
+    def __init__(self, model_or_path, rule: str = "rlrp", providers: list[str] | None = None, threads=None,
+                 **compile_kwargs):
+        model, _ = read_model(model_or_path)
+        self.model = model if is_compiled(model) else compile_model(model, rule, **compile_kwargs)
+        self.session = make_session(self.model, providers, threads)
+        self.provider = self.session.get_providers()[0]
+        names = [i.name for i in self.session.get_inputs()]
+        self.data_inputs = [n for n in names if n != "target"]
+        self.relevance_outputs = [o.name for o in self.session.get_outputs() if o.name.startswith("relevance")]
+        self.original_outputs = [o.name for o in self.session.get_outputs()
+                                 if o.name not in self.relevance_outputs and o.name != "explained_class"]
+
+    def __call__(self, *inputs, target=None, **named) -> Explanation:
+        feeds = dict(zip(self.data_inputs, inputs, strict=False)) | named
+        missing = [n for n in self.data_inputs if n not in feeds]
+        if missing:
+            raise OnnxlrpError(f"missing input(s): {', '.join(missing)}")
+        feeds = {k: np.asarray(v) for k, v in feeds.items()}
+        if target is not None:
+            batch = len(next(iter(feeds.values())))
+            feeds["target"] = np.broadcast_to(np.asarray(target, dtype=np.int64), (batch,)).copy()
+        results = dict(zip([o.name for o in self.session.get_outputs()], self.session.run(None, feeds), strict=True))
+        relevance = {k: results[k] for k in self.relevance_outputs}
+        return Explanation(
+            outputs={k: results[k] for k in self.original_outputs},
+            relevance=relevance["relevance"] if list(relevance) == ["relevance"] else relevance,
+            explained_class=results["explained_class"],
+        )

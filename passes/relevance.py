@@ -1,0 +1,403 @@
+"""The relevance pass: append to a canonical forward graph the ONNX ops of an LRP backward sweep.
+
+The sweep visits the nodes on the relevance path (data paths from the float inputs to the explained tensor) in
+reverse topological order. A tensor's relevance is the sum of what its consumers send back. Under R-LRP, the
+relevance a fork receives from each branch is first rescaled so that its sum equals the relevance that branch got
+at its join (Prop. 14, Eq. 13); see :meth:`RelevancePass.combine`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import networkx as nx
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxlrp.builder import GraphBuilder
+from onnxlrp.errors import OnnxlrpError, UnsupportedOpError
+from onnxlrp.graph import GraphView, data_input_indices
+from onnxlrp.layers import Linear, Window
+from onnxlrp.rules import Rule
+
+from .emitters import attr, explicit_pads, lookup, unsupported_reason
+
+TARGET_INPUT = "target"
+RELEVANCE_OUTPUT = "relevance"
+CLASS_OUTPUT = "explained_class"
+FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
+TINY = 1e-30  # far above float32's smallest normal (1.2e-38), far below any relevance worth keeping
+FORK_EPS = 1e-6  # relative stabilizer of Eq. 13's denominator
+
+
+def data_inputs(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
+    """Graph inputs that are float tensors and not weights (initializer-backed inputs are weights)."""
+    inits = {t.name for t in graph.initializer}
+    return [v for v in graph.input if v.name not in inits and v.type.tensor_type.elem_type in FLOAT_TYPES]
+
+
+def explained_tensor(graph: onnx.GraphProto, view: GraphView, output: str | None, node_output: str | None) -> str:
+    """The tensor whose target entry is explained: ``node_output``, or the chosen graph output, or the input of
+    the Softmax/LogSoftmax that produces it."""
+    names = [o.name for o in graph.output]
+    if node_output:
+        if node_output not in view.producer:
+            raise OnnxlrpError(f"--node-output {node_output!r} is not produced by any node")
+        return node_output
+    if output is not None and output not in names:
+        raise OnnxlrpError(f"--output {output!r} is not a graph output; outputs: {', '.join(names)}")
+    name = output
+    if name is None:
+        floats = [o.name for o in graph.output if o.type.tensor_type.elem_type in FLOAT_TYPES]
+        if not floats:
+            raise OnnxlrpError("the model has no float tensor output to explain")
+        name = floats[0]
+    producer = view.producer.get(name)
+    if producer is not None and producer.op_type in ("Softmax", "LogSoftmax"):
+        return producer.input[0]
+    return name
+
+
+@dataclass
+class RelevancePass:
+    """Emits the backward sweep into ``model`` (modified in place)."""
+
+    model: onnx.ModelProto
+    shapes: dict[str, list]
+    plan_rules: callable  # (list of Linear, first-layer info) -> {node name: Rule}
+    rlrp: bool
+    output: str | None = None
+    node_output: str | None = None
+    graph: onnx.GraphProto = field(init=False)
+    view: GraphView = field(init=False)
+    b: GraphBuilder = field(init=False)
+    constants: dict = field(init=False)
+    tensors: set = field(init=False)
+    layers: dict = field(init=False)
+    plan: dict = field(init=False)
+    opset: int = field(init=False)
+
+    def __post_init__(self):
+        self.graph = self.model.graph
+        self.view = GraphView.of(self.graph)
+        self.b = GraphBuilder(self.graph)
+        self.constants = {t.name: numpy_helper.to_array(t) for t in self.graph.initializer}
+        self.opset = next(i.version for i in self.model.opset_import if i.domain in ("", "ai.onnx"))
+        self.sources = [v.name for v in data_inputs(self.graph)]
+        if not self.sources:
+            raise OnnxlrpError("the model has no float data input to explain")
+        self.target = explained_tensor(self.graph, self.view, self.output, self.node_output)
+        self.tensors = self.view.relevance_tensors(self.sources, self.target)
+        if not self.tensors:
+            raise OnnxlrpError(f"no data path leads from the inputs to {self.target!r}")
+        self.nodes = self.view.relevance_nodes(self.tensors)
+        self.layers = {}
+        for node in self.nodes:
+            layer = linear_layer(self, node)
+            if layer is not None:
+                self.layers[node.name] = layer
+        self.join_shares: dict[tuple[str, int], str] = {}
+
+    # ------------------------------------------------------------ analysis
+
+    def unsupported(self) -> list[str]:
+        """Every node on the relevance path that cannot carry relevance, one line each."""
+        problems = []
+        for node in self.nodes:
+            if node.name in self.bias_of:
+                continue
+            reason = unsupported_reason(self, node)
+            if reason:
+                domain = node.domain or "ai.onnx"
+                problems.append(f"{node.name or node.output[0]} ({node.op_type}, domain {domain}, "
+                                f"opset {self.opset_of(domain)}): {reason}")
+        return problems
+
+    def opset_of(self, domain: str) -> int | str:
+        for imp in self.model.opset_import:
+            if imp.domain == domain or (domain == "ai.onnx" and imp.domain == ""):
+                return imp.version
+        return "?"
+
+    @property
+    def bias_of(self) -> dict[str, str]:
+        return {layer.z_node: name for name, layer in self.layers.items() if getattr(layer, "z_node", None)}
+
+    def linear_order(self) -> list[tuple[onnx.NodeProto, int]]:
+        """Linear nodes in topological order with their depth: the number of linear layers on the longest path
+        from an input up to and including the node (the first layer has depth 1)."""
+        linear_out = {self.layers[n.name].z: n for n in self.nodes if n.name in self.layers}
+        sub = self.view.flow.subgraph(self.tensors)
+        depth_at: dict[str, int] = {}
+        for t in nx.topological_sort(sub):
+            d = max((depth_at[p] for p in sub.predecessors(t)), default=0)
+            producer = self.view.producer.get(t)
+            if producer is not None and producer.name in self.layers and t == self.layers[producer.name].z:
+                d += 1
+            if t in linear_out:
+                d = max(d, 1)
+            depth_at[t] = d
+        return [(node, depth_at[self.layers[node.name].z]) for node in self.nodes if node.name in self.layers]
+
+    # ------------------------------------------------------------ helpers used by emitters
+
+    def keep_in_range(self, r: str) -> str:
+        """R-LRP only: divide each sample's map by its largest magnitude. R-LRP is defined up to a positive
+        factor per sample, and without this the per-layer factors underflow float32 in deep networks."""
+        if not self.rlrp:
+            return r
+        b = self.b
+        flat = b.op("Flatten", [r], "flat", axis=1)
+        peak = self.reduce("ReduceMax", b.op("Abs", [flat], "abs"), [1])
+        scaled = b.op("Div", [flat, b.op("Max", [peak, b.const(TINY, "tiny")], "peak")], "scaled")
+        return b.op("Reshape", [scaled, b.op("Shape", [r])], "R")
+
+    def reduce(self, op: str, x: str, axes: list[int], keepdims: int = 1) -> str:
+        """A Reduce* op in the attribute (opset < 18) or input (opset >= 18) form."""
+        b = self.b
+        if op == "ReduceSum" or self.opset >= 18:
+            return b.op(op, [x, b.const(axes, "axes", np.int64)], op, keepdims=keepdims)
+        return b.op(op, [x], op, axes=axes, keepdims=keepdims)
+
+    def sample_sum(self, r: str) -> str:
+        """Per-sample sum, shape [batch, 1]."""
+        return self.reduce("ReduceSum", self.b.op("Flatten", [r], "flat", axis=1), [1])
+
+    def record_join_share(self, node: onnx.NodeProto, index: int, share: str) -> None:
+        """Remember the relevance a join routed to input ``index`` (the reference sum of Eq. 13)."""
+        if self.rlrp:
+            self.join_shares[(node.name, index)] = share
+
+    # ------------------------------------------------------------ R-LRP forks
+
+    def fork_assignments(self) -> dict[tuple[str, int], list[tuple[str, int]]]:
+        """For every consumer edge (node, input index) of a fork: the join input slots its branch reaches.
+
+        A join is an Add/Sum/Sub/Concat with several relevance inputs; its fork is the immediate dominator of its
+        output. Each consumer edge of a fork belongs to the first join (topological order) that has this fork and
+        that the edge reaches, through the slot(s) it reaches.
+        """
+        joins = [n for n in self.nodes if n.op_type in ("Add", "Sum", "Sub", "Concat")
+                 and sum(n.input[i] in self.tensors for i in data_input_indices(n)) > 1]
+        forks = self.view.forks_of_joins(self.tensors, self.sources, joins)
+        sub = self.view.flow.subgraph(self.tensors)
+        assigned: dict[tuple[str, int], list[tuple[str, int]]] = {}
+        for join in joins:
+            fork = forks.get(join.name)
+            if fork is None or fork.startswith("\0"):
+                continue
+            for consumer, idx in self.view.consumers.get(fork, []):
+                if (consumer.name, idx) in assigned or consumer not in self.nodes:
+                    continue
+                if consumer is join:
+                    slots = [idx]
+                else:
+                    reach = set()
+                    for out in consumer.output:
+                        if out in sub:
+                            reach |= nx.descendants(sub, out) | {out}
+                    slots = [k for k in data_input_indices(join) if join.input[k] in reach]
+                if slots:
+                    assigned[(consumer.name, idx)] = [(join.name, k) for k in slots]
+        return assigned
+
+    def combine(self, tensor: str, parts: list[tuple[str, int, str]], assigned) -> str:
+        """Sum the relevance a tensor receives. Under R-LRP, a fork's branch contribution ``c`` is first rescaled
+        to ``c * S / stab(sum(c))`` where ``S`` is the summed relevance that branch received at its join (Eq. 13),
+        ``stab(s) = s + sign(s) * (1e-6 * sum|c| + 1e-30)`` with ``sign(0) = +1``."""
+        b = self.b
+        terms = []
+        for node_name, idx, r in parts:
+            slots = assigned.get((node_name, idx)) if self.rlrp else None
+            if slots:
+                reference = [self.sample_sum(self.join_shares[s]) for s in slots if s in self.join_shares]
+                if reference:
+                    r = self.rescale_branch(r, reference[0] if len(reference) == 1 else b.op("Sum", reference))
+            terms.append(r)
+        total = terms[0] if len(terms) == 1 else b.op("Sum", terms, "R")
+        if self.rlrp and len(terms) > 1:
+            total = self.keep_in_range(total)
+        return total
+
+    def rescale_branch(self, c: str, reference: str) -> str:
+        b = self.b
+        flat = b.op("Flatten", [c], "flat", axis=1)
+        s = self.reduce("ReduceSum", flat, [1])
+        magnitude = self.reduce("ReduceSum", b.op("Abs", [flat], "abs"), [1])
+        sign = b.op("Where", [b.op("GreaterOrEqual", [s, b.const(0.0, "zero")]), b.const(1.0, "one"),
+                              b.const(-1.0, "minus_one")], "sign")
+        guard = b.op("Add", [b.op("Mul", [magnitude, b.const(FORK_EPS, "fork_eps")]), b.const(TINY, "tiny")])
+        denom = b.op("Add", [s, b.op("Mul", [sign, guard])], "denom")
+        factor = b.op("Div", [reference, denom], "eq13_factor")
+        return b.op("Reshape", [b.op("Mul", [flat, factor]), b.op("Shape", [c])], "R")
+
+    # ------------------------------------------------------------ the sweep
+
+    def run(self) -> dict[str, str]:
+        """Emit everything; returns the relevance tensor of every data input."""
+        problems = self.unsupported()
+        if problems:
+            raise UnsupportedOpError(f"{len(problems)} node(s) on the relevance path have no rule: "
+                                     + "; ".join(problems))
+        order = self.linear_order()
+        self.plan = self.plan_rules(order)
+        assigned = self.fork_assignments() if self.rlrp else {}
+        r0, self.explained_value = self.initial_relevance()
+        received: dict[str, list[tuple[str, int, str]]] = {self.target: [("\0target", 0, r0)]}
+        relevance: dict[str, str] = {}
+        for node in reversed(self.nodes):
+            r_out = []
+            for out in node.output:
+                parts = received.get(out)
+                if parts and out not in relevance:
+                    self.b.scope = f"{node.name}/combine"
+                    relevance[out] = self.combine(out, parts, assigned)
+                r_out.append(relevance.get(out))
+            if all(r is None for r in r_out):
+                continue
+            self.b.scope = node.name or node.output[0]
+            emitted = lookup(self, node).emit(self, node, r_out)
+            for idx, r in emitted.items():
+                received.setdefault(node.input[idx], []).append((node.name, idx, r))
+        self.b.scope = "inputs"
+        result = {}
+        for name in self.sources:
+            parts = received.get(name)
+            result[name] = self.combine(name, parts, assigned) if parts else None
+        return result
+
+    def initial_relevance(self) -> tuple[str, str]:
+        """One-hot(target) * logit; the target defaults (when not fed, or -1) to the arg-max."""
+        b = self.b
+        b.scope = "init"
+        y = self.target
+        if self.shapes.get(y) is not None and self.elem_type(y) != TensorProto.FLOAT:
+            y = b.op("Cast", [y], "y", to=TensorProto.FLOAT)
+        flat = b.op("Flatten", [y], "logits", axis=1)
+        predicted = b.op("ArgMax", [flat], "predicted", axis=1, keepdims=0)
+        target = b.op("Where", [b.op("Less", [TARGET_INPUT, b.const(0, "zero_i", np.int64)]), predicted,
+                                TARGET_INPUT], "target")
+        b.op("Identity", [target], "class")
+        self.class_tensor = b.nodes[-1].output[0]
+        classes = b.op("Range", [b.const(0, "zero_i", np.int64), b.op("Gather", [b.op("Shape", [flat]),
+                                                                             b.const(1, "one_i", np.int64)]),
+                                 b.const(1, "one_i", np.int64)], "classes")
+        hit = b.op("Cast", [b.op("Equal", [b.op("Unsqueeze", [target, b.const([1], "axes", np.int64)]), classes])],
+                   "one_hot", to=TensorProto.FLOAT)
+        selected = b.op("Mul", [hit, flat], "selected")
+        value = self.reduce("ReduceSum", selected, [1], keepdims=0)
+        return b.op("Reshape", [selected, b.op("Shape", [y])], "R0"), value
+
+    def elem_type(self, name: str) -> int:
+        for vi in list(self.graph.value_info) + list(self.graph.input) + list(self.graph.output):
+            if vi.name == name:
+                return vi.type.tensor_type.elem_type
+        return TensorProto.FLOAT
+
+    def finish(self, relevance: dict[str, str]) -> list[str]:
+        """Scale (R-LRP), name and declare the outputs; returns the relevance output names."""
+        b = self.b
+        b.scope = "outputs"
+        if self.rlrp:
+            relevance = self.rlrp_final_scale(relevance)
+        single = len(self.sources) == 1
+        names = []
+        for vi in data_inputs(self.graph):
+            r = relevance.get(vi.name)
+            if r is None:
+                r = b.op("ConstantOfShape", [b.op("Shape", [vi.name])], "zeros")
+            elif vi.type.tensor_type.elem_type != TensorProto.FLOAT:
+                r = b.op("Cast", [r], "R", to=TensorProto.FLOAT)
+            out = RELEVANCE_OUTPUT if single else f"{RELEVANCE_OUTPUT}.{vi.name}"
+            b.nodes.append(helper.make_node("Identity", [r], [out], name=b.fresh(out)))
+            shape = [d.dim_param or d.dim_value or None for d in vi.type.tensor_type.shape.dim]
+            self.graph.output.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, shape))
+            names.append(out)
+        b.nodes.append(helper.make_node("Identity", [self.class_tensor], [CLASS_OUTPUT], name=b.fresh(CLASS_OUTPUT)))
+        batch = self.batch_dim()
+        self.graph.output.append(helper.make_tensor_value_info(CLASS_OUTPUT, TensorProto.INT64, [batch]))
+        self.graph.input.append(helper.make_tensor_value_info(TARGET_INPUT, TensorProto.INT64, [batch]))
+        self.graph.initializer.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), TARGET_INPUT))
+        b.commit()
+        return names
+
+    def batch_dim(self):
+        dims = data_inputs(self.graph)[0].type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value"):
+            return dims[0].dim_value
+        return dims[0].dim_param if dims and dims[0].dim_param else "batch"
+
+    def rlrp_final_scale(self, relevance: dict[str, str]) -> dict[str, str]:
+        """Scale every sample so that ``sum |relevance| = |explained value|`` (all inputs together)."""
+        b = self.b
+        present = {k: v for k, v in relevance.items() if v is not None}
+        if not present:
+            return relevance
+        mass = [self.reduce("ReduceSum", b.op("Abs", [b.op("Flatten", [r], "flat", axis=1)]), [1])
+                for r in present.values()]
+        total = mass[0] if len(mass) == 1 else b.op("Sum", mass, "mass")
+        value = b.op("Unsqueeze", [b.op("Abs", [self.explained_value]), b.const([1], "axes", np.int64)])
+        factor = b.op("Div", [value, b.op("Max", [total, b.const(TINY, "tiny")])], "final_scale")
+        out = dict(relevance)
+        for name, r in present.items():
+            flat = b.op("Flatten", [r], "flat", axis=1)
+            out[name] = b.op("Reshape", [b.op("Mul", [flat, factor]), b.op("Shape", [r])], "R")
+        return out
+
+
+# ---------------------------------------------------------------- linear layer extraction
+
+def linear_layer(ctx: RelevancePass, node: onnx.NodeProto) -> Linear | None:
+    """Wrap a Conv/Gemm/MatMul with constant weights as a :class:`Linear`, or None."""
+    consts, shapes = ctx.constants, ctx.shapes
+    x = node.input[0]
+    if node.op_type == "Conv" and node.input[1] in consts:
+        w = consts[node.input[1]].astype(np.float64)
+        bias = consts[node.input[2]].astype(np.float64) if len(node.input) > 2 and node.input[2] in consts else None
+        if len(node.input) > 2 and node.input[2] and bias is None:
+            return None
+        return Linear(node.name, "conv", x, node.output[0], w, bias, shapes.get(x), conv_window(ctx, node, w),
+                      group=attr(node, "group", 1))
+    if node.op_type == "Gemm" and node.input[1] in consts:
+        alpha, beta = attr(node, "alpha", 1.0), attr(node, "beta", 1.0)
+        w = consts[node.input[1]].astype(np.float64) * alpha
+        w = w.T if attr(node, "transB", 0) else w  # [in, out]
+        bias = None
+        if len(node.input) > 2 and node.input[2]:
+            if node.input[2] not in consts:
+                return None
+            bias = np.broadcast_to(consts[node.input[2]].astype(np.float64).reshape(-1) * beta, (w.shape[1],))
+        return Linear(node.name, "dense", x, node.output[0], w, bias, shapes.get(x),
+                      transpose_x=bool(attr(node, "transA", 0)))
+    if node.op_type == "MatMul" and node.input[1] in consts and consts[node.input[1]].ndim == 2:
+        w = consts[node.input[1]].astype(np.float64)
+        layer = Linear(node.name, "dense", x, node.output[0], w, None, shapes.get(x))
+        readers = ctx.view.consumers.get(node.output[0], [])
+        outputs = {o.name for o in ctx.graph.output}
+        if len(readers) == 1 and node.output[0] not in outputs:
+            add, idx = readers[0]
+            other = add.input[1 - idx] if add.op_type == "Add" and len(add.input) == 2 else None
+            if other in consts and consts[other].size == w.shape[1] and consts[other].ndim <= 2:
+                layer.bias = consts[other].astype(np.float64).reshape(-1)
+                layer.z = add.output[0]
+                layer.z_node = add.name
+        return layer
+    return None
+
+
+def conv_window(ctx: RelevancePass, node: onnx.NodeProto, w: np.ndarray) -> Window | None:
+    x_shape, y_shape = ctx.shapes.get(node.input[0]), ctx.shapes.get(node.output[0])
+    if not x_shape or not y_shape or any(d is None for d in x_shape[2:] + y_shape[2:]):
+        return None
+    kernel = list(w.shape[2:])
+    r = len(kernel)
+    strides = list(attr(node, "strides", [1] * r))
+    dilations = list(attr(node, "dilations", [1] * r))
+    pads = explicit_pads(attr(node, "auto_pad", "NOTSET"), attr(node, "pads"), x_shape[2:], kernel, strides,
+                         dilations)
+    return Window(list(x_shape[2:]), list(y_shape[2:]), kernel, strides, pads, dilations)
+
+
+def rule_table(plan: dict[str, Rule]) -> dict[str, str]:
+    return {name: rule.describe() for name, rule in plan.items()}

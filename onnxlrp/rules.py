@@ -207,7 +207,8 @@ class WSquare(Rule):
 @dataclass(frozen=True)
 class ZBox(Rule):
     """LRP-z^B for inputs bounded by [low, high]: ``z = W x + b - (W+ l + b+) - (W- h + b-)``,
-    ``R_in = x * W^T g - l * W+^T g - h * W-^T g`` with ``g = R / stab(z)``."""
+    ``R_in = x * W^T g - l * W+^T g - h * W-^T g`` with ``g = R / stab(z)``. The biases cancel exactly
+    (``b - b+ - b- = 0``), so they are left out of ``z``."""
 
     low: float = 0.0
     high: float = 1.0
@@ -215,14 +216,13 @@ class ZBox(Rule):
     name = "zbox"
 
     def relevance(self, b, layer, r):
-        w, bias = layer.weight, layer.bias
+        w = layer.weight
         shape = b.op("Shape", [layer.x])
         low = b.op("ConstantOfShape", [shape], "low", value=_float_tensor(self.low))
         high = b.op("ConstantOfShape", [shape], "high", value=_float_tensor(self.high))
-        z = layer.forward(b, layer.x, w, bias, "W")
-        z_low = layer.forward(b, low, pos(w), None if bias is None else pos(bias), "Wpos_b")
-        z_high = layer.forward(b, high, neg(w), None if bias is None else neg(bias), "Wneg_b")
-        z = b.op("Sub", [b.op("Sub", [z, z_low]), z_high], "z")
+        z = layer.forward(b, layer.x, w, None, "W")
+        z = b.op("Sub", [z, layer.forward(b, low, pos(w), None, "Wpos")], "z")
+        z = b.op("Sub", [z, layer.forward(b, high, neg(w), None, "Wneg")], "z")
         g = safe_divide(b, r, z, self.stabilizer)
         out = b.op("Sub", [mul(b, layer.x, layer.transpose(b, g, w, "W")),
                            mul(b, low, layer.transpose(b, g, pos(w), "Wpos"))])

@@ -166,7 +166,7 @@ def drop_identities(graph: onnx.GraphProto) -> None:
     graph.node.extend(kept)
 
 
-def fold_batchnorm(graph: onnx.GraphProto) -> None:
+def fold_batchnorm(graph: onnx.GraphProto, shapes: dict[str, list]) -> None:
     """Fold BatchNormalization into the linear producer, else rewrite it as a per-channel affine map."""
     inits = {t.name: t for t in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output}
@@ -175,33 +175,32 @@ def fold_batchnorm(graph: onnx.GraphProto) -> None:
         for name in n.input:
             readers[name] = readers.get(name, 0) + 1
     outputs = {o.name for o in graph.output}
+
+    def sole_reader(tensor: str) -> bool:
+        return readers.get(tensor) == 1 and tensor not in outputs
+
     kept = []
     for node in graph.node:
         if node.op_type != "BatchNormalization" or any(n not in inits for n in node.input[1:5]):
             kept.append(node)
             continue
-        scale, beta, mean, var = (numpy_helper.to_array(inits[n]).astype(np.float64) for n in node.input[1:5])
-        eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
-        s = scale / np.sqrt(var + eps)
+        scale, beta, mean, var = (_array(inits, n) for n in node.input[1:5])
+        s = scale / np.sqrt(var + next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5))
         shift = beta - mean * s
         src = producer.get(node.input[0])
-        if src is not None and readers.get(node.input[0]) == 1 and node.input[0] not in outputs and \
-                _fold_into(src, s, shift, graph, inits):
+        if src is not None and sole_reader(node.input[0]) and \
+                _fold_into(src, s, shift, graph, inits, producer, sole_reader):
             src.output[0] = node.output[0]
             continue
-        rank_hint = _bn_channel_shape(len(s))
-        mul_c = _add_init(graph, inits, f"{node.name or node.output[0]}/bn_scale", s.reshape(rank_hint))
-        add_c = _add_init(graph, inits, f"{node.name or node.output[0]}/bn_shift", shift.reshape(rank_hint))
+        channel_shape = (-1,) + (1,) * max(len(shapes.get(node.input[0]) or [0, 0]) - 2, 0)
+        mul_c = _add_init(graph, inits, f"{node.name}/bn_scale", s.reshape(channel_shape))
+        add_c = _add_init(graph, inits, f"{node.name}/bn_shift", shift.reshape(channel_shape))
         scaled = f"{node.output[0]}/bn_scaled"
         kept.append(helper.make_node("Mul", [node.input[0], mul_c], [scaled], name=f"{node.name}/bn_mul"))
         kept.append(helper.make_node("Add", [scaled, add_c], [node.output[0]], name=f"{node.name}/bn_add"))
     del graph.node[:]
     graph.node.extend(kept)
     _drop_unused_initializers(graph)
-
-
-def _bn_channel_shape(c: int) -> tuple[int, ...]:
-    return (c, 1, 1)  # the spatial rank is fixed up after shape inference in canonicalize()
 
 
 def _add_init(graph, inits, name, value) -> str:
@@ -213,51 +212,48 @@ def _add_init(graph, inits, name, value) -> str:
     return name
 
 
-def _fold_into(src: onnx.NodeProto, s: np.ndarray, shift: np.ndarray, graph, inits) -> bool:
-    """Scale the output channels of a Conv/Gemm/MatMul+Add producer by ``s`` and shift by ``shift``."""
-    if src.op_type == "Conv" and src.input[1] in inits:
-        w = numpy_helper.to_array(inits[src.input[1]]).astype(np.float64)
-        bias = numpy_helper.to_array(inits[src.input[2]]).astype(np.float64) if len(src.input) > 2 and \
-            src.input[2] else np.zeros(w.shape[0])
-        new_w = w * s.reshape(-1, *([1] * (w.ndim - 1)))
-        new_b = bias * s + shift
-    elif src.op_type == "Gemm" and src.input[1] in inits:
-        attrs = {a.name: a for a in src.attribute}
-        if "transA" in attrs and attrs["transA"].i:
+def _array(inits, name) -> np.ndarray:
+    return numpy_helper.to_array(inits[name]).astype(np.float64)
+
+
+def _fold_into(src: onnx.NodeProto, s: np.ndarray, shift: np.ndarray, graph, inits, producer, sole_reader) -> bool:
+    """Scale the output channels of a Conv / Gemm / MatMul(+Add) producer by ``s`` and shift them by ``shift``."""
+    has_bias = len(src.input) > 2 and bool(src.input[2])
+    if src.op_type == "Conv" and src.input[1] in inits and (not has_bias or src.input[2] in inits):
+        w = _array(inits, src.input[1])
+        bias = _array(inits, src.input[2]) if has_bias else np.zeros(w.shape[0])
+        src.input[1] = _add_init(graph, inits, f"{src.input[1]}/bn_folded", w * s.reshape(-1, *([1] * (w.ndim - 1))))
+    elif src.op_type == "Gemm" and src.input[1] in inits and (not has_bias or src.input[2] in inits):
+        attrs = {a.name: helper.get_attribute_value(a) for a in src.attribute}
+        if attrs.get("transA", 0):
             return False
-        trans_b = "transB" in attrs and attrs["transB"].i
-        alpha = attrs["alpha"].f if "alpha" in attrs else 1.0
-        beta = attrs["beta"].f if "beta" in attrs else 1.0
-        w = numpy_helper.to_array(inits[src.input[1]]).astype(np.float64) * alpha
-        w = w if trans_b else w.T  # [out, in]
-        bias = numpy_helper.to_array(inits[src.input[2]]).astype(np.float64).reshape(-1) * beta \
-            if len(src.input) > 2 and src.input[2] else np.zeros(w.shape[0])
-        bias = np.broadcast_to(bias, (w.shape[0],))
-        new_w = w * s[:, None]
-        new_b = bias * s + shift
+        w = _array(inits, src.input[1]) * attrs.get("alpha", 1.0)
+        w = w if attrs.get("transB", 0) else w.T  # [out, in]
+        bias = np.zeros(w.shape[0]) if not has_bias else \
+            np.broadcast_to(_array(inits, src.input[2]).reshape(-1) * attrs.get("beta", 1.0), (w.shape[0],))
         del src.attribute[:]
-        src.attribute.extend([helper.make_attribute("transB", 1)])
+        src.attribute.append(helper.make_attribute("transB", 1))
+        src.input[1] = _add_init(graph, inits, f"{src.input[1]}/bn_folded", w * s[:, None])
+    elif src.op_type == "Add":  # MatMul(x, W) + b
+        const = [i for i, n in enumerate(src.input) if n in inits]
+        matmul = producer.get(src.input[1 - const[0]]) if len(const) == 1 else None
+        if matmul is None or matmul.op_type != "MatMul" or matmul.input[1] not in inits or \
+                not sole_reader(matmul.output[0]):
+            return False
+        w, bias = _array(inits, matmul.input[1]), _array(inits, src.input[const[0]])
+        if w.ndim != 2 or bias.size != w.shape[1]:
+            return False
+        matmul.input[1] = _add_init(graph, inits, f"{matmul.input[1]}/bn_folded", w * s[None, :])
+        src.input[const[0]] = _add_init(graph, inits, f"{src.name}/bn_folded_bias", bias.reshape(-1) * s + shift)
+        return True
     else:
         return False
-    w_name = _add_init(graph, inits, f"{src.input[1]}/bn_folded", new_w)
-    b_name = _add_init(graph, inits, f"{src.name or src.output[0]}/bn_folded_bias", new_b)
-    src.input[1] = w_name
-    if len(src.input) > 2:
-        src.input[2] = b_name
+    bias_name = _add_init(graph, inits, f"{src.name}/bn_folded_bias", bias * s + shift)
+    if has_bias:
+        src.input[2] = bias_name
     else:
-        src.input.append(b_name)
+        src.input.append(bias_name)
     return True
-
-
-def fix_affine_rank(graph: onnx.GraphProto, shapes: dict[str, list]) -> None:
-    """Reshape the per-channel constants of rewritten BatchNorms to the rank of their input."""
-    inits = {t.name: t for t in graph.initializer}
-    for node in graph.node:
-        if node.op_type in ("Mul", "Add") and node.name.endswith(("/bn_mul", "/bn_add")):
-            rank = len(shapes.get(node.input[0]) or [0, 0, 0, 0])
-            t = inits[node.input[1]]
-            value = numpy_helper.to_array(t).reshape(-1, *([1] * max(rank - 2, 0)))
-            t.CopyFrom(numpy_helper.from_array(value, t.name))
 
 
 def name_nodes(graph: onnx.GraphProto) -> None:
@@ -317,8 +313,7 @@ def canonicalize(model: onnx.ModelProto, *, opset: int | None = None,
     constants_to_initializers(graph, ir_version)
     fold_constants(graph, model.opset_import)
     drop_identities(graph)
-    fold_batchnorm(graph)
     set_input_shapes(graph, input_shapes)
-    model, shapes = infer_shapes(model)
-    fix_affine_rank(model.graph, shapes)
-    return model, shapes
+    if any(n.op_type == "BatchNormalization" for n in graph.node):
+        fold_batchnorm(graph, infer_shapes(model)[1])
+    return infer_shapes(model)

@@ -171,54 +171,85 @@ class RelevancePass:
 
     # ------------------------------------------------------------ R-LRP forks
 
-    def fork_assignments(self) -> dict[tuple[str, int], list[tuple[str, int]]]:
-        """For every consumer edge (node, input index) of a fork: the join input slots its branch reaches.
+    def fork_assignments(self) -> dict[tuple[str, int], tuple[str, list[int]]]:
+        """For every consumer edge (node, input index) of a fork: its join and the join input slots it reaches.
 
         A join is an Add/Sum/Sub/Concat with several relevance inputs; its fork is the immediate dominator of its
         output. Each consumer edge of a fork belongs to the first join (topological order) that has this fork and
-        that the edge reaches, through the slot(s) it reaches.
+        that the edge reaches. Also fills ``fork_joins`` (fork -> its joins, innermost first) and ``join_reach``
+        ((inner join, outer join) -> the outer join's slots that the inner join's output reaches).
         """
         joins = [n for n in self.nodes if n.op_type in ("Add", "Sum", "Sub", "Concat")
                  and sum(n.input[i] in self.tensors for i in data_input_indices(n)) > 1]
         forks = self.view.forks_of_joins(self.tensors, self.sources, joins)
         sub = self.view.flow.subgraph(self.tensors)
-        assigned: dict[tuple[str, int], list[tuple[str, int]]] = {}
+
+        def slots_reached(node: onnx.NodeProto, join: onnx.NodeProto) -> list[int]:
+            reach = set()
+            for out in node.output:
+                if out in sub:
+                    reach |= nx.descendants(sub, out) | {out}
+            return [k for k in data_input_indices(join) if join.input[k] in reach]
+
+        assigned: dict[tuple[str, int], tuple[str, list[int]]] = {}
+        self.fork_joins: dict[str, list[str]] = {}
+        self.join_reach: dict[tuple[str, str], list[int]] = {}
         for join in joins:
             fork = forks.get(join.name)
             if fork is None or fork.startswith("\0"):
                 continue
+            for inner_name in self.fork_joins.get(fork, []):
+                inner = next(n for n in joins if n.name == inner_name)
+                if not any(key[0] == inner_name for key in self.join_reach):
+                    slots = slots_reached(inner, join)
+                    if slots:
+                        self.join_reach[(inner_name, join.name)] = slots
+            self.fork_joins.setdefault(fork, []).append(join.name)
             for consumer, idx in self.view.consumers.get(fork, []):
                 if (consumer.name, idx) in assigned or consumer not in self.nodes:
                     continue
-                if consumer is join:
-                    slots = [idx]
-                else:
-                    reach = set()
-                    for out in consumer.output:
-                        if out in sub:
-                            reach |= nx.descendants(sub, out) | {out}
-                    slots = [k for k in data_input_indices(join) if join.input[k] in reach]
+                slots = [idx] if consumer is join else slots_reached(consumer, join)
                 if slots:
-                    assigned[(consumer.name, idx)] = [(join.name, k) for k in slots]
+                    assigned[(consumer.name, idx)] = (join.name, slots)
         return assigned
 
     def combine(self, tensor: str, parts: list[tuple[str, int, str]], assigned) -> str:
-        """Sum the relevance a tensor receives. Under R-LRP, a fork's branch contribution ``c`` is first rescaled
-        to ``c * S / stab(sum(c))`` where ``S`` is the summed relevance that branch received at its join (Eq. 13),
-        ``stab(s) = s + sign(s) * (1e-6 * sum|c| + 1e-30)`` with ``sign(0) = +1``."""
+        """Sum the relevance a tensor receives.
+
+        Under R-LRP a fork applies Eq. 13 per join, innermost join first: each branch contribution ``c`` of join
+        ``J`` becomes ``c * S / stab(sum(c))`` where ``S`` is the summed relevance that branch received at ``J``
+        (``stab(s) = s + sign(s) * (1e-6 * sum|c| + 1e-30)``, ``sign(0) = +1``); the sum of these is the block's
+        contribution, which is in turn one branch of the next join around it with the same fork (nested blocks).
+        """
         b = self.b
-        terms = []
+        if not self.rlrp or tensor not in self.fork_joins:
+            return parts[0][2] if len(parts) == 1 else b.op("Sum", [r for _, _, r in parts], "R")
+        groups: dict[str, list[tuple[str, list[int]]]] = {}
+        free = []
         for node_name, idx, r in parts:
-            slots = assigned.get((node_name, idx)) if self.rlrp else None
-            if slots:
-                reference = [self.sample_sum(self.join_shares[s]) for s in slots if s in self.join_shares]
-                if reference:
-                    r = self.rescale_branch(r, reference[0] if len(reference) == 1 else b.op("Sum", reference))
-            terms.append(r)
-        total = terms[0] if len(terms) == 1 else b.op("Sum", terms, "R")
-        if self.rlrp and len(terms) > 1:
-            total = self.keep_in_range(total)
-        return total
+            if (node_name, idx) in assigned:
+                join, slots = assigned[(node_name, idx)]
+                groups.setdefault(join, []).append((r, slots))
+            else:
+                free.append(r)
+        for join in self.fork_joins[tensor]:
+            members = groups.pop(join, [])
+            if not members:
+                continue
+            terms = [self.rescale_branch(r, self.join_reference(join, slots)) for r, slots in members]
+            block = terms[0] if len(terms) == 1 else b.op("Sum", terms, "block")
+            outer = next(((j, s) for (i, j), s in self.join_reach.items() if i == join), None)
+            if outer is not None:
+                groups.setdefault(outer[0], []).append((block, outer[1]))
+            else:
+                free.append(block)
+        total = free[0] if len(free) == 1 else b.op("Sum", free, "R")
+        return self.keep_in_range(total)
+
+    def join_reference(self, join: str, slots: list[int]) -> str:
+        """``S``: the per-sample sum of the relevance the join routed to ``slots``."""
+        sums = [self.sample_sum(self.join_shares[(join, k)]) for k in slots]
+        return sums[0] if len(sums) == 1 else self.b.op("Sum", sums, "S")
 
     def rescale_branch(self, c: str, reference: str) -> str:
         b = self.b

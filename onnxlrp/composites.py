@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import re
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import tomllib
 
 from .errors import OnnxlrpError
 from .rules import RULES, Rule, make_rule
@@ -80,7 +79,7 @@ class Composite:
 
 
 def _single(rule: str) -> Composite:
-    return Composite(rule, [Entry(rule)], RULES[rule].__doc__.strip().splitlines()[0])
+    return Composite(rule, [Entry(rule)], RULES[rule].summary)
 
 
 COMPOSITES: dict[str, Composite] = {name: _single(name) for name in RULES}

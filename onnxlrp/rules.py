@@ -63,6 +63,7 @@ class Rule:
     """A relevance rule for linear layers: ``relevance(layer, R) -> R_in`` emitted into the graph."""
 
     name = "rule"
+    summary = ""
 
     def relevance(self, b: GraphBuilder, layer: Linear, r: str) -> str:
         raise NotImplementedError
@@ -78,6 +79,7 @@ class Epsilon(Rule):
 
     epsilon: float = 1e-6
     name = "epsilon"
+    summary = "x * W^T (R / (z + eps sign z)); default eps 1e-6"
 
     def relevance(self, b, layer, r):
         s = safe_divide(b, r, layer.z, self.epsilon)
@@ -90,6 +92,7 @@ class LRP0(Epsilon):
 
     epsilon: float = 0.0
     name = "lrp0"
+    summary = "x * W^T (R / z)"
 
     def describe(self) -> str:
         return self.name
@@ -101,6 +104,7 @@ class ZPlus(Rule):
 
     stabilizer: float = STABILIZER
     name = "zplus"
+    summary = "positive contributions only (alpha=1, beta=0)"
 
     def relevance(self, b, layer, r):
         w, bias = layer.weight, layer.bias
@@ -121,6 +125,7 @@ class AlphaBeta(Rule):
     beta: float = 1.0
     stabilizer: float = STABILIZER
     name = "alpha-beta"
+    summary = "alpha * positive - beta * negative parts; default 2, 1"
 
     def __post_init__(self):
         if self.alpha < 0 or self.beta < 0 or abs(self.alpha - self.beta - 1) > 1e-9:
@@ -155,6 +160,7 @@ class Gamma(Rule):
     gamma: float = 0.25
     stabilizer: float = STABILIZER
     name = "gamma"
+    summary = "W + gamma W+ favours positive evidence; default 0.25"
 
     def relevance(self, b, layer, r):
         w, bias, gm = layer.weight, layer.bias, self.gamma
@@ -181,6 +187,7 @@ class Flat(Rule):
 
     stabilizer: float = STABILIZER
     name = "flat"
+    summary = "relevance spread uniformly over the receptive field"
 
     def relevance(self, b, layer, r):
         ones_w = np.ones_like(layer.weight)
@@ -196,6 +203,7 @@ class WSquare(Rule):
 
     stabilizer: float = STABILIZER
     name = "wsquare"
+    summary = "relevance spread by squared weights"
 
     def relevance(self, b, layer, r):
         w2 = layer.weight ** 2
@@ -214,6 +222,7 @@ class ZBox(Rule):
     high: float = 1.0
     stabilizer: float = STABILIZER
     name = "zbox"
+    summary = "bounded-input rule for the first layer (--low/--high, default 0/1)"
 
     def relevance(self, b, layer, r):
         w = layer.weight
@@ -237,6 +246,7 @@ class RLRP(Rule):
     factor map is a compile-time constant; the bias is not an input neuron and takes no part."""
 
     name = "rlrp"
+    summary = "relative LRP (Nyiri & Gibaru): no hyper-parameters, no division except at joins"
 
     def relevance(self, b, layer, r):
         factor = rlrp_factor(layer)

@@ -1,0 +1,213 @@
+"""Command line: ``onnxlrp compile|inspect|rules|explain|evaluate|demo``.
+
+Every user error ends in one line on stderr (``error: ...``) and a non-zero exit code; ``--debug`` shows the
+traceback instead.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import OnnxlrpError
+from .naming import escape_terminal
+
+DEBUG = {"on": False}
+
+
+def parse_input_shapes(values: tuple[str, ...]) -> dict[str, list[int]] | None:
+    """``name=1,3,224,224`` (or ``1,3,224,224`` for the only input) -> {name: dims}; -1 or 0 keeps a dim open."""
+    shapes = {}
+    for value in values:
+        name, _, dims = value.rpartition("=")
+        try:
+            shapes[name] = [int(d) for d in dims.split(",")]
+        except ValueError:
+            raise OnnxlrpError(f"--input-shape {value!r}: expected NAME=D1,D2,... with integer dims") from None
+    return shapes or None
+
+
+def rule_options(fn):
+    """Options shared by compile, inspect and explain."""
+    options = [
+        click.option("--rule", "-r", default="rlrp", show_default=True,
+                     help="Rule or composite (see `onnxlrp rules`)."),
+        click.option("--composite", type=click.Path(dir_okay=False), help="TOML composite file (overrides --rule)."),
+        click.option("--epsilon", type=float, help="Epsilon of the epsilon rule (default 1e-6)."),
+        click.option("--gamma", type=float, help="Gamma of the gamma rule (default 0.25)."),
+        click.option("--alpha", type=float, help="Alpha of the alpha-beta rule (default 2)."),
+        click.option("--beta", type=float, help="Beta of the alpha-beta rule (default 1)."),
+        click.option("--low", type=float, help="Lowest input value for z-box (default 0)."),
+        click.option("--high", type=float, help="Highest input value for z-box (default 1)."),
+        click.option("--flat-layers", type=int, default=1, show_default=True,
+                     help="How many linear layers from the input get the flat rule in *-flat composites and cmp."),
+        click.option("--opset", type=int, help="Upgrade the model to this opset first (at least 13)."),
+        click.option("--output", "output_name", help="Graph output to explain (default: the first float output)."),
+        click.option("--node-output", help="Intermediate tensor to explain instead of a graph output."),
+        click.option("--input-shape", multiple=True, help="NAME=D1,D2,... fixes open input dims (repeatable)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def compile_kwargs(kw: dict) -> dict:
+    params = {k: kw.pop(k) for k in ("epsilon", "gamma", "alpha", "beta", "low", "high") if kw.get(k) is not None}
+    for k in ("epsilon", "gamma", "alpha", "beta", "low", "high"):
+        kw.pop(k, None)
+    return dict(rule=kw.pop("rule"), composite=kw.pop("composite"), flat_layers=kw.pop("flat_layers"),
+                opset=kw.pop("opset"), output=kw.pop("output_name"), node_output=kw.pop("node_output"),
+                input_shapes=parse_input_shapes(kw.pop("input_shape")), **params)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="onnxlrp")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors (anywhere on the line).")
+def cli(debug: bool):
+    """Compile ONNX models into ONNX models that also compute LRP relevance (R-LRP and classic rules)."""
+
+
+@cli.command("compile")
+@click.argument("model", type=click.Path(dir_okay=False))
+@rule_options
+@click.option("-o", "--out", type=click.Path(dir_okay=False), help="Output file (default: MODEL_STEM.RULE.onnx).")
+@click.option("--isolate", is_flag=True, help="Parse and check the model in a child process first.")
+def compile_command(model, out, isolate, **kw):
+    """Write MODEL compiled with a rule: its outputs plus `relevance` and `explained_class`."""
+    from .compiler import compile as compile_model
+    from .loading import load_model, save_model_atomic
+
+    options = compile_kwargs(kw)
+    if isolate:
+        load_model(model, isolate=True)  # parse and check in a child process before touching it here
+    compiled = compile_model(model, **options)
+    label = Path(options["composite"]).stem if options["composite"] else options["rule"]
+    target = Path(out) if out else Path(model).with_name(f"{Path(model).stem}.{label}.onnx")
+    written = save_model_atomic(compiled, target)
+    click.echo(f"wrote {escape_terminal(str(written))} ({label}; outputs: "
+               f"{', '.join(escape_terminal(o.name) for o in compiled.graph.output)})")
+
+
+@cli.command("inspect")
+@click.argument("model", type=click.Path(dir_okay=False))
+@rule_options
+def inspect_command(model, **kw):
+    """Print the rule plan per node and every unsupported op on the relevance path; writes nothing."""
+    from .compiler import inspect as inspect_model
+
+    plan = inspect_model(model, **compile_kwargs(kw))
+    click.echo(f"explained tensor: {escape_terminal(plan.explained)}")
+    click.echo(f"relevance inputs: {', '.join(escape_terminal(i) for i in plan.inputs)}")
+    for node, rule in plan.rules.items():
+        click.echo(f"  {escape_terminal(node)}: {rule}")
+    if plan.unsupported:
+        click.echo(f"{len(plan.unsupported)} unsupported node(s) on the relevance path:")
+        for line in plan.unsupported:
+            click.echo(f"  {escape_terminal(line)}")
+        sys.exit(2)
+
+
+@cli.command("rules")
+def rules_command():
+    """List the rules and composites."""
+    from .composites import COMPOSITES
+    from .rules import RULES
+
+    click.echo("rules (applied to every Conv/Gemm/MatMul):")
+    for name in RULES:
+        click.echo(f"  {name:28s} {COMPOSITES[name].description}")
+    click.echo("composites:")
+    for name, comp in COMPOSITES.items():
+        if name not in RULES:
+            click.echo(f"  {name:28s} {comp.description}")
+
+
+@cli.command("explain")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("images", nargs=-1, required=True)
+@rule_options
+@click.option("--target", default="predicted", show_default=True, help="Class index, or 'predicted'.")
+@click.option("--preprocess", default="none", show_default=True,
+              help="'none' (pixels/255), 'imagenet' (mean/std), or a TOML file with scale, mean, std.")
+@click.option("-o", "--out-dir", type=click.Path(file_okay=False), default="onnxlrp-explain", show_default=True)
+@click.option("--overlay/--no-overlay", default=True, show_default=True, help="Blend the heatmap over the image.")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+def explain_command(model, images, target, preprocess, out_dir, overlay, batch_size, **kw):
+    """Write a heatmap PNG and the raw relevance (.npy) per image; print the explained class and score."""
+    from .apps import run_explain
+
+    run_explain(model, images, out_dir=out_dir, target=target, preprocess=preprocess, overlay=overlay,
+                batch_size=batch_size, **compile_kwargs(kw))
+
+
+@cli.command("evaluate")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--data", default="builtin:digits", show_default=True,
+              help="builtin:digits, a .npz with images/labels, or a folder with one sub-folder per class index.")
+@click.option("--rules", default="rlrp,lrp0,epsilon", show_default=True, help="Comma-separated rules to compare.")
+@click.option("--percent", default="1,5,10,15,20,25,40,50,60,75,80,85,90,95,99", show_default=True)
+@click.option("--abs", "absolute", is_flag=True, help="Rank by |relevance| instead of signed relevance.")
+@click.option("--pixel", is_flag=True, help="Rank pixels by relevance summed over channels.")
+@click.option("--limit", type=int, help="Use only the first N samples.")
+@click.option("--preprocess", default="none", show_default=True)
+@click.option("-o", "--out-dir", type=click.Path(file_okay=False), default="onnxlrp-evaluate", show_default=True)
+@click.option("--batch-size", type=int, default=128, show_default=True)
+def evaluate_command(model, **kw):
+    """Masked-input accuracy (the R-LRP paper's study), pixel-flipping AOPC; CSV, JSON and plots."""
+    from .apps import run_evaluate
+
+    run_evaluate(model, **kw)
+
+
+@cli.command("demo")
+@click.option("-o", "--out-dir", type=click.Path(file_okay=False), default="onnxlrp-demo", show_default=True)
+def demo_command(out_dir):
+    """Compile the bundled digits CNN with R-LRP, explain the bundled samples, run a small evaluation."""
+    from .apps import run_demo
+
+    run_demo(out_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; user errors become one line on stderr and exit code 1 (2 for unsupported ops)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" in argv:  # accepted anywhere on the line, not only before the command
+        argv.remove("--debug")
+        DEBUG["on"] = True
+    try:
+        cli.main(args=argv, prog_name="onnxlrp", standalone_mode=False)
+    except click.exceptions.Exit as done:
+        return done.exit_code
+    except click.ClickException as err:
+        err.show()
+        return err.exit_code
+    except click.exceptions.Abort:
+        click.echo("error: aborted", err=True)
+        return 130
+    except OnnxlrpError as err:
+        if DEBUG["on"]:
+            raise
+        click.echo(f"error: {escape_terminal(str(err))}", err=True)
+        return err.exit_code
+    except KeyboardInterrupt:
+        click.echo("error: interrupted", err=True)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the one place that turns any failure into one line
+        if DEBUG["on"]:
+            raise
+        first_line = str(err).splitlines()[0] if str(err) else ""
+        click.echo(f"error: internal error ({type(err).__name__}: {escape_terminal(first_line)}); "
+                   "run with --debug for the traceback", err=True)
+        return 1
+    return 0
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,154 @@
+"""The compiled model's contract, the Python API and the compile/inspect/rules CLI."""
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import netspec as ns
+import numpy as np
+import onnx
+import pytest
+import reference as ref
+from helpers import assert_close_relative, session
+from onnx import TensorProto, helper, numpy_helper
+from spec_zoo import ZOO
+
+import onnxlrp
+from onnxlrp.cli import main
+from onnxlrp.errors import OnnxlrpError, UnsupportedOpError
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "models" / "digits_cnn.onnx"
+
+
+def digits(n=4):
+    data = np.load(ROOT / "models" / "digits_test.npz")
+    return data["images"][:n, None].astype(np.float32) / 255
+
+
+def test_contract_inputs_outputs_metadata():
+    compiled = onnxlrp.compile(str(DIGITS), "epsilon-plus-flat")
+    source = onnx.load(DIGITS)
+    assert [i.name for i in compiled.graph.input] == [i.name for i in source.graph.input] + ["target"]
+    assert compiled.graph.input[0].type == source.graph.input[0].type  # name, type and dynamic batch kept
+    assert [o.name for o in compiled.graph.output] == ["probabilities", "relevance", "explained_class"]
+    meta = {p.key: p.value for p in compiled.metadata_props}
+    assert meta["onnxlrp.source_sha256"] == hashlib.sha256(DIGITS.read_bytes()).hexdigest()
+    assert meta["onnxlrp.version"] == onnxlrp.__version__ and meta["onnxlrp.rule"] == "epsilon-plus-flat"
+    plan = json.loads(meta["onnxlrp.plan"])
+    assert list(plan.values())[0].startswith("flat") and list(plan.values())[-1].startswith("epsilon")
+    assert meta["onnxlrp.explained"].endswith("Gemm_output_0")  # the logits before the Softmax
+    assert compiled.ir_version <= 10
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_dynamic_batch_default_target_and_unchanged_outputs(batch):
+    x = digits(batch)
+    sess = session(onnxlrp.compile(str(DIGITS), "rlrp"))
+    probabilities, relevance, cls = sess.run(None, {"image": x})  # target not fed: the predicted class
+    expected = session(onnx.load(DIGITS)).run(None, {"image": x})[0]
+    np.testing.assert_allclose(probabilities, expected, rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(cls, expected.argmax(1))
+    assert relevance.shape == x.shape and relevance.dtype == np.float32
+    _, _, cls = sess.run(None, {"image": x, "target": np.full(batch, 3, dtype=np.int64)})
+    assert list(cls) == [3] * batch
+
+
+def test_explainer_api_reports_provider():
+    explainer = onnxlrp.Explainer(str(DIGITS), rule="epsilon")
+    result = explainer(digits(3), target=[1, 2, 3])
+    assert explainer.provider == "CPUExecutionProvider"
+    assert list(result.explained_class) == [1, 2, 3]
+    assert set(result.outputs) == {"probabilities"} and result.relevance.shape == (3, 1, 28, 28)
+
+
+def test_node_output_and_output_select_the_explained_tensor():
+    rng = np.random.default_rng(30)
+    layers, shape = ZOO["mlp"](rng)
+    x = rng.normal(size=shape)
+    model = ns.to_onnx(layers, shape, softmax=True)
+    sess = session(onnxlrp.compile(model, "epsilon", node_output="logits"))
+    relevance = sess.run(["relevance"], {"x": x.astype(np.float32)})[0]
+    assert_close_relative(relevance, ref.lrp(layers, x, "epsilon"), 1e-5)
+    with pytest.raises(OnnxlrpError, match="not a graph output"):
+        onnxlrp.compile(model, "epsilon", output="nope")
+
+
+def unsupported_model():
+    """x -> Relu -> (Mul of two activations) -> Hardmax-free custom op on the path."""
+    nodes = [helper.make_node("Relu", ["x"], ["a"], name="relu"),
+             helper.make_node("Mul", ["a", "a"], ["sq"], name="square"),
+             helper.make_node("Weird", ["sq"], ["w"], name="custom", domain="my.domain"),
+             helper.make_node("MatMul", ["w", "W"], ["y"], name="dense")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+                              [numpy_helper.from_array(np.ones((4, 2), np.float32), "W")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("my.domain", 1)])
+
+
+def test_every_unsupported_node_is_listed():
+    with pytest.raises(UnsupportedOpError) as err:
+        onnxlrp.compile(unsupported_model(), "epsilon")
+    message = str(err.value)
+    assert "2 node(s)" in message and "square (Mul" in message and "custom (Weird, domain my.domain" in message
+    assert "\n" not in message
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "onnxlrp.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=120)
+
+
+def test_cli_compile_default_output_name_and_no_warnings(tmp_path):
+    model = tmp_path / "digits.onnx"
+    model.write_bytes(DIGITS.read_bytes())
+    done = run_cli("compile", model, "--rule", "cmp", "--flat-layers", "2")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""  # a normal compile prints no warnings
+    written = tmp_path / "digits.cmp.onnx"
+    assert written.exists() and "wrote" in done.stdout
+    plan = json.loads({p.key: p.value for p in onnx.load(written).metadata_props}["onnxlrp.plan"])
+    assert [r.split("(")[0] for r in plan.values()] == ["flat", "flat", "epsilon", "epsilon"]
+
+
+@pytest.mark.parametrize("args,code,text", [
+    (["compile", "missing.onnx"], 1, "missing.onnx: no such file"),
+    (["compile", "junk.onnx"], 1, "not an ONNX model"),
+    (["compile", "model.onnx", "--rule", "nope"], 1, "unknown rule 'nope'; valid rules and composites: lrp0"),
+    (["compile", "model.onnx", "--rule", "epsilon", "--gamma", "2"], 1, "does not use --gamma"),
+    (["compile", "model.onnx", "--rule", "alpha-beta", "--alpha", "3", "--beta", "1"], 1, "alpha - beta = 1"),
+    (["compile", "unsupported.onnx"], 2, "2 node(s) on the relevance path have no rule"),
+    (["inspect", "unsupported.onnx"], 2, "custom (Weird, domain my.domain"),
+])
+def test_cli_errors_are_one_line_without_output(tmp_path, args, code, text):
+    (tmp_path / "junk.onnx").write_bytes(b"\x89PNG\r\n\x1a\n not a model")
+    (tmp_path / "model.onnx").write_bytes(DIGITS.read_bytes())
+    onnx.save(unsupported_model(), tmp_path / "unsupported.onnx")
+    before = set(tmp_path.iterdir())
+    done = run_cli(*args, cwd=tmp_path)
+    assert done.returncode == code
+    stream = done.stdout if args[0] == "inspect" else done.stderr
+    assert text in stream
+    if args[0] == "compile":
+        assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    assert set(tmp_path.iterdir()) == before  # nothing written
+
+
+def test_cli_debug_shows_the_traceback(tmp_path):
+    done = run_cli("--debug", "compile", tmp_path / "missing.onnx")
+    assert done.returncode != 0 and "Traceback" in done.stderr
+
+
+def test_rules_lists_rules_and_composites(capsys):
+    assert main(["rules"]) == 0
+    out = capsys.readouterr().out
+    for name in ("rlrp", "epsilon", "zbox", "epsilon-gamma-box", "epsilon-alpha2-beta1-flat", "cmp"):
+        assert f"  {name} " in out
+
+
+def test_inspect_prints_the_plan(capsys):
+    assert main(["inspect", str(DIGITS), "--rule", "epsilon-gamma-box", "--low", "0", "--high", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "/features/features.0/Conv: zbox(low=0.0, high=1.0" in out and "gamma(gamma=0.25" in out

@@ -285,10 +285,11 @@ def set_input_shapes(graph: onnx.GraphProto, input_shapes: dict[str, list[int]] 
 
 
 def infer_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, list]]:
+    """Strict shape inference: a model whose shapes contradict each other is refused here, not at run time."""
     try:
-        inferred = shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        inferred = shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
     except Exception as err:
-        raise OnnxlrpError(f"shape inference failed: {str(err).splitlines()[0]}") from err
+        raise OnnxlrpError(f"the model is not valid: {str(err).strip().splitlines()[0]}") from err
     shapes: dict[str, list] = {}
     graph = inferred.graph
     for vi in list(graph.value_info) + list(graph.input) + list(graph.output):

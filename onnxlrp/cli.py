@@ -48,6 +48,8 @@ def rule_options(fn):
         click.option("--output", "output_name", help="Graph output to explain (default: the first float output)."),
         click.option("--node-output", help="Intermediate tensor to explain instead of a graph output."),
         click.option("--input-shape", multiple=True, help="NAME=D1,D2,... fixes open input dims (repeatable)."),
+        click.option("--precision", type=click.Choice(["fp32", "fp16"]),
+                     help="fp16: a float16 forward pass (for GPUs); relevance is always float32."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -60,7 +62,7 @@ def compile_kwargs(kw: dict) -> dict:
         kw.pop(k, None)
     return dict(rule=kw.pop("rule"), composite=kw.pop("composite"), flat_layers=kw.pop("flat_layers"),
                 opset=kw.pop("opset"), output=kw.pop("output_name"), node_output=kw.pop("node_output"),
-                input_shapes=parse_input_shapes(kw.pop("input_shape")), **params)
+                input_shapes=parse_input_shapes(kw.pop("input_shape")), precision=kw.pop("precision"), **params)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -44,14 +44,14 @@ def choose_composite(rule: str, composite: str | Path | None) -> Composite:
 
 
 def _pass(model: onnx.ModelProto, composite: Composite, *, params: dict, flat_layers: int, output, node_output,
-          opset, input_shapes) -> RelevancePass:
+          opset, input_shapes, precision=None) -> RelevancePass:
     unknown = set(params) - set(PARAMETER_NAMES)
     if unknown:
         raise OnnxlrpError(f"unknown parameter(s) {', '.join(sorted(unknown))}; valid: {', '.join(PARAMETER_NAMES)}")
     params = {k: float(v) for k, v in params.items() if v is not None}
     if flat_layers < 1:
         raise OnnxlrpError("--flat-layers must be at least 1")
-    canonical, shapes = canonicalize(model, opset=opset, input_shapes=input_shapes)
+    canonical, shapes = canonicalize(model, opset=opset, input_shapes=input_shapes, precision=precision)
 
     def plan_rules(order):
         layers = [LinearNode(node.name, node.op_type, i, depth) for i, (node, depth) in enumerate(order)]
@@ -63,9 +63,11 @@ def _pass(model: onnx.ModelProto, composite: Composite, *, params: dict, flat_la
 
 def compile(model_or_path, rule: str = "epsilon", *, composite: str | Path | None = None, output: str | None = None,
             node_output: str | None = None, opset: int | None = None,
-            input_shapes: dict[str, list[int]] | None = None, flat_layers: int = 1, **params) -> onnx.ModelProto:
+            input_shapes: dict[str, list[int]] | None = None, flat_layers: int = 1, precision: str | None = None,
+            **params) -> onnx.ModelProto:
     """Compile ``model_or_path`` (a ModelProto or a file) with ``rule`` (a rule or composite name, see
     ``onnxlrp rules``) or a TOML ``composite``. Parameters: epsilon, gamma, alpha, beta, low, high, stabilizer.
+    ``precision="fp16"`` makes the forward pass float16 (relevance is always computed in float32).
 
     The result keeps every original input and output and adds the optional input ``target`` (int64 [batch], -1
     or absent: explain the predicted class) and the outputs ``relevance`` and ``explained_class``.
@@ -73,7 +75,7 @@ def compile(model_or_path, rule: str = "epsilon", *, composite: str | Path | Non
     model, digest = read_model(model_or_path)
     comp = choose_composite(rule, composite)
     rp = _pass(model, comp, params=params, flat_layers=flat_layers, output=output, node_output=node_output,
-               opset=opset, input_shapes=input_shapes)
+               opset=opset, input_shapes=input_shapes, precision=precision)
     relevance = rp.run()
     rp.finish(relevance)
     compiled = rp.model
@@ -96,11 +98,11 @@ def compile(model_or_path, rule: str = "epsilon", *, composite: str | Path | Non
 
 
 def inspect(model_or_path, rule: str = "epsilon", *, composite=None, output=None, node_output=None, opset=None,
-            input_shapes=None, flat_layers: int = 1, **params) -> Plan:
+            input_shapes=None, flat_layers: int = 1, precision=None, **params) -> Plan:
     """The rule plan and the unsupported nodes on the relevance path, without emitting anything."""
     model, _ = read_model(model_or_path)
     rp = _pass(model, choose_composite(rule, composite), params=params, flat_layers=flat_layers, output=output,
-               node_output=node_output, opset=opset, input_shapes=input_shapes)
+               node_output=node_output, opset=opset, input_shapes=input_shapes, precision=precision)
     problems = rp.unsupported()
     rules = {} if problems else rule_table(rp.plan_rules(rp.linear_order()))
     return Plan(rules, problems, rp.target, rp.sources)

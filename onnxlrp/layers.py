@@ -102,7 +102,6 @@ class Linear:
     window: Window | None = None
     group: int = 1
     transpose_x: bool = False  # Gemm transA=1: the data input is x^T
-    z_node: str | None = None  # the bias Add that completes a MatMul layer
     _weights: dict = field(default_factory=dict, repr=False)
 
     def weight_name(self, b: GraphBuilder, weight: np.ndarray, tag: str) -> str:

@@ -5,16 +5,18 @@
 3. Constant-fold weight subgraphs (nodes whose inputs are all constant) so every weight is an initializer,
    refusing any fold that would allocate more than :data:`MAX_FOLD_ELEMENTS`.
 4. Drop Dropout and Identity.
-5. Fold BatchNormalization into the preceding Conv/Gemm/MatMul; any other BatchNormalization becomes a
-   per-channel ``Mul`` + ``Add`` by constants.
-6. Infer shapes, with user-given input shapes where the model leaves spatial dims open.
+5. Infer shapes (strictly), with user-given input shapes where the model leaves spatial dims open.
+
+BatchNormalization is not rewritten here: the forward graph stays as exported, so its outputs are unchanged
+bit for bit. The relevance pass folds a BatchNormalization into the linear layer before it
+(:func:`onnxlrp.passes.relevance.linear_layer`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper, shape_inference, version_converter
+from onnx import TensorProto, helper, numpy_helper, shape_inference, version_converter
 from onnx.reference import ReferenceEvaluator
 
 from onnxlrp.errors import OnnxlrpError
@@ -166,96 +168,6 @@ def drop_identities(graph: onnx.GraphProto) -> None:
     graph.node.extend(kept)
 
 
-def fold_batchnorm(graph: onnx.GraphProto, shapes: dict[str, list]) -> None:
-    """Fold BatchNormalization into the linear producer, else rewrite it as a per-channel affine map."""
-    inits = {t.name: t for t in graph.initializer}
-    producer = {o: n for n in graph.node for o in n.output}
-    readers: dict[str, int] = {}
-    for n in graph.node:
-        for name in n.input:
-            readers[name] = readers.get(name, 0) + 1
-    outputs = {o.name for o in graph.output}
-
-    def sole_reader(tensor: str) -> bool:
-        return readers.get(tensor) == 1 and tensor not in outputs
-
-    kept = []
-    for node in graph.node:
-        if node.op_type != "BatchNormalization" or any(n not in inits for n in node.input[1:5]):
-            kept.append(node)
-            continue
-        scale, beta, mean, var = (_array(inits, n) for n in node.input[1:5])
-        s = scale / np.sqrt(var + next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5))
-        shift = beta - mean * s
-        src = producer.get(node.input[0])
-        if src is not None and sole_reader(node.input[0]) and \
-                _fold_into(src, s, shift, graph, inits, producer, sole_reader):
-            src.output[0] = node.output[0]
-            continue
-        channel_shape = (-1,) + (1,) * max(len(shapes.get(node.input[0]) or [0, 0]) - 2, 0)
-        mul_c = _add_init(graph, inits, f"{node.name}/bn_scale", s.reshape(channel_shape))
-        add_c = _add_init(graph, inits, f"{node.name}/bn_shift", shift.reshape(channel_shape))
-        scaled = f"{node.output[0]}/bn_scaled"
-        kept.append(helper.make_node("Mul", [node.input[0], mul_c], [scaled], name=f"{node.name}/bn_mul"))
-        kept.append(helper.make_node("Add", [scaled, add_c], [node.output[0]], name=f"{node.name}/bn_add"))
-    del graph.node[:]
-    graph.node.extend(kept)
-    _drop_unused_initializers(graph)
-
-
-def _add_init(graph, inits, name, value) -> str:
-    while name in inits:
-        name += "_"
-    tensor = numpy_helper.from_array(np.asarray(value, dtype=np.float32), name)
-    graph.initializer.append(tensor)
-    inits[name] = tensor
-    return name
-
-
-def _array(inits, name) -> np.ndarray:
-    return numpy_helper.to_array(inits[name]).astype(np.float64)
-
-
-def _fold_into(src: onnx.NodeProto, s: np.ndarray, shift: np.ndarray, graph, inits, producer, sole_reader) -> bool:
-    """Scale the output channels of a Conv / Gemm / MatMul(+Add) producer by ``s`` and shift them by ``shift``."""
-    has_bias = len(src.input) > 2 and bool(src.input[2])
-    if src.op_type == "Conv" and src.input[1] in inits and (not has_bias or src.input[2] in inits):
-        w = _array(inits, src.input[1])
-        bias = _array(inits, src.input[2]) if has_bias else np.zeros(w.shape[0])
-        src.input[1] = _add_init(graph, inits, f"{src.input[1]}/bn_folded", w * s.reshape(-1, *([1] * (w.ndim - 1))))
-    elif src.op_type == "Gemm" and src.input[1] in inits and (not has_bias or src.input[2] in inits):
-        attrs = {a.name: helper.get_attribute_value(a) for a in src.attribute}
-        if attrs.get("transA", 0):
-            return False
-        w = _array(inits, src.input[1]) * attrs.get("alpha", 1.0)
-        w = w if attrs.get("transB", 0) else w.T  # [out, in]
-        bias = np.zeros(w.shape[0]) if not has_bias else \
-            np.broadcast_to(_array(inits, src.input[2]).reshape(-1) * attrs.get("beta", 1.0), (w.shape[0],))
-        del src.attribute[:]
-        src.attribute.append(helper.make_attribute("transB", 1))
-        src.input[1] = _add_init(graph, inits, f"{src.input[1]}/bn_folded", w * s[:, None])
-    elif src.op_type == "Add":  # MatMul(x, W) + b
-        const = [i for i, n in enumerate(src.input) if n in inits]
-        matmul = producer.get(src.input[1 - const[0]]) if len(const) == 1 else None
-        if matmul is None or matmul.op_type != "MatMul" or matmul.input[1] not in inits or \
-                not sole_reader(matmul.output[0]):
-            return False
-        w, bias = _array(inits, matmul.input[1]), _array(inits, src.input[const[0]])
-        if w.ndim != 2 or bias.size != w.shape[1]:
-            return False
-        matmul.input[1] = _add_init(graph, inits, f"{matmul.input[1]}/bn_folded", w * s[None, :])
-        src.input[const[0]] = _add_init(graph, inits, f"{src.name}/bn_folded_bias", bias.reshape(-1) * s + shift)
-        return True
-    else:
-        return False
-    bias_name = _add_init(graph, inits, f"{src.name}/bn_folded_bias", bias * s + shift)
-    if has_bias:
-        src.input[2] = bias_name
-    else:
-        src.input.append(bias_name)
-    return True
-
-
 def name_nodes(graph: onnx.GraphProto) -> None:
     """Give every node a unique, non-empty name (the rule plan and error messages refer to nodes by name)."""
     seen: set[str] = set()
@@ -301,8 +213,27 @@ def infer_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, lis
     return inferred, shapes
 
 
-def canonicalize(model: onnx.ModelProto, *, opset: int | None = None,
-                 input_shapes: dict[str, list[int]] | None = None) -> tuple[onnx.ModelProto, dict[str, list]]:
+def to_float16(model: onnx.ModelProto) -> None:
+    """Turn a float32 model into a float16 one in place: float initializers, graph inputs/outputs, Cast targets and
+    float tensor attributes. (``--precision fp16``: the forward pass runs in float16; relevance stays float32.)"""
+    graph = model.graph
+    for i, t in enumerate(graph.initializer):
+        if t.data_type == TensorProto.FLOAT:
+            graph.initializer[i].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
+    for vi in list(graph.input) + list(graph.output):
+        if vi.type.tensor_type.elem_type == TensorProto.FLOAT:
+            vi.type.tensor_type.elem_type = TensorProto.FLOAT16
+    del graph.value_info[:]
+    for node in graph.node:
+        for a in node.attribute:
+            if node.op_type == "Cast" and a.name == "to" and a.i == TensorProto.FLOAT:
+                a.i = TensorProto.FLOAT16
+            elif a.type == onnx.AttributeProto.TENSOR and a.t.data_type == TensorProto.FLOAT:
+                a.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(a.t).astype(np.float16), a.t.name))
+
+
+def canonicalize(model: onnx.ModelProto, *, opset: int | None = None, input_shapes: dict[str, list[int]] | None = None,
+                 precision: str | None = None) -> tuple[onnx.ModelProto, dict[str, list]]:
     """Return the canonical model and the static shape of every tensor (None for unknown dims)."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
     ir_version = model.ir_version
@@ -315,6 +246,8 @@ def canonicalize(model: onnx.ModelProto, *, opset: int | None = None,
     fold_constants(graph, model.opset_import)
     drop_identities(graph)
     set_input_shapes(graph, input_shapes)
-    if any(n.op_type == "BatchNormalization" for n in graph.node):
-        fold_batchnorm(graph, infer_shapes(model)[1])
+    if precision == "fp16":
+        to_float16(model)
+    elif precision not in (None, "fp32"):
+        raise OnnxlrpError(f"unknown precision {precision!r}; valid: fp32, fp16")
     return infer_shapes(model)

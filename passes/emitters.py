@@ -101,14 +101,15 @@ def first_along(b, mask: str, axis: int) -> str:
 
 # ---------------------------------------------------------------- pass-through ops
 
-PASS_THROUGH = ("Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid", "Tanh", "Elu", "Selu", "Celu", "Gelu", "Softplus",
-                "Softsign", "HardSigmoid", "HardSwish", "Mish", "ThresholdedRelu", "LRN", "Dropout", "Identity",
-                "Neg", "Erf", "Cast")
+PASS_THROUGH = ("BatchNormalization", "Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid", "Tanh", "Elu", "Selu", "Celu",
+                "Gelu", "Softplus", "Softsign", "HardSigmoid", "HardSwish", "Mish", "ThresholdedRelu", "LRN", "Dropout",
+                "Identity", "Neg", "Erf", "Cast")
 
 
 @backward(*PASS_THROUGH)
 def pass_through(ctx, node, r_out):
-    """Activations and element-wise maps: relevance passes unchanged (Zennit's Pass rule)."""
+    """Activations and element-wise maps: relevance passes unchanged (Zennit's Pass rule). A BatchNormalization
+    after a linear layer is folded into that layer's rule; any other is a per-channel affine map and passes."""
     return {0: r_out[0]}
 
 
@@ -163,8 +164,8 @@ def arithmetic(ctx, node, r_out):
     if ctx.rlrp:
         shares = {i: b.op("Neg", [r], "R") if i in negated else r for i in on_path}
     else:
-        s = safe_divide(b, r, node.output[0], STABILIZER)
-        shares = {i: mul(b, node.input[i], s) for i in on_path}
+        s = safe_divide(b, r, ctx.value(node.output[0]), STABILIZER)
+        shares = {i: mul(b, ctx.value(node.input[i]), s) for i in on_path}
         shares = {i: b.op("Neg", [v], "R") if i in negated else v for i, v in shares.items()}
     out = {i: unbroadcast(ctx, v, node.input[i], node.output[0]) for i, v in shares.items()}
     for i, v in out.items():
@@ -341,10 +342,11 @@ def average_pool(ctx, node, r_out):
     """A depthwise convolution with weights ``1/divisor``. Classic: Norm rule ``x * W^T (R / stab(z))``.
     R-LRP (Prop. 13): Eq. 12 with the pool's mask, ``Card(J)/(N P1P2) * x * W^T R``."""
     b = ctx.b
-    x, y = node.input[0], node.output[0]
+    x, y = ctx.value(node.input[0]), ctx.value(node.output[0])
     wd = pool_window(ctx, node)
-    channels = ctx.shapes[x][1]
-    divisor = pool_window(ctx, node, with_ceil=False).valid_count(include_pad=bool(attr(node, "count_include_pad", 0)))
+    channels = ctx.shapes[node.input[0]][1]
+    include_pad = bool(attr(node, "count_include_pad", 0))
+    divisor = pool_window(ctx, node, with_ceil=False).valid_count(include_pad=include_pad)
     ones = np.ones([channels, 1, *wd.kernel], dtype=np.float32)
     g = r_out[0] if ctx.rlrp else safe_divide(b, r_out[0], y, STABILIZER)
     g = mul(b, g, b.const((1.0 / divisor)[None], "inv_divisor"))
@@ -374,9 +376,9 @@ def max_pool(ctx, node, r_out):
     windows add up. R-LRP (Prop. 13): a convolution whose mask is 1 at every arg-max (ties: all), times
     ``Card(J)/(N P1P2) * x``. Windows are extracted exactly by a one-hot depthwise kernel."""
     b = ctx.b
-    x, y = node.input[0], node.output[0]
+    x, y = ctx.value(node.input[0]), ctx.value(node.output[0])
     wd = pool_window(ctx, node)
-    channels = ctx.shapes[x][1]
+    channels = ctx.shapes[node.input[0]][1]
     k = int(np.prod(wd.kernel))
     taps = np.eye(k, dtype=np.float32).reshape(k, 1, *wd.kernel)
     kernel = b.const(np.tile(taps, (channels,) + (1,) * (taps.ndim - 1)), "onehot_kernel")
@@ -410,9 +412,9 @@ def global_average_pool(ctx, node, r_out):
     b = ctx.b
     shape = ctx.shapes[node.input[0]]
     area = int(np.prod(shape[2:]))
-    g = r_out[0] if ctx.rlrp else safe_divide(b, r_out[0], node.output[0], STABILIZER)
+    g = r_out[0] if ctx.rlrp else safe_divide(b, r_out[0], ctx.value(node.output[0]), STABILIZER)
     scale = 1.0 / (shape[1] * area * area) if ctx.rlrp else 1.0 / area
-    return {0: ctx.keep_in_range(mul(b, mul(b, node.input[0], g), b.const(scale, "scale")))}
+    return {0: ctx.keep_in_range(mul(b, mul(b, ctx.value(node.input[0]), g), b.const(scale, "scale")))}
 
 
 def reduce_axes(ctx, node) -> list[int] | None:
@@ -444,22 +446,22 @@ def reduce_mean(ctx, node, r_out):
     shape = ctx.shapes[node.input[0]]
     axes = reduce_axes(ctx, node)
     count = int(np.prod([shape[a] for a in axes]))
-    g = r_out[0] if ctx.rlrp else safe_divide(b, r_out[0], node.output[0], STABILIZER)
+    g = r_out[0] if ctx.rlrp else safe_divide(b, r_out[0], ctx.value(node.output[0]), STABILIZER)
     if not attr(node, "keepdims", 1):
         g = b.op("Unsqueeze", [g, b.const(axes, "axes", np.int64)], "R")
     n_out = int(np.prod([d for a, d in enumerate(shape) if a not in axes and a > 0]))
     scale = 1.0 / (n_out * count * count) if ctx.rlrp else 1.0 / count
-    return {0: ctx.keep_in_range(mul(b, mul(b, node.input[0], g), b.const(scale, "scale")))}
+    return {0: ctx.keep_in_range(mul(b, mul(b, ctx.value(node.input[0]), g), b.const(scale, "scale")))}
 
 
 @backward("GlobalMaxPool", check=check_global)
 def global_max_pool(ctx, node, r_out):
     """Classic: a channel's relevance goes to its first arg-max. R-LRP: to every arg-max, times ``x / (C HW)``."""
     b = ctx.b
-    x = node.input[0]
-    shape = ctx.shapes[x]
+    x = ctx.value(node.input[0])
+    shape = ctx.shapes[node.input[0]]
     flat = b.op("Reshape", [x, b.const([0, 0, -1], "shape", np.int64)], "x")
-    y = b.op("Reshape", [node.output[0], b.const([0, 0, 1], "shape", np.int64)], "y")
+    y = b.op("Reshape", [ctx.value(node.output[0]), b.const([0, 0, 1], "shape", np.int64)], "y")
     mask = float_mask(b, b.op("Equal", [flat, y]))
     if not ctx.rlrp:
         mask = first_along(b, mask, 2)

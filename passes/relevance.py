@@ -92,10 +92,14 @@ class RelevancePass:
         if not self.tensors:
             raise OnnxlrpError(f"no data path leads from the inputs to {self.target!r}")
         self.nodes = self.view.relevance_nodes(self.tensors)
+        self.float32: dict[str, str] = {}
+        self.layer_output: dict[str, str] = {}  # linear node -> its forward output (with the bias Add)
         self.layers = {}
         for node in self.nodes:
             layer = linear_layer(self, node)
             if layer is not None:
+                self.layer_output[node.name] = layer.z
+                layer.x, layer.z = self.value(layer.x), self.value(layer.z)
                 self.layers[node.name] = layer
         self.join_shares: dict[tuple[str, int], str] = {}
 
@@ -105,8 +109,6 @@ class RelevancePass:
         """Every node on the relevance path that cannot carry relevance, one line each."""
         problems = []
         for node in self.nodes:
-            if node.name in self.bias_of:
-                continue
             reason = unsupported_reason(self, node)
             if reason:
                 domain = node.domain or "ai.onnx"
@@ -120,27 +122,27 @@ class RelevancePass:
                 return imp.version
         return "?"
 
-    @property
-    def bias_of(self) -> dict[str, str]:
-        return {layer.z_node: name for name, layer in self.layers.items() if getattr(layer, "z_node", None)}
-
     def linear_order(self) -> list[tuple[onnx.NodeProto, int]]:
         """Linear nodes in topological order with their depth: the number of linear layers on the longest path
         from an input up to and including the node (the first layer has depth 1)."""
-        linear_out = {self.layers[n.name].z: n for n in self.nodes if n.name in self.layers}
+        linear_out = set(self.layer_output.values())
         sub = self.view.flow.subgraph(self.tensors)
         depth_at: dict[str, int] = {}
         for t in nx.topological_sort(sub):
-            d = max((depth_at[p] for p in sub.predecessors(t)), default=0)
-            producer = self.view.producer.get(t)
-            if producer is not None and producer.name in self.layers and t == self.layers[producer.name].z:
-                d += 1
-            if t in linear_out:
-                d = max(d, 1)
-            depth_at[t] = d
-        return [(node, depth_at[self.layers[node.name].z]) for node in self.nodes if node.name in self.layers]
+            depth_at[t] = max((depth_at[p] for p in sub.predecessors(t)), default=0) + (t in linear_out)
+        return [(node, depth_at[self.layer_output[node.name]]) for node in self.nodes if node.name in self.layers]
 
     # ------------------------------------------------------------ helpers used by emitters
+
+    def value(self, name: str) -> str:
+        """A forward tensor as float32: relevance is always computed in float32 (float16 models keep their float16
+        forward pass; each forward value the rules read is cast once)."""
+        if self.elem_type(name) == TensorProto.FLOAT:
+            return name
+        if name not in self.float32:
+            self.b.scope = "float32"
+            self.float32[name] = self.b.op("Cast", [name], "f32", to=TensorProto.FLOAT)
+        return self.float32[name]
 
     def keep_in_range(self, r: str) -> str:
         """R-LRP only: divide each sample's map by its largest magnitude. R-LRP is defined up to a positive
@@ -302,9 +304,8 @@ class RelevancePass:
         """One-hot(target) * logit; the target defaults (when not fed, or -1) to the arg-max."""
         b = self.b
         b.scope = "init"
-        y = self.target
-        if self.shapes.get(y) is not None and self.elem_type(y) != TensorProto.FLOAT:
-            y = b.op("Cast", [y], "y", to=TensorProto.FLOAT)
+        y = self.value(self.target)
+        b.scope = "init"
         flat = b.op("Flatten", [y], "logits", axis=1)
         predicted = b.op("ArgMax", [flat], "predicted", axis=1, keepdims=0)
         target = b.op("Where", [b.op("Less", [TARGET_INPUT, b.const(0, "zero_i", np.int64)]), predicted,
@@ -321,10 +322,11 @@ class RelevancePass:
         return b.op("Reshape", [selected, b.op("Shape", [y])], "R0"), value
 
     def elem_type(self, name: str) -> int:
-        for vi in list(self.graph.value_info) + list(self.graph.input) + list(self.graph.output):
-            if vi.name == name:
-                return vi.type.tensor_type.elem_type
-        return TensorProto.FLOAT
+        if not hasattr(self, "_types"):
+            self._types = {vi.name: vi.type.tensor_type.elem_type for vi in
+                           list(self.graph.value_info) + list(self.graph.input) + list(self.graph.output)}
+            self._types |= {t.name: t.data_type for t in self.graph.initializer}
+        return self._types.get(name, TensorProto.FLOAT)
 
     def finish(self, relevance: dict[str, str]) -> list[str]:
         """Scale (R-LRP), name and declare the outputs; returns the relevance output names."""
@@ -380,7 +382,8 @@ class RelevancePass:
 # ---------------------------------------------------------------- linear layer extraction
 
 def linear_layer(ctx: RelevancePass, node: onnx.NodeProto) -> Linear | None:
-    """Wrap a Conv/Gemm/MatMul with constant weights as a :class:`Linear`, or None."""
+    """Wrap a Conv/Gemm/MatMul with constant weights as a :class:`Linear`, with the constant bias Add after a
+    MatMul and a BatchNormalization after either folded in (``z`` is then that node's output), or None."""
     consts, shapes = ctx.constants, ctx.shapes
     x = node.input[0]
     if node.op_type == "Conv" and node.input[1] in consts:
@@ -388,9 +391,9 @@ def linear_layer(ctx: RelevancePass, node: onnx.NodeProto) -> Linear | None:
         bias = consts[node.input[2]].astype(np.float64) if len(node.input) > 2 and node.input[2] in consts else None
         if len(node.input) > 2 and node.input[2] and bias is None:
             return None
-        return Linear(node.name, "conv", x, node.output[0], w, bias, shapes.get(x), conv_window(ctx, node, w),
-                      group=attr(node, "group", 1))
-    if node.op_type == "Gemm" and node.input[1] in consts:
+        layer = Linear(node.name, "conv", x, node.output[0], w, bias, shapes.get(x), conv_window(ctx, node, w),
+                       group=attr(node, "group", 1))
+    elif node.op_type == "Gemm" and node.input[1] in consts:
         alpha, beta = attr(node, "alpha", 1.0), attr(node, "beta", 1.0)
         w = consts[node.input[1]].astype(np.float64) * alpha
         w = w.T if attr(node, "transB", 0) else w  # [in, out]
@@ -399,22 +402,45 @@ def linear_layer(ctx: RelevancePass, node: onnx.NodeProto) -> Linear | None:
             if node.input[2] not in consts:
                 return None
             bias = np.broadcast_to(consts[node.input[2]].astype(np.float64).reshape(-1) * beta, (w.shape[1],))
-        return Linear(node.name, "dense", x, node.output[0], w, bias, shapes.get(x),
-                      transpose_x=bool(attr(node, "transA", 0)))
-    if node.op_type == "MatMul" and node.input[1] in consts and consts[node.input[1]].ndim == 2:
+        layer = Linear(node.name, "dense", x, node.output[0], w, bias, shapes.get(x),
+                       transpose_x=bool(attr(node, "transA", 0)))
+    elif node.op_type == "MatMul" and node.input[1] in consts and consts[node.input[1]].ndim == 2:
         w = consts[node.input[1]].astype(np.float64)
         layer = Linear(node.name, "dense", x, node.output[0], w, None, shapes.get(x))
-        readers = ctx.view.consumers.get(node.output[0], [])
-        outputs = {o.name for o in ctx.graph.output}
-        if len(readers) == 1 and node.output[0] not in outputs:
-            add, idx = readers[0]
-            other = add.input[1 - idx] if add.op_type == "Add" and len(add.input) == 2 else None
-            if other in consts and consts[other].size == w.shape[1] and consts[other].ndim <= 2:
-                layer.bias = consts[other].astype(np.float64).reshape(-1)
-                layer.z = add.output[0]
-                layer.z_node = add.name
-        return layer
-    return None
+        add = sole_reader(ctx, layer.z)
+        other = add.input[1] if add is not None and add.op_type == "Add" and add.input[0] == layer.z else \
+            add.input[0] if add is not None and add.op_type == "Add" else None
+        if other in consts and consts[other].size == w.shape[1] and consts[other].ndim <= 2:
+            layer.bias, layer.z = consts[other].astype(np.float64).reshape(-1), add.output[0]
+    else:
+        return None
+    fold_batchnorm(ctx, layer)
+    return layer
+
+
+def sole_reader(ctx: RelevancePass, tensor: str) -> onnx.NodeProto | None:
+    """The only node reading ``tensor``, when it is not also a graph output."""
+    readers = ctx.view.consumers.get(tensor, [])
+    if len(readers) != 1 or tensor in {o.name for o in ctx.graph.output}:
+        return None
+    return readers[0][0]
+
+
+def fold_batchnorm(ctx: RelevancePass, layer: Linear) -> None:
+    """``BN(W x + b) = (s W) x + s (b - mean) + beta`` with ``s = scale / sqrt(var + eps)``, per output channel:
+    the rule sees the folded layer and the BatchNormalization output as ``z``. The forward graph is untouched."""
+    bn = sole_reader(ctx, layer.z)
+    if bn is None or bn.op_type != "BatchNormalization" or any(n not in ctx.constants for n in bn.input[1:5]):
+        return
+    scale, beta, mean, var = (ctx.constants[n].astype(np.float64) for n in bn.input[1:5])
+    s = scale / np.sqrt(var + attr(bn, "epsilon", 1e-5))
+    bias = np.zeros(len(s)) if layer.bias is None else layer.bias
+    if layer.kind == "conv":
+        layer.weight = layer.weight * s.reshape(-1, *([1] * (layer.weight.ndim - 1)))
+    else:
+        layer.weight = layer.weight * s[None, :]
+    layer.bias = (bias - mean) * s + beta
+    layer.z = bn.output[0]
 
 
 def conv_window(ctx: RelevancePass, node: onnx.NodeProto, w: np.ndarray) -> Window | None:

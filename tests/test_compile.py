@@ -152,3 +152,28 @@ def test_inspect_prints_the_plan(capsys):
     assert main(["inspect", str(DIGITS), "--rule", "epsilon-gamma-box", "--low", "0", "--high", "1"]) == 0
     out = capsys.readouterr().out
     assert "/features/features.0/Conv: zbox(low=0.0, high=1.0" in out and "gamma(gamma=0.25" in out
+
+
+def test_float16_model_gives_float16_outputs_and_float32_relevance():
+    """A float16 model keeps its float16 forward pass; the relevance is computed in float32 from its values."""
+    from onnxlrp.passes.canonicalize import to_float16
+
+    rng = np.random.default_rng(31)
+    layers, shape = ZOO["residual"](rng)
+    x = rng.normal(size=shape)
+    model16 = ns.to_onnx(layers, shape)
+    to_float16(model16)
+    compiled = onnxlrp.compile(model16, "epsilon")
+    sess = session(compiled)
+    y, relevance, _ = sess.run(None, {"x": x.astype(np.float16)})
+    assert y.dtype == np.float16 and relevance.dtype == np.float32
+    # onnxruntime's CPU provider runs ops that lack float16 kernels in float32, placing those casts per graph, so
+    # the two graphs may differ by an ulp (they are equal with the same placement)
+    source = session(model16).run(None, {"x": x.astype(np.float16)})[0]
+    ulp = np.spacing(np.abs(source).max())
+    assert np.abs(y.astype(np.float64) - source).max() <= 2 * ulp
+    expected = ref.lrp(layers, x.astype(np.float16).astype(np.float64), "epsilon")
+    assert_close_relative(relevance, expected, 2e-2)  # float16 activations: ~1e-3 relative each
+    fp16 = onnxlrp.compile(ns.to_onnx(layers, shape), "rlrp", precision="fp16")
+    assert fp16.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT16
+    assert np.all(np.isfinite(session(fp16).run(["relevance"], {"x": x.astype(np.float16)})[0]))

@@ -351,7 +351,8 @@ class RelevancePass:
         batch = self.batch_dim()
         self.graph.output.append(helper.make_tensor_value_info(CLASS_OUTPUT, TensorProto.INT64, [batch]))
         self.graph.input.append(helper.make_tensor_value_info(TARGET_INPUT, TensorProto.INT64, [batch]))
-        self.graph.initializer.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), TARGET_INPUT))
+        default = np.full(batch if isinstance(batch, int) else 1, -1, dtype=np.int64)  # broadcasts over the batch
+        self.graph.initializer.append(numpy_helper.from_array(default, TARGET_INPUT))
         b.commit()
         return names
 

@@ -177,3 +177,15 @@ def test_float16_model_gives_float16_outputs_and_float32_relevance():
     fp16 = onnxlrp.compile(ns.to_onnx(layers, shape), "rlrp", precision="fp16")
     assert fp16.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT16
     assert np.all(np.isfinite(session(fp16).run(["relevance"], {"x": x.astype(np.float16)})[0]))
+
+
+def test_static_batch_model_keeps_an_optional_target():
+    rng = np.random.default_rng(32)
+    layers, shape = ZOO["cnn"](rng)
+    x = rng.normal(size=shape)
+    model = ns.to_onnx(layers, shape, dynamic_batch=False)
+    sess = session(onnxlrp.compile(model, "epsilon"))
+    _, relevance, cls = sess.run(None, {"x": x.astype(np.float32)})
+    assert_close_relative(relevance, ref.lrp(layers, x, "epsilon"), 1e-5)
+    _, _, cls = sess.run(None, {"x": x.astype(np.float32), "target": np.array([1, -1])})
+    assert cls[0] == 1 and cls[1] == ref.forward(layers, x)[1].argmax()

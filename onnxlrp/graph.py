@@ -49,6 +49,27 @@ NON_DIFFERENTIABLE = {"Shape", "Size", "ArgMax", "ArgMin", "Equal", "Greater", "
                       "LessOrEqual", "Not", "And", "Or", "Xor", "NonZero", "IsNaN", "IsInf", "TopK"}
 
 
+def subgraphs(node: onnx.NodeProto):
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            yield a.g
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            yield from a.graphs
+
+
+def implicit_inputs(node: onnx.NodeProto) -> set[str]:
+    """Outer-scope tensors that the subgraphs of ``node`` (If, Loop, Scan) read."""
+    names: set[str] = set()
+    for g in subgraphs(node):
+        local = {v.name for v in g.input} | {t.name for t in g.initializer}
+        for inner in g.node:
+            local |= set(inner.output)
+        for inner in g.node:
+            names |= {n for n in inner.input if n and n not in local}
+            names |= {n for n in implicit_inputs(inner) if n not in local}
+    return names
+
+
 def data_input_indices(node: onnx.NodeProto) -> tuple[int, ...]:
     """Indices of ``node``'s inputs through which relevance flows."""
     if node.op_type in NON_DIFFERENTIABLE:
@@ -80,10 +101,11 @@ class GraphView:
             for i, name in enumerate(node.input):
                 if name:
                     consumers.setdefault(name, []).append((node, i))
-            for i in data_input_indices(node):
+            sources = [node.input[i] for i in data_input_indices(node)] + sorted(implicit_inputs(node))
+            for name in sources:
                 for out in node.output:
                     if out:
-                        flow.add_edge(node.input[i], out)
+                        flow.add_edge(name, out)
         return cls(graph, flow, producer, consumers)
 
     def relevance_tensors(self, sources: list[str], target: str) -> set[str]:
@@ -101,9 +123,8 @@ class GraphView:
         """Nodes (topological order) that read a relevance tensor through a data input and write one."""
         nodes = []
         for node in self.graph.node:
-            if any(o in tensors for o in node.output) and any(
-                node.input[i] in tensors for i in data_input_indices(node)
-            ):
+            reads = {node.input[i] for i in data_input_indices(node)} | implicit_inputs(node)
+            if any(o in tensors for o in node.output) and reads & tensors:
                 nodes.append(node)
         return nodes
 

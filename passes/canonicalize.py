@@ -20,6 +20,7 @@ from onnx import TensorProto, helper, numpy_helper, shape_inference, version_con
 from onnx.reference import ReferenceEvaluator
 
 from onnxlrp.errors import OnnxlrpError
+from onnxlrp.graph import implicit_inputs
 
 MIN_OPSET = 13
 MAX_FOLD_ELEMENTS = 1 << 28
@@ -40,10 +41,15 @@ def upgrade_opset(model: onnx.ModelProto, target: int | None) -> onnx.ModelProto
     if wanted < current:
         raise OnnxlrpError(f"--opset {target} is below the model's opset {current}")
     try:
-        return version_converter.convert_version(model, wanted)
+        converted = version_converter.convert_version(model, wanted)
     except Exception as err:  # the converter raises many types, natively included
         raise OnnxlrpError(f"cannot upgrade the model from opset {current} to {wanted}: "
                            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
+    if not converted.functions:  # the converter drops model-local functions and their domains
+        converted.functions.extend(model.functions)
+    known = {i.domain for i in converted.opset_import}
+    converted.opset_import.extend(i for i in model.opset_import if i.domain not in known)
+    return converted
 
 
 def constants_to_initializers(graph: onnx.GraphProto, ir_version: int) -> None:
@@ -143,8 +149,16 @@ def _evaluate(node, values, opset_imports):
     return ReferenceEvaluator(model).run(None, feeds)
 
 
+def _used_names(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor name read by a node, a subgraph of a node (outer-scope reads), or a graph output."""
+    used = {o.name for o in graph.output}
+    for node in graph.node:
+        used |= set(node.input) | implicit_inputs(node)
+    return used
+
+
 def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
-    used = {n for node in graph.node for n in node.input} | {o.name for o in graph.output}
+    used = _used_names(graph)
     kept = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(kept)
@@ -153,6 +167,7 @@ def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
 def drop_identities(graph: onnx.GraphProto) -> None:
     """Remove Identity and (inference-mode) Dropout, rewiring readers to their input."""
     outputs = {o.name for o in graph.output}
+    read_by_subgraphs = set().union(*(implicit_inputs(n) for n in graph.node))
     rename: dict[str, str] = {}
     kept = []
     for node in graph.node:
@@ -160,7 +175,7 @@ def drop_identities(graph: onnx.GraphProto) -> None:
             node.input[i] = rename.get(name, name)
         is_noop = node.op_type in ("Identity", "Dropout") and node.domain in ("", "ai.onnx")
         dropout_mask_used = node.op_type == "Dropout" and len(node.output) > 1 and node.output[1]
-        if is_noop and not dropout_mask_used and node.output[0] not in outputs:
+        if is_noop and not dropout_mask_used and node.output[0] not in outputs | read_by_subgraphs:
             rename[node.output[0]] = node.input[0]
             continue
         kept.append(node)
@@ -238,8 +253,8 @@ def canonicalize(model: onnx.ModelProto, *, opset: int | None = None, input_shap
     model = onnx.ModelProto.FromString(model.SerializeToString())
     ir_version = model.ir_version
     constants_to_initializers(model.graph, ir_version)
+    model.ir_version = max(ir_version, 7)  # initializers are no longer inputs: no longer an IR-3 graph
     model = upgrade_opset(model, opset)
-    model.ir_version = max(ir_version, 7)
     graph = model.graph
     name_nodes(graph)
     constants_to_initializers(graph, ir_version)

@@ -37,9 +37,13 @@ def data_inputs(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
     return [v for v in graph.input if v.name not in inits and v.type.tensor_type.elem_type in FLOAT_TYPES]
 
 
+SHAPE_ONLY = ("Identity", "Cast", "Reshape", "Flatten", "Squeeze", "Unsqueeze")
+
+
 def explained_tensor(graph: onnx.GraphProto, view: GraphView, output: str | None, node_output: str | None) -> str:
-    """The tensor whose target entry is explained: ``node_output``, or the chosen graph output, or the input of
-    the Softmax/LogSoftmax that produces it."""
+    """The tensor whose target entry is explained: ``node_output``; else the chosen graph output (default: the
+    first float tensor output, or the input of a ZipMap that produces an output); and when that value is a
+    Softmax/LogSoftmax, possibly behind Identity/Cast/reshaping ops, the Softmax's input (the logits)."""
     names = [o.name for o in graph.output]
     if node_output:
         if node_output not in view.producer:
@@ -47,16 +51,21 @@ def explained_tensor(graph: onnx.GraphProto, view: GraphView, output: str | None
         return node_output
     if output is not None and output not in names:
         raise OnnxlrpError(f"--output {output!r} is not a graph output; outputs: {', '.join(names)}")
-    name = output
-    if name is None:
-        floats = [o.name for o in graph.output if o.type.tensor_type.elem_type in FLOAT_TYPES]
-        if not floats:
-            raise OnnxlrpError("the model has no float tensor output to explain")
-        name = floats[0]
-    producer = view.producer.get(name)
-    if producer is not None and producer.op_type in ("Softmax", "LogSoftmax"):
-        return producer.input[0]
-    return name
+    candidates = [output] if output else \
+        [o.name for o in graph.output if o.type.tensor_type.elem_type in FLOAT_TYPES] + names
+    for name in candidates:
+        producer = view.producer.get(name)
+        if producer is not None and producer.op_type == "ZipMap":
+            name = producer.input[0]
+        elif name not in [o.name for o in graph.output if o.type.tensor_type.elem_type in FLOAT_TYPES]:
+            continue
+        t = name
+        while t in view.producer and view.producer[t].op_type in SHAPE_ONLY:
+            t = view.producer[t].input[0]
+        if t in view.producer and view.producer[t].op_type in ("Softmax", "LogSoftmax"):
+            return view.producer[t].input[0]
+        return name
+    raise OnnxlrpError("the model has no float tensor output to explain")
 
 
 @dataclass

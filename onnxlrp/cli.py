@@ -134,7 +134,7 @@ def rules_command():
 @click.option("--target", default="predicted", show_default=True, help="Class index, or 'predicted'.")
 @click.option("--preprocess", default="none", show_default=True,
               help="'none' (pixels/255), 'imagenet' (mean/std), or a TOML file with scale, mean, std.")
-@click.option("-o", "--out-dir", type=click.Path(file_okay=False), default="onnxlrp-explain", show_default=True)
+@click.option("-o", "--out-dir", default="onnxlrp-explain", show_default=True)
 @click.option("--overlay/--no-overlay", default=True, show_default=True, help="Blend the heatmap over the image.")
 @click.option("--batch-size", type=int, default=32, show_default=True)
 def explain_command(model, images, target, preprocess, out_dir, overlay, batch_size, **kw):
@@ -155,7 +155,7 @@ def explain_command(model, images, target, preprocess, out_dir, overlay, batch_s
 @click.option("--pixel", is_flag=True, help="Rank pixels by relevance summed over channels.")
 @click.option("--limit", type=int, help="Use only the first N samples.")
 @click.option("--preprocess", default="none", show_default=True)
-@click.option("-o", "--out-dir", type=click.Path(file_okay=False), default="onnxlrp-evaluate", show_default=True)
+@click.option("-o", "--out-dir", default="onnxlrp-evaluate", show_default=True)
 @click.option("--batch-size", type=int, default=128, show_default=True)
 def evaluate_command(model, **kw):
     """Masked-input accuracy (the R-LRP paper's study), pixel-flipping AOPC; CSV, JSON and plots."""
@@ -165,7 +165,7 @@ def evaluate_command(model, **kw):
 
 
 @cli.command("demo")
-@click.option("-o", "--out-dir", type=click.Path(file_okay=False), default="onnxlrp-demo", show_default=True)
+@click.option("-o", "--out-dir", default="onnxlrp-demo", show_default=True)
 def demo_command(out_dir):
     """Compile the bundled digits CNN with R-LRP, explain the bundled samples, run a small evaluation."""
     from .apps import run_demo

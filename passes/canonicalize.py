@@ -107,9 +107,19 @@ def _fold_size(node: onnx.NodeProto, values: dict[str, np.ndarray]) -> int | Non
 def fold_constants(graph: onnx.GraphProto, opset_imports) -> None:
     """Evaluate nodes whose inputs are all constant and store their outputs as initializers."""
     values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    elem_types = {v.name: v.type.tensor_type.elem_type for v in list(graph.input) + list(graph.value_info)}
     folded_any = False
     kept = []
     for node in graph.node:
+        if node.op_type == "CastLike" and node.domain in ("", "ai.onnx") and node.input[0] in values \
+                and elem_types.get(node.input[1]):
+            # CastLike(constant, x) reads only x's element type: a constant once that type is declared (the dynamo
+            # exporter's zero bias of a bias-free Conv is ``Expand(CastLike(0, input), ...)``)
+            value = values[node.input[0]].astype(helper.tensor_dtype_to_np_dtype(elem_types[node.input[1]]))
+            values[node.output[0]] = value
+            graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+            folded_any = True
+            continue
         foldable = (
             node.domain in ("", "ai.onnx")
             and node.input

@@ -101,7 +101,7 @@ class Linear:
     x_shape: list[int | None]
     window: Window | None = None
     group: int = 1
-    transpose_x: bool = False  # Gemm transA=1: the data input is x^T
+    transpose_x: bool = False  # Gemm transA=1: the node reads x^T; ``x`` is then the transposed tensor
     _weights: dict = field(default_factory=dict, repr=False)
 
     def weight_name(self, b: GraphBuilder, weight: np.ndarray, tag: str) -> str:

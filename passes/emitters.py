@@ -129,13 +129,10 @@ def linear(ctx, node, r_out):
     """Conv, Gemm, MatMul with a constant weight: the planned rule (R-LRP: Eq. 8 / Eq. 12)."""
     b = ctx.b
     layer = ctx.layers[node.name]
-    r = r_out[0]
-    if layer.transpose_x:
-        r = b.op("Transpose", [r], "R", perm=[1, 0])
-    r_in = ctx.plan[node.name].relevance(b, layer, r)
-    if layer.transpose_x:
+    r_in = ctx.keep_in_range(ctx.plan[node.name].relevance(b, layer, r_out[0]))
+    if layer.transpose_x:  # Gemm transA=1 reads x^T: the layer sees x^T (batch first), R goes back to x's layout
         r_in = b.op("Transpose", [r_in], "R", perm=[1, 0])
-    return {0: ctx.keep_in_range(r_in)}
+    return {0: r_in}
 
 
 # ---------------------------------------------------------------- element-wise arithmetic and joins

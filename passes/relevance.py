@@ -109,6 +109,8 @@ class RelevancePass:
             if layer is not None:
                 self.layer_output[node.name] = layer.z
                 layer.x, layer.z = self.value(layer.x), self.value(layer.z)
+                if layer.transpose_x:
+                    layer.x = self.b.op("Transpose", [layer.x], "x_T", perm=[1, 0])
                 self.layers[node.name] = layer
         self.join_shares: dict[tuple[str, int], str] = {}
 

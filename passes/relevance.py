@@ -127,6 +127,17 @@ class RelevancePass:
                                 f"opset {self.opset_of(domain)}): {reason}")
         return problems
 
+    def request_input_shapes(self) -> None:
+        """Convolution and pooling need static spatial dims: ask for the open ones by name."""
+        for vi in data_inputs(self.graph):
+            dims = [d.dim_param or (d.dim_value if d.HasField("dim_value") else "?")
+                    for d in vi.type.tensor_type.shape.dim]
+            if any(not isinstance(d, int) for d in dims[1:]):
+                example = ",".join(["-1"] + [str(d) if isinstance(d, int) else "N" for d in dims[1:]])
+                raise OnnxlrpError(f"input {vi.name!r} has open dims {dims}; convolution and pooling need static "
+                                   f"sizes: give them with --input-shape {vi.name}={example} (N = your size; -1 "
+                                   f"keeps the batch dynamic)")
+
     def opset_of(self, domain: str) -> int | str:
         for imp in self.model.opset_import:
             if imp.domain == domain or (domain == "ai.onnx" and imp.domain == ""):
@@ -281,6 +292,8 @@ class RelevancePass:
     def run(self) -> dict[str, str]:
         """Emit everything; returns the relevance tensor of every data input."""
         problems = self.unsupported()
+        if any("static" in p for p in problems):
+            self.request_input_shapes()
         if problems:
             raise UnsupportedOpError(f"{len(problems)} node(s) on the relevance path have no rule: "
                                      + "; ".join(problems))

@@ -189,3 +189,21 @@ def test_static_batch_model_keeps_an_optional_target():
     assert_close_relative(relevance, ref.lrp(layers, x, "epsilon"), 1e-5)
     _, _, cls = sess.run(None, {"x": x.astype(np.float32), "target": np.array([1, -1])})
     assert cls[0] == 1 and cls[1] == ref.forward(layers, x)[1].argmax()
+
+
+def test_open_spatial_dims_ask_for_input_shape(tmp_path, capsys):
+    rng = np.random.default_rng(33)
+    layers, shape = ZOO["cnn"](rng)
+    model = ns.to_onnx(layers, shape)
+    for dim in model.graph.input[0].type.tensor_type.shape.dim[2:]:
+        dim.Clear()
+        dim.dim_param = "side"
+    path, out = tmp_path / "open.onnx", tmp_path / "out.onnx"
+    onnx.save(model, path)
+    assert main(["compile", str(path), "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "input 'x' has open dims" in err and "--input-shape x=-1,2,N,N" in err and not out.exists()
+    assert main(["compile", str(path), "-o", str(out), "--input-shape", "x=-1,2,6,6"]) == 0
+    x = rng.normal(size=shape)
+    relevance = session(onnx.load(out)).run(["relevance"], {"x": x.astype(np.float32)})[0]
+    assert_close_relative(relevance, ref.rlrp(layers, x), 1e-4)

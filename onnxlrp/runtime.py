@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ctypes
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -11,6 +13,9 @@ import onnx
 from .compiler import compile as compile_model
 from .compiler import is_compiled, read_model
 from .errors import OnnxlrpError
+from .loading import EXTERNAL_DATA_THRESHOLD, save_model_atomic
+
+LARGE_MODEL_BYTES = EXTERNAL_DATA_THRESHOLD  # larger models cannot be passed to onnxruntime as bytes
 
 
 def cuda_usable() -> bool:
@@ -40,7 +45,11 @@ def make_session(model: onnx.ModelProto, providers: list[str] | None = None, thr
     if providers is None:
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda_usable() else ["CPUExecutionProvider"]
     try:
-        return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+        if model.ByteSize() < LARGE_MODEL_BYTES:
+            return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+        with tempfile.TemporaryDirectory(prefix="onnxlrp-") as folder:  # past 2 GB: weights as external data
+            path = save_model_atomic(model, Path(folder) / "model.onnx")
+            return ort.InferenceSession(str(path), options, providers=providers)
     except Exception as err:
         raise OnnxlrpError(f"onnxruntime cannot run the compiled model: {str(err).splitlines()[0]}") from err
 

@@ -26,6 +26,12 @@ MIN_OPSET = 13
 MAX_FOLD_ELEMENTS = 1 << 28
 
 
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)  # not SerializeToString: that fails past protobuf's 2 GB limit
+    return copy
+
+
 def default_opset(model: onnx.ModelProto) -> int:
     for imp in model.opset_import:
         if imp.domain in ("", "ai.onnx"):
@@ -221,21 +227,36 @@ def set_input_shapes(graph: onnx.GraphProto, input_shapes: dict[str, list[int]] 
                     dim.dim_value = d
 
 
+LIGHT_INITIALIZER_BYTES = 1 << 20
+
+
 def infer_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, list]]:
-    """Strict shape inference: a model whose shapes contradict each other is refused here, not at run time."""
+    """Strict shape inference: a model whose shapes contradict each other is refused here, not at run time.
+
+    It runs on a light copy in which large initializers (inference needs only their shapes) are graph inputs, so
+    big weights are never copied or serialized and models past protobuf's 2 GB limit work too. The inferred
+    value_info is stored in ``model``, which is returned with the static shape of every tensor."""
+    light = onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import, functions=model.functions)
+    graph = light.graph
+    graph.node.extend(model.graph.node)
+    graph.input.extend(model.graph.input)
+    graph.output.extend(model.graph.output)
+    for t in model.graph.initializer:
+        if t.ByteSize() > LIGHT_INITIALIZER_BYTES:
+            graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        else:
+            graph.initializer.append(t)
     try:
-        inferred = shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+        inferred = shape_inference.infer_shapes(light, strict_mode=True, data_prop=True).graph
     except Exception as err:
         raise OnnxlrpError(f"the model is not valid: {str(err).strip().splitlines()[0]}") from err
-    shapes: dict[str, list] = {}
-    graph = inferred.graph
-    for vi in list(graph.value_info) + list(graph.input) + list(graph.output):
-        t = vi.type.tensor_type
-        if t.HasField("shape"):
-            shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
-    for t in graph.initializer:
-        shapes[t.name] = list(t.dims)
-    return inferred, shapes
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(inferred.value_info)
+    shapes = {t.name: list(t.dims) for t in model.graph.initializer}
+    for vi in list(inferred.value_info) + list(inferred.input) + list(inferred.output):
+        if vi.type.tensor_type.HasField("shape"):
+            shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+    return model, shapes
 
 
 def to_float16(model: onnx.ModelProto) -> None:
@@ -260,7 +281,7 @@ def to_float16(model: onnx.ModelProto) -> None:
 def canonicalize(model: onnx.ModelProto, *, opset: int | None = None, input_shapes: dict[str, list[int]] | None = None,
                  precision: str | None = None) -> tuple[onnx.ModelProto, dict[str, list]]:
     """Return the canonical model and the static shape of every tensor (None for unknown dims)."""
-    model = onnx.ModelProto.FromString(model.SerializeToString())
+    model = _copy(model)
     ir_version = model.ir_version
     constants_to_initializers(model.graph, ir_version)
     model.ir_version = max(ir_version, 7)  # initializers are no longer inputs: no longer an IR-3 graph

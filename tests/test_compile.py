@@ -207,3 +207,24 @@ def test_open_spatial_dims_ask_for_input_shape(tmp_path, capsys):
     x = rng.normal(size=shape)
     relevance = session(onnx.load(out)).run(["relevance"], {"x": x.astype(np.float32)})[0]
     assert_close_relative(relevance, ref.rlrp(layers, x), 1e-4)
+
+
+def test_models_past_the_protobuf_limit_go_through_external_data(tmp_path, monkeypatch):
+    """Models over 2 GB: compile never serializes the whole model, the Explainer and the CLI use external data.
+    The thresholds are lowered so that a small model takes the same code paths."""
+    import onnxlrp.loading
+    import onnxlrp.runtime
+
+    monkeypatch.setattr(onnxlrp.runtime, "LARGE_MODEL_BYTES", 0)
+    monkeypatch.setattr(onnxlrp.loading, "EXTERNAL_DATA_THRESHOLD", 0)
+    monkeypatch.setattr("onnxlrp.passes.canonicalize.LIGHT_INITIALIZER_BYTES", 0)
+    x = digits(2)
+    result = onnxlrp.Explainer(str(DIGITS), rule="epsilon")(x)
+    out = tmp_path / "big.onnx"
+    assert main(["compile", str(DIGITS), "--rule", "epsilon", "-o", str(out)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data"]
+    again = onnxlrp.Explainer(str(out))(x)
+    np.testing.assert_array_equal(again.relevance, result.relevance)
+    monkeypatch.undo()
+    np.testing.assert_allclose(onnxlrp.Explainer(str(DIGITS), rule="epsilon")(x).relevance, result.relevance,
+                               rtol=1e-6)

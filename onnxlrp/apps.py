@@ -856,6 +856,8 @@ def results_csv(results: dict) -> str:
             w.writerow([label, "perturbation_score_mean", k, f"{v:.6g}"])
         w.writerow([label, "aopc", "", f"{r['aopc']:.6g}"])
         w.writerow([label, "aopc_std", "", f"{r['aopc_std']:.6g}"])
+        for metric, value in r.get("localization", {}).items():
+            w.writerow([label, metric, "", f"{value:.6g}"])
         w.writerow([label, "relevance_seconds", "", f"{r['relevance_seconds']:.3g}"])
     return buf.getvalue()
 
@@ -957,9 +959,45 @@ def evaluate_rules(model, rule_specs: Sequence[RuleSpec], dataset: Dataset, *, b
     return outs
 
 
+def load_masks(path, count: int, hw: tuple[int, int]) -> np.ndarray:
+    """Object masks [N, H, W] from a .npz holding ``masks`` ([N, H, W], nonzero = object) or ``boxes``
+    ([N, 4], x0, y0, x1, y1 with exclusive ends), one per sample, in the order of the data."""
+    from .metrics import boxes_to_masks
+
+    where = _show(path)
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError) as err:
+        raise OnnxlrpError(f"{where}: not a readable .npz with masks or boxes ({err})") from None
+    if "masks" in arrays:
+        masks = arrays["masks"].astype(bool)
+        if masks.ndim != 3 or masks.shape[1:] != tuple(hw):
+            raise OnnxlrpError(f"{where}: masks have shape {list(masks.shape)}, expected [N, {hw[0]}, {hw[1]}]")
+    elif "boxes" in arrays:
+        boxes = arrays["boxes"]
+        if boxes.ndim != 2 or boxes.shape[1] != 4:
+            raise OnnxlrpError(f"{where}: boxes have shape {list(boxes.shape)}, expected [N, 4]")
+        masks = boxes_to_masks(boxes, tuple(hw))
+    else:
+        raise OnnxlrpError(f"{where}: holds neither 'masks' nor 'boxes'")
+    if len(masks) < count:
+        raise OnnxlrpError(f"{where}: {len(masks)} masks for {count} samples")
+    return masks[:count]
+
+
+def localization(relevance: np.ndarray, masks: np.ndarray) -> dict:
+    """Pointing game hit rate and the mean relevance mass ratios mu and mu_w (Kohlbrenner et al., Eq. 5)."""
+    from .metrics import pointing_game, relevance_mass_ratio, weighted_relevance_mass_ratio
+
+    return {"pointing_game": float(pointing_game(relevance, masks).mean()),
+            "mu": float(np.nanmean(relevance_mass_ratio(relevance, masks))),
+            "mu_w": float(np.nanmean(weighted_relevance_mass_ratio(relevance, masks)))}
+
+
 def run_evaluate(model, *, data="builtin:digits", rules="rlrp,lrp0,epsilon", percent=PAPER_PERCENTS,
                  absolute=False, pixel=False, limit=None, preprocess="none", out_dir="onnxlrp-evaluate",
-                 batch_size=128) -> dict:
+                 batch_size=128, masks=None) -> dict:
     """The R-LRP paper's masked-input study plus MoRF region perturbation, per rule.
 
     Accuracy is measured as in the paper on the correctly classified samples (``accuracy_correct``) and, for
@@ -978,10 +1016,21 @@ def run_evaluate(model, *, data="builtin:digits", rules="rlrp,lrp0,epsilon", per
         raise OnnxlrpError(f"{_show(model)}: is compiled already; evaluate needs the plain model (it compiles one "
                            "per rule)")
     dataset = load_dataset(data, input_shape(source, model)[1], preprocess, limit)
+    object_masks = load_masks(masks, len(dataset.x), dataset.x.shape[-2:]) if masks else None
+    localized = {}
+
+    def on_relevance(spec, relevance, explained_class):
+        if object_masks is not None:
+            localized[spec.label] = localization(relevance, object_masks)
+
     with _sigterm_unwinds():
         results = evaluate_rules(source, specs, dataset, batch_size=batch_size, modes=[(absolute, pixel)],
-                                 percents=percents)[0]
+                                 percents=percents, on_relevance=on_relevance)[0]
         results["model"] = str(model)
+        for label, numbers in localized.items():
+            results["rules"][label]["localization"] = numbers
+            click.echo(f"{escape_terminal(label)}: pointing game {numbers['pointing_game']:.3f}, "
+                       f"mu {numbers['mu']:.3f}, mu_w {numbers['mu_w']:.3f}")
         out = _ensure_dir(out_dir)
         for line in table(results):
             click.echo(line)

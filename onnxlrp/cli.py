@@ -157,8 +157,11 @@ def explain_command(model, images, target, preprocess, out_dir, overlay, batch_s
 @click.option("--preprocess", default="none", show_default=True)
 @click.option("-o", "--out-dir", default="onnxlrp-evaluate", show_default=True)
 @click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--masks", help="A .npz with object 'masks' [N,H,W] or 'boxes' [N,4] (x0,y0,x1,y1): adds the "
+              "pointing game and the relevance mass ratios mu, mu_w.")
 def evaluate_command(model, **kw):
-    """Masked-input accuracy (the R-LRP paper's study), pixel-flipping AOPC; CSV, JSON and plots."""
+    """Masked-input accuracy (the R-LRP paper's study), pixel-flipping AOPC, localization with --masks; CSV, JSON
+    and plots."""
     from .apps import run_evaluate
 
     run_evaluate(model, **kw)

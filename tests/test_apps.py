@@ -252,3 +252,27 @@ def test_demo(tmp_path, capsys):
     res = json.loads((out / "evaluate" / "results.json").read_text())
     assert res["samples"] == 200 and list(res["rules"]) == ["rlrp", "lrp0", "epsilon"]
     _no_leftovers(out)
+
+
+def test_evaluate_with_boxes_reports_localization(tmp_path):
+    """Boxes around the bright strokes of each digit: every rule points inside them, and mu is high."""
+    data = np.load(ROOT / "models" / "digits_test.npz")
+    images = data["images"][:40]
+    boxes = []
+    for image in images:
+        ys, xs = np.nonzero(image > 64)
+        boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+    np.savez(tmp_path / "boxes.npz", boxes=np.array(boxes))
+    out = tmp_path / "eval"
+    code = main(["evaluate", str(MODEL), "--limit", "40", "--rules", "rlrp,epsilon", "--masks",
+                 str(tmp_path / "boxes.npz"), "-o", str(out)])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    for rule in ("rlrp", "epsilon"):
+        numbers = results["rules"][rule]["localization"]
+        assert numbers["pointing_game"] >= 0.9 and numbers["mu"] > 0.9 and numbers["mu_w"] > 1.0
+    assert "pointing_game" in (out / "results.csv").read_text()
+    np.savez(tmp_path / "bad.npz", other=np.zeros(3))
+    assert main(["evaluate", str(MODEL), "--limit", "40", "--masks", str(tmp_path / "bad.npz"),
+                 "-o", str(tmp_path / "eval2")]) == 1
+    assert not (tmp_path / "eval2").exists()

@@ -102,6 +102,8 @@ class Linear:
     window: Window | None = None
     group: int = 1
     transpose_x: bool = False  # Gemm transA=1: the node reads x^T; ``x`` is then the transposed tensor
+    x_nonneg: bool = False  # x >= 0 everywhere (a Relu output, ...): x- = 0, so rules drop their x- terms
+    relu_out: str | None = None  # Relu(z) when the relevance of z is 0 wherever z <= 0 (RelevancePass.relu_behind)
     _weights: dict = field(default_factory=dict, repr=False)
 
     def weight_name(self, b: GraphBuilder, weight: np.ndarray, tag: str) -> str:

@@ -44,8 +44,31 @@ def safe_divide(b: GraphBuilder, r: str, z: str, eps: float) -> str:
     return b.op("Where", [is_zero, zero, b.op("Div", [r, denom], "s")], "s")
 
 
-def split_sign(b: GraphBuilder, x: str) -> tuple[str, str]:
-    """``(x+, x-)``."""
+def divide_signed(b: GraphBuilder, r: str, z: str, eps: float, sign: float) -> str:
+    """``r / (z + sign * eps)`` for a ``z`` whose sign is known (``z+ >= 0``, ``z- <= 0``): the stabilizer without
+    the GreaterOrEqual/Where of :func:`stabilize`. Where ``z`` is 0 every term of ``z`` is 0, so the sign Zennit
+    would pick there (+1) does not change the relevance."""
+    return b.op("Div", [r, b.op("Add", [z, b.const(sign * eps)], "stab")], "s")
+
+
+def divide_behind_relu(b: GraphBuilder, r: str, y: str, eps: float) -> str:
+    """``r / stab(z)`` where ``y = Relu(z)`` and ``r`` is 0 wherever ``z <= 0``: there the quotient is 0 whatever
+    the (non-zero) denominator, and where ``z > 0``, ``stab(z) = y + eps``. Reading ``y`` instead of ``z`` also
+    leaves the forward Conv + Relu fusable."""
+    return b.op("Div", [r, b.op("Add", [y, b.const(eps)], "stab")], "s")
+
+
+def stabilized_bias(layer: Linear, bias: np.ndarray | None, eps: float) -> np.ndarray:
+    """``bias + eps`` per output: a one-sided stabilizer (``z+ >= 0`` gets ``+eps``, ``z- <= 0`` gets ``-eps``)
+    folded into the bias at compile time, so that the layer's output is already the denominator."""
+    outputs = layer.weight.shape[0] if layer.kind == "conv" else layer.weight.shape[1]
+    return np.full(outputs, eps) + (0.0 if bias is None else bias)
+
+
+def split_sign(b: GraphBuilder, x: str, nonneg: bool = False) -> tuple[str, str | None]:
+    """``(x+, x-)``; ``(x, None)`` when ``x`` is known to be non-negative (``x- = 0``)."""
+    if nonneg:
+        return x, None
     xp = b.op("Relu", [x], "x_pos")
     return xp, b.op("Sub", [x, xp], "x_neg")
 
@@ -82,7 +105,10 @@ class Epsilon(Rule):
     summary = "x * W^T (R / (z + eps sign z)); default eps 1e-6"
 
     def relevance(self, b, layer, r):
-        s = safe_divide(b, r, layer.z, self.epsilon)
+        if layer.relu_out is not None and self.epsilon > 0:
+            s = divide_behind_relu(b, r, layer.relu_out, self.epsilon)
+        else:
+            s = safe_divide(b, r, layer.z, self.epsilon)
         return mul(b, layer.x, layer.transpose(b, s, layer.weight, "W"))
 
 
@@ -108,12 +134,14 @@ class ZPlus(Rule):
 
     def relevance(self, b, layer, r):
         w, bias = layer.weight, layer.bias
-        xp, xn = split_sign(b, layer.x)
-        z = add(b, layer.forward(b, xp, pos(w), None if bias is None else pos(bias), "Wpos"),
-                layer.forward(b, xn, neg(w), None, "Wneg"))
-        g = safe_divide(b, r, z, self.stabilizer)
-        return add(b, mul(b, xp, layer.transpose(b, g, pos(w), "Wpos")),
-                   mul(b, xn, layer.transpose(b, g, neg(w), "Wneg")))
+        xp, xn = split_sign(b, layer.x, layer.x_nonneg)
+        z = layer.forward(b, xp, pos(w), stabilized_bias(layer, None if bias is None else pos(bias),
+                                                          self.stabilizer), "Wpos")
+        if xn is not None:
+            z = add(b, z, layer.forward(b, xn, neg(w), None, "Wneg"))
+        g = b.op("Div", [r, z], "s")  # z = W+ x+ + W- x- + b+ + eps >= eps: the stabilizer rides in the bias
+        out = mul(b, xp, layer.transpose(b, g, pos(w), "Wpos"))
+        return out if xn is None else add(b, out, mul(b, xn, layer.transpose(b, g, neg(w), "Wneg")))
 
 
 @dataclass(frozen=True)
@@ -133,22 +161,52 @@ class AlphaBeta(Rule):
                                f"{self.beta})")
 
     def relevance(self, b, layer, r):
+        if layer.x_nonneg and layer.kind == "conv" and layer.group == 1 and self.alpha > 0 and self.beta > 0:
+            return self.stacked(b, layer, r)
         w, bias = layer.weight, layer.bias
-        xp, xn = split_sign(b, layer.x)
-        parts = []
+        xp, xn = split_sign(b, layer.x, layer.x_nonneg)
+        parts, parts_n = [], []
         for coef, w_x_pos, w_x_neg, b_mod, tag in (
             (self.alpha, pos(w), neg(w), None if bias is None else pos(bias), ("Wpos", "Wneg")),
             (-self.beta, neg(w), pos(w), None if bias is None else neg(bias), ("Wneg", "Wpos")),
         ):
             if coef == 0:
                 continue
-            z = add(b, layer.forward(b, xp, w_x_pos, b_mod, tag[0] + ("_ba" if coef > 0 else "_bb")),
-                    layer.forward(b, xn, w_x_neg, None, tag[1]))
-            g = safe_divide(b, r, z, self.stabilizer)
-            part = add(b, mul(b, xp, layer.transpose(b, g, w_x_pos, tag[0])),
-                       mul(b, xn, layer.transpose(b, g, w_x_neg, tag[1])))
-            parts.append(mul(b, part, b.const(coef, "coef")))
-        return add(b, *parts)
+            # activating part >= 0, inhibiting part <= 0: the stabilizer +-eps rides in the bias
+            eps = self.stabilizer if coef > 0 else -self.stabilizer
+            z = layer.forward(b, xp, w_x_pos, stabilized_bias(layer, b_mod, eps),
+                              tag[0] + ("_ba" if coef > 0 else "_bb"))
+            if xn is not None:
+                z = add(b, z, layer.forward(b, xn, w_x_neg, None, tag[1]))
+            g = b.op("Div", [r, z], "s")
+            # coef * x * W^T g = x * (coef W)^T g: the coefficient goes into the transposed weights at compile time,
+            # and each of x+, x- multiplies the sum of its two parts once
+            part = "_alpha" if coef > 0 else "_beta"
+            parts.append(layer.transpose(b, g, coef * w_x_pos, tag[0] + part))
+            if xn is not None:
+                parts_n.append(layer.transpose(b, g, coef * w_x_neg, tag[1] + part))
+        out = mul(b, xp, add(b, *parts))
+        return out if xn is None else add(b, out, mul(b, xn, add(b, *parts_n)))
+
+    def stacked(self, b, layer, r):
+        """``x >= 0``: both parts in one convolution with the output channels ``[W+; W-]`` (bias ``[b+; b-]``),
+        one stabilizer ``+eps`` / ``-eps`` per half, one quotient against ``R`` broadcast over the halves, and one
+        transposed convolution with ``[alpha W+; -beta W-]`` that sums the two parts (the stabilizers are folded
+        into the bias):
+        ``R_in = x * (alpha W+^T ga - beta W-^T gb)``."""
+        w, bias = layer.weight, layer.bias
+        cout = w.shape[0]
+        # the stabilizers +eps / -eps ride in the bias: the convolution's output is already the denominator
+        stab_bias = np.concatenate([np.full(cout, self.stabilizer), np.full(cout, -self.stabilizer)])
+        if bias is not None:
+            stab_bias = stab_bias + np.concatenate([pos(bias), neg(bias)])
+        z = layer.forward(b, layer.x, np.concatenate([pos(w), neg(w)]), stab_bias, "Wpm")
+        out_sp = list(layer.window.out_spatial)
+        z = b.op("Reshape", [z, b.const([0, 2, cout, *out_sp], "shape", np.int64)], "z_pm")
+        r = b.op("Unsqueeze", [r, b.const([1], "axes", np.int64)], "R")
+        g = b.op("Reshape", [b.op("Div", [r, z], "s"), b.const([0, 2 * cout, *out_sp], "shape", np.int64)], "s")
+        w_t = np.concatenate([self.alpha * pos(w), -self.beta * neg(w)])
+        return mul(b, layer.x, layer.transpose(b, g, w_t, "Wpm_ab"))
 
 
 @dataclass(frozen=True)
@@ -167,17 +225,27 @@ class Gamma(Rule):
         wp, wn = w + gm * pos(w), w + gm * neg(w)
         bp = None if bias is None else bias + gm * pos(bias)
         bn = None if bias is None else bias + gm * neg(bias)
-        xp, xn = split_sign(b, layer.x)
+        xp, xn = split_sign(b, layer.x, layer.x_nonneg)
         zero = b.const(0.0, "zero")
         parts = []
-        for w_x_pos, w_x_neg, b_mod, gate_op, tags in ((wp, wn, bp, "Greater", ("Wp", "Wn", "bp")),
-                                                       (wn, wp, bn, "Less", ("Wn", "Wp", "bn"))):
-            z = add(b, layer.forward(b, xp, w_x_pos, b_mod, tags[0] + "_" + tags[2]),
-                    layer.forward(b, xn, w_x_neg, None, tags[1]))
-            gate = b.op("Cast", [b.op(gate_op, [layer.z, zero])], "gate", to=1)
-            g = safe_divide(b, mul(b, r, gate), z, self.stabilizer)
-            parts += [mul(b, xp, layer.transpose(b, g, w_x_pos, tags[0])),
-                      mul(b, xn, layer.transpose(b, g, w_x_neg, tags[1]))]
+        branches = ((wp, wn, bp, "Greater", 1.0, ("Wp", "Wn", "bp")), (wn, wp, bn, "Less", -1.0, ("Wn", "Wp", "bn")))
+        if layer.relu_out is not None:
+            branches = branches[:1]  # R is 0 wherever z <= 0: the z < 0 branch is 0, the z > 0 gate is R's own
+        for w_x_pos, w_x_neg, b_mod, gate_op, sign, tags in branches:
+            z = layer.forward(b, xp, w_x_pos, b_mod, tags[0] + "_" + tags[2])
+            if xn is not None:
+                z = add(b, z, layer.forward(b, xn, w_x_neg, None, tags[1]))
+            # z_p = z + gamma (W+ x+ + b+ + W- x-) >= z > 0 where the gate is open (z_n <= z < 0 likewise), so the
+            # stabilizer's sign is the branch's; where the gate is closed, Where discards the quotient. Behind a
+            # Relu, R is its own gate, and Relu(z_p) keeps the denominator non-zero where R = 0.
+            if layer.relu_out is not None:
+                g = divide_behind_relu(b, r, b.op("Relu", [z], "z_pos"), self.stabilizer)
+            else:
+                g = b.op("Where", [b.op(gate_op, [layer.z, zero], "gate"),
+                                   divide_signed(b, r, z, self.stabilizer, sign), zero], "g")
+            parts.append(mul(b, xp, layer.transpose(b, g, w_x_pos, tags[0])))
+            if xn is not None:
+                parts.append(mul(b, xn, layer.transpose(b, g, w_x_neg, tags[1])))
         return add(b, *parts)
 
 

@@ -17,7 +17,7 @@ import onnx
 from onnxlrp.errors import UnsupportedOpError
 from onnxlrp.graph import data_input_indices
 from onnxlrp.layers import Window
-from onnxlrp.rules import STABILIZER, mul, safe_divide
+from onnxlrp.rules import STABILIZER, divide_behind_relu, mul, safe_divide
 
 
 @dataclass
@@ -161,7 +161,8 @@ def arithmetic(ctx, node, r_out):
     if ctx.rlrp:
         shares = {i: b.op("Neg", [r], "R") if i in negated else r for i in on_path}
     else:
-        s = safe_divide(b, r, ctx.value(node.output[0]), STABILIZER)
+        y = ctx.relu_behind(node.output[0])
+        s = divide_behind_relu(b, r, y, STABILIZER) if y else safe_divide(b, r, ctx.value(node.output[0]), STABILIZER)
         shares = {i: mul(b, ctx.value(node.input[i]), s) for i in on_path}
         shares = {i: b.op("Neg", [v], "R") if i in negated else v for i, v in shares.items()}
     out = {i: unbroadcast(ctx, v, node.input[i], node.output[0]) for i, v in shares.items()}

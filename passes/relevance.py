@@ -19,7 +19,7 @@ from onnxlrp.builder import GraphBuilder
 from onnxlrp.errors import OnnxlrpError, UnsupportedOpError
 from onnxlrp.graph import GraphView, data_input_indices
 from onnxlrp.layers import Linear, Window
-from onnxlrp.rules import Rule
+from onnxlrp.rules import AlphaBeta, Epsilon, Gamma, Rule, ZPlus
 
 from .emitters import attr, explicit_pads, lookup, unsupported_reason
 
@@ -104,10 +104,13 @@ class RelevancePass:
         self.float32: dict[str, str] = {}
         self.layer_output: dict[str, str] = {}  # linear node -> its forward output (with the bias Add)
         self.layers = {}
+        self._nonneg: dict[str, bool] = {}
+        self._vanishes: dict[str, bool] = {self.target: True}
         for node in self.nodes:
             layer = linear_layer(self, node)
             if layer is not None:
                 self.layer_output[node.name] = layer.z
+                layer.x_nonneg = self.nonnegative(layer.x)
                 layer.x, layer.z = self.value(layer.x), self.value(layer.z)
                 if layer.transpose_x:
                     layer.x = self.b.op("Transpose", [layer.x], "x_T", perm=[1, 0])
@@ -153,6 +156,92 @@ class RelevancePass:
         for t in nx.topological_sort(sub):
             depth_at[t] = max((depth_at[p] for p in sub.predecessors(t)), default=0) + (t in linear_out)
         return [(node, depth_at[self.layer_output[node.name]]) for node in self.nodes if node.name in self.layers]
+
+    def nonnegative(self, tensor: str) -> bool:
+        """Whether ``tensor`` is >= 0 for every input: a Relu (Clip, Sigmoid, ...) output, or pooled, re-indexed,
+        summed or multiplied non-negative tensors, or a non-negative constant."""
+        if tensor in self._nonneg:
+            return self._nonneg[tensor]
+        self._nonneg[tensor] = False
+        node = self.view.producer.get(tensor)
+        if node is None:
+            value = self.constants.get(tensor)
+            result = value is not None and value.size > 0 and bool(np.all(value >= 0))
+        elif node.domain not in ("", "ai.onnx"):
+            result = False
+        elif node.op_type in ("Relu", "Sigmoid", "Softmax", "Abs", "Softplus", "Exp"):
+            result = True
+        elif node.op_type == "Clip":
+            low = node.input[1] if len(node.input) > 1 else ""
+            result = bool(low) and self.nonnegative(low)
+        elif node.op_type in ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "Flatten",
+                              "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Identity", "Dropout", "Slice",
+                              "Split", "ReduceMean", "ReduceMax", "ReduceMin", "Expand", "Tile", "Cast"):
+            result = self.nonnegative(node.input[0]) and (node.op_type != "MaxPool" or tensor == node.output[0])
+        elif node.op_type in ("Add", "Sum", "Mul", "Concat", "Max", "Min", "Div"):  # (Max needs only one: kept simple)
+            result = all(self.nonnegative(i) for i in node.input if i)
+        elif node.op_type == "Pad":
+            value = node.input[2] if len(node.input) > 2 else ""
+            result = self.nonnegative(node.input[0]) and (not value or self.nonnegative(value))
+        else:
+            result = False
+        self._nonneg[tensor] = result
+        return result
+
+    def vanishes_at_zero(self, tensor: str) -> bool:
+        """Classic rules: whether the relevance every reader sends back to ``tensor`` is 0 wherever ``tensor`` is 0.
+        True when each reader on the relevance path is a rule or Norm join that multiplies by its input (epsilon,
+        gamma, z+, alpha-beta, average pooling, a sum of several relevance inputs) or an op with ``f(0) = 0``
+        (Relu, max pooling, re-indexing, a product with a constant) whose outputs have the same property. The
+        explained tensor qualifies (one-hot times its value); flat, w^2 and z^B readers do not."""
+        if self.rlrp:
+            return False
+        if tensor in self._vanishes:
+            return self._vanishes[tensor]
+        self._vanishes[tensor] = False
+        on_path = {n.name for n in self.nodes}
+        result = True
+        for node, idx in self.view.consumers.get(tensor, []):
+            if node.name not in on_path or idx not in data_input_indices(node):
+                continue
+            if not self._reader_vanishes(node, idx):
+                result = False
+                break
+        self._vanishes[tensor] = result
+        return result
+
+    def _reader_vanishes(self, node: onnx.NodeProto, idx: int) -> bool:
+        op = node.op_type
+        if node.name in self.layers:
+            return idx == 0 and isinstance(self.plan.get(node.name), (Epsilon, Gamma, ZPlus, AlphaBeta))
+        downstream = [o for o in node.output if o in self.tensors]
+        if op in ("Add", "Sum", "Sub"):
+            return sum(node.input[i] in self.tensors for i in data_input_indices(node)) > 1
+        if op in ("AveragePool", "GlobalAveragePool", "ReduceMean"):
+            return True
+        if op == "Clip":
+            bounds = [self.constants.get(n) if n else None for n in list(node.input[1:3]) + [""] * 2][:2]
+            if (bounds[0] is not None and bounds[0] > 0) or (bounds[1] is not None and bounds[1] < 0):
+                return False
+        elif op == "Mul" or (op == "Div" and idx == 0):
+            pass  # the other operand is a constant: the output is 0 where this input is
+        elif op not in ("Relu", "LeakyRelu", "PRelu", "Tanh", "Identity", "Dropout", "Neg", "Cast", "MaxPool",
+                        "GlobalMaxPool", "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Concat", "Slice",
+                        "Pad", "Split"):
+            return False
+        return all(self.vanishes_at_zero(o) for o in downstream)
+
+    def relu_behind(self, z: str) -> str | None:
+        """``y = Relu(z)`` (as float32) when that Relu is the only reader of ``z`` and the relevance of ``y``
+        vanishes where ``y`` is 0: then the relevance of ``z`` is 0 wherever ``z <= 0`` and the rules may divide
+        by ``y + eps`` instead of ``stab(z)`` (see :func:`onnxlrp.rules.divide_behind_relu`)."""
+        if self.rlrp:
+            return None
+        readers = self.view.consumers.get(z, [])
+        if len(readers) != 1 or z in {o.name for o in self.graph.output} or readers[0][0].op_type != "Relu":
+            return None
+        y = readers[0][0].output[0]
+        return self.value(y) if y in self.tensors and self.vanishes_at_zero(y) else None
 
     # ------------------------------------------------------------ helpers used by emitters
 
@@ -299,6 +388,8 @@ class RelevancePass:
                                      + "; ".join(problems))
         order = self.linear_order()
         self.plan = self.plan_rules(order)
+        for name, layer in self.layers.items():
+            layer.relu_out = self.relu_behind(self.layer_output[name])
         assigned = self.fork_assignments() if self.rlrp else {}
         r0, self.explained_value = self.initial_relevance()
         received: dict[str, list[tuple[str, int, str]]] = {self.target: [("\0target", 0, r0)]}

@@ -8,6 +8,8 @@ from helpers import assert_close_relative, compiled_from_spec, explain, run_sour
 from netspec import AvgPool, Flatten, MaxPool, Relu, Residual
 from spec_zoo import ZOO
 
+import onnxlrp
+
 # our rule name -> (reference rule name, our params, reference params)
 RULES = {
     "lrp0": ("lrp0", {}, {}),
@@ -142,3 +144,21 @@ def test_lrp0_equals_gradient_times_input_by_finite_differences():
     minus = run_source(model, (x - steps).astype(np.float32))[0][:, cls[0]].astype(np.float64)
     gradient = ((plus - minus) / (2 * h)).reshape(shape)
     assert_close_relative(relevance, gradient * x, 1e-2)
+
+
+@pytest.mark.parametrize("rule", ["epsilon", "gamma", "zplus", "alpha-beta"])
+def test_cheaper_forms_behind_relu_are_equivalent(rule):
+    """Behind a Relu the relevance is already 0 where z <= 0, so the rules divide by ``Relu(z) + eps`` without the
+    sign-aware stabilizer chain, and skip the x- terms of non-negative inputs. The compiled graph must use those
+    cheaper forms here (fewer sign tests than linear layers) and still equal the reference."""
+    rng = np.random.default_rng(17)
+    layers, shape = ZOO["cnn"](rng)
+    x = rng.normal(size=shape)
+    model = ns.to_onnx(layers, shape)
+    ref_name, params, ref_params = RULES[rule]
+    compiled = onnxlrp.compile(model, rule, **params)
+    sign_tests = sum(n.op_type in ("GreaterOrEqual", "Greater", "Less") for n in compiled.graph.node)
+    linear = sum(n.op_type in ("Conv", "Gemm") for n in model.graph.node)
+    assert sign_tests < linear
+    _, relevance, _ = explain(model, x, rule, **params)
+    assert_close_relative(relevance, ref.lrp(layers, x, ref_name, **ref_params), 1e-5)

@@ -1,0 +1,646 @@
+#!/usr/bin/env python
+"""Speed benchmark: the compiled explainer against the source model's forward pass, and against Zennit.
+
+    python tools/bench.py --model resnet50 --rule epsilon --batch 1 --threads 2 --repeats 10 --json out.json
+
+What it measures, in this order:
+
+1. Compile time of ``onnxlrp.compile(model, rule)`` (the in-memory ModelProto; median of ``--compile-repeats``).
+2. The source session and the compiled session, created from files with identical ``SessionOptions`` and
+   provider, are warmed up and then run **interleaved** in one process (source, compiled, source, compiled, ...);
+   medians of each and the ratio explain/forward (median compiled / median source). The compiled session gets
+   the same input and no ``target`` (it explains the arg-max). Its logits are checked against the source's.
+3. Peak memory of each session, each in its own child process: the growth of the peak RSS (``VmHWM``, what
+   ``ru_maxrss`` reports for a process that was not forked from a big one) from just before the session is
+   created (numpy, onnxruntime imported, input allocated) to after its runs; and the ratio.
+4. When torch and zennit import and ``--model`` is a built-in architecture: Zennit's time for the same weights,
+   input and the matching composite (float32, BatchNorm merged beforehand, ``torch.set_num_threads(T)``, the
+   composite registered once, median of the same number of repeats), in a child process where the compiled
+   session runs interleaved with it (same machine load), and the ratio Zennit / ours. The relative L2 distance
+   between Zennit's relevance and ours is reported as a check that both computed the same thing.
+5. With ``--profile``: onnxruntime's per-node profile of the compiled session, grouped by op type, by the
+   ``lrp/<scope>/<hint>`` name of the emitted node (the forward part has no ``lrp/`` prefix) and by rule part.
+
+Everything goes to ``--json`` with machine information (CPU model, cores, versions, date).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import archs  # noqa: E402
+
+DEFAULT_CACHE = Path(os.environ.get("ONNXLRP_BENCH_CACHE", Path(tempfile.gettempdir()) / "onnxlrp-bench"))
+EXTERNAL_DATA_BYTES = 1 << 30  # save models above 1 GiB with external data (protobuf's 2 GiB limit)
+
+
+# ---------------------------------------------------------------- machine
+
+def machine_info() -> dict:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)),
+            "python": platform.python_version(), "platform": platform.platform(),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+    try:
+        info["mem_total_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30, 1)
+    except (ValueError, OSError):
+        pass
+    import onnxruntime
+
+    info["onnxruntime"] = onnxruntime.__version__
+    info["onnx"] = onnx.__version__
+    info["numpy"] = np.__version__
+    for name in ("torch", "zennit", "onnxlrp"):
+        try:
+            info[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            info[name] = None
+    try:
+        import onnxlrp.passes
+
+        import onnxlrp
+
+        digest = hashlib.sha256()
+        for folder in (Path(onnxlrp.__file__).parent, Path(onnxlrp.passes.__file__).parent):
+            for f in sorted(folder.glob("*.py")):
+                digest.update(f.read_bytes())
+        info["onnxlrp_path"] = str(Path(onnxlrp.__file__).parent)
+        info["compiler_sources_sha256"] = digest.hexdigest()[:16]
+    except Exception:
+        pass
+    try:
+        info["bench_repo_git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE,
+                                                       capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "onnxlrp", "passes"], cwd=HERE.parent,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        info["git_compiler_tree_dirty"] = bool(dirty)
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return info
+
+
+# ---------------------------------------------------------------- models and sessions
+
+def source_model(spec: str, seed: int, cache: Path) -> tuple[onnx.ModelProto, Path]:
+    """A built-in architecture (built once, cached as a file) or an ONNX file."""
+    if spec in archs.ARCHS:
+        path = cache / f"{spec}-seed{seed}.onnx"
+        if not path.exists():
+            cache.mkdir(parents=True, exist_ok=True)
+            save(archs.onnx_model(spec, seed), path)
+        return onnx.load(str(path)), path
+    path = Path(spec)
+    return onnx.load(str(path)), path
+
+
+def save(model: onnx.ModelProto, path: Path) -> None:
+    tmp = path.with_suffix(".tmp.onnx")
+    if model.ByteSize() > EXTERNAL_DATA_BYTES:
+        onnx.save(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=path.name + ".data")
+    else:
+        onnx.save(model, str(tmp))
+    os.replace(tmp, path)
+
+
+def session_options(threads: int, spin: bool, profile_prefix: str | None = None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    if not spin:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if profile_prefix:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
+    return so
+
+
+def providers_for(name: str) -> list[str]:
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if name == "cuda" else ["CPUExecutionProvider"]
+
+
+def make_session(path: Path, threads: int, provider: str, spin: bool, profile_prefix: str | None = None):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), session_options(threads, spin, profile_prefix),
+                                providers=providers_for(provider))
+
+
+def make_input(model: onnx.ModelProto, batch: int, seed: int) -> tuple[str, np.ndarray]:
+    """The first float data input, filled with uniform [0, 1) values at batch ``batch``."""
+    inits = {t.name for t in model.graph.initializer}
+    vi = next(v for v in model.graph.input if v.name not in inits and v.type.tensor_type.elem_type == 1)
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+    if any(d is None for d in dims[1:]):
+        raise SystemExit(f"input {vi.name!r} has dynamic non-batch dims {dims}; not supported here")
+    shape = [batch, *dims[1:]]
+    return vi.name, np.random.default_rng(seed).random(shape, dtype=np.float32)
+
+
+def median(values: list[float]) -> float:
+    return float(statistics.median(values))
+
+
+# ---------------------------------------------------------------- timing
+
+def interleaved(sessions: dict, feed: dict, warmup: int, repeats: int) -> dict:
+    """Warm up all, then run them in turn (source, compiled, [variants], source, ...); per-run wall times in s."""
+    outputs = {}
+    for _ in range(warmup):
+        for key, sess in sessions.items():
+            outputs[key] = sess.run(None, feed)
+    times = {key: [] for key in sessions}
+    for _ in range(repeats):
+        for key, sess in sessions.items():
+            t = time.perf_counter()
+            outputs[key] = sess.run(None, feed)
+            times[key].append(time.perf_counter() - t)
+    return {"times": times, "outputs": outputs}
+
+
+# ---------------------------------------------------------------- children: memory and Zennit
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set (``VmHWM``). ``ru_maxrss`` is not used: Linux carries it over ``execve``
+    from the forking parent, so a child of a large process would report the parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
+    except OSError:
+        return None
+
+
+def child_memory(args) -> dict:
+    """In a fresh process: peak-RSS growth around session creation + runs."""
+    import onnxruntime  # noqa: F401
+
+    model_input = np.load(args.child_input)
+    feed = {args.child_input_name: model_input}
+    base = peak_rss_mib()
+    t = time.perf_counter()
+    sess = make_session(Path(args.child_model), args.threads, args.provider, args.spin == "on")
+    created = time.perf_counter() - t
+    after_create = peak_rss_mib()
+    for _ in range(args.child_runs):
+        sess.run(None, feed)
+    peak = peak_rss_mib()
+    return {"baseline_mib": base, "after_create_mib": after_create, "peak_mib": peak, "create_s": created,
+            "peak_delta_mib": peak - base, "create_delta_mib": after_create - base, "runs": args.child_runs}
+
+
+def child_zennit(args) -> dict:
+    """In a fresh process: Zennit's attribution time (and torch's plain forward) for the same weights and input."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    archs.import_zennit()
+    from zennit.attribution import Gradient
+
+    model = onnx.load(args.child_model)
+    module = archs.zennit_ready(archs.torch_model(args.model, model))
+    del model
+    x = torch.from_numpy(np.load(args.child_input))
+    composite = archs.zennit_composite(args.rule, tuple(x.shape))
+    if composite is None:
+        return {"skipped": f"Zennit has no counterpart of {args.rule!r}"}
+
+    with torch.no_grad():
+        for _ in range(args.warmup):
+            logits = module(x)
+        forward = []
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            module(x)
+            forward.append(time.perf_counter() - t)
+    target = logits.argmax(1)
+
+    def attr_output(out):
+        return torch.nn.functional.one_hot(target, out.shape[1]).to(out) * out
+
+    ours = make_session(Path(args.child_compiled), args.threads, args.provider, args.spin == "on")
+    feed = {args.child_input_name: x.numpy()}
+    base = peak_rss_mib()
+    times, ours_times = [], []
+    with Gradient(model=module, composite=composite) as attributor:
+        for _ in range(args.warmup):
+            ours.run(None, feed)
+            _, relevance = attributor(x, attr_output)
+        for _ in range(args.repeats):  # interleaved with ours, so that both see the same machine load
+            t = time.perf_counter()
+            ours.run(None, feed)
+            ours_times.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            _, relevance = attributor(x, attr_output)
+            times.append(time.perf_counter() - t)
+    out = {"torch_threads": torch.get_num_threads(), "times": times, "median_s": median(times),
+           "ours_times": ours_times, "ours_median_s": median(ours_times),
+           "ratio_zennit_over_ours": median(times) / median(ours_times), "torch_forward_times": forward,
+           "torch_forward_median_s": median(forward), "attribution_rss_growth_mib": peak_rss_mib() - base}
+    if args.child_relevance:
+        ours = np.load(args.child_relevance).reshape(len(x), -1).astype(np.float64)
+        theirs = relevance.detach().numpy().reshape(len(x), -1).astype(np.float64)
+        err = np.linalg.norm(ours - theirs, axis=1) / np.maximum(np.linalg.norm(theirs, axis=1), 1e-300)
+        out["relevance_rel_l2_vs_ours"] = float(err.max())
+    return out
+
+
+def run_child(kind: str, args, model_path: Path, input_path: Path, input_name: str, relevance_path=None,
+              runs: int = 2, compiled_path: Path | None = None) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--child-model", str(model_path),
+           "--child-input", str(input_path), "--child-input-name", input_name, "--child-runs", str(runs),
+           "--model", args.model, "--rule", args.rule, "--threads", str(args.threads), "--provider", args.provider,
+           "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--spin", args.spin]
+    if relevance_path is not None:
+        cmd += ["--child-relevance", str(relevance_path)]
+    if compiled_path is not None:
+        cmd += ["--child-compiled", str(compiled_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------- profile
+
+HINT_SUFFIX = re.compile(r"(_nchwc|_node|_token|_\d+)$")
+PARTS = (  # (rule part, hints of the nodes emitted for it); first match wins
+    ("stabilizer (GreaterOrEqual/Where/Add)", {"eps", "stab"}),
+    ("divide R / z", {"s"}),
+    ("transposed product W^T g (Conv/ConvTranspose/MatMul)", {"WTg"}),
+    ("modified forward z' (Conv/MatMul, pos/neg, flat ones)", {"z", "ones", "low", "high"}),
+    ("x+/x- split", {"x_pos", "x_neg"}),
+    ("products and sums (Mul/Sum)", {"prod", "sum", "R", "coef", "gate", "Cast"}),
+    ("max-pool backward (windows, mask, scatter)", {"patches", "y", "mask", "Equal", "And", "CumSum"}),
+    ("R-LRP keep_in_range (Flatten/Abs/ReduceMax/Max/Div/Reshape)", {"flat", "abs", "ReduceMax", "peak", "scaled"}),
+    ("R-LRP fork rescale (Eq. 13)", {"ReduceSum", "sign", "denom", "eq13_factor", "block", "Add", "Mul", "S"}),
+)
+
+
+def node_group(name: str, op: str) -> str:
+    """``forward``, ``reorder`` (layout ops onnxruntime inserts) or the hint of an emitted node: node names are
+    ``lrp/<scope>/<hint>_node[_N]``; nodes onnxruntime rewrites are named after their output
+    ``lrp/<scope>/<hint>[_N]_nchwc``."""
+    if op.startswith("Reorder"):
+        return "reorder"
+    if not name.startswith("lrp/"):
+        return "forward"
+    hint, previous = name.rsplit("/", 1)[-1], None
+    while hint != previous:
+        previous, hint = hint, HINT_SUFFIX.sub("", hint)
+    return hint
+
+
+def scope_of(name: str, op: str, scope_op: dict) -> str:
+    """What an emitted node belongs to: the op type of the forward node it explains (``lrp/<scope>/...`` with
+    ``<scope>`` that node's name), the sums at forks, set-up, or onnxruntime's layout reorders."""
+    if op.startswith("Reorder"):
+        return "NCHWc reorders"
+    if not name.startswith("lrp/"):
+        return "forward pass"
+    scope = name[4:].rsplit("/", 1)[0]
+    if scope.endswith("/combine"):
+        return "sums at forks (combine)"
+    return f"backward of {scope_op[scope]}" if scope in scope_op else scope
+
+
+def rule_part(hint: str, op: str) -> str:
+    if hint == "forward":
+        return "forward pass"
+    if hint == "reorder":
+        return "NCHWc layout reorders (inserted by onnxruntime)"
+    for part, hints in PARTS:
+        if hint in hints:
+            return part
+    return f"other ({op})"
+
+
+def profile(path: Path, feed: dict, args, runs: int, workdir: Path) -> dict:
+    """Per-node times of ``runs`` runs (after one warm-up), totals per op type, per hint and per rule part."""
+    sess = make_session(path, args.threads, args.provider, args.spin == "on", str(workdir / "ort_profile"))
+    sess.run(None, feed)
+    for _ in range(runs):
+        sess.run(None, feed)
+    events = json.loads(Path(sess.end_profiling()).read_text())
+    graph = onnx.load(str(path), load_external_data=False).graph
+    scope_op = {n.name: n.op_type for n in graph.node if not n.name.startswith("lrp/")}
+    del graph
+    by_op, by_hint, by_part, by_side, by_scope = (defaultdict(float) for _ in range(5))
+    by_node: dict[tuple[str, str], float] = defaultdict(float)
+    total_runs = 0
+    for e in events:
+        if e.get("cat") == "Session" and e.get("name") == "model_run":
+            total_runs += 1
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
+            continue
+        name = e["name"][: -len("_kernel_time")]
+        op = e.get("args", {}).get("op_name", "?")
+        dur = e.get("dur", 0) / 1e6
+        hint = node_group(name, op)
+        side = "forward" if hint == "forward" else "lrp"
+        by_op[f"{side}:{op}"] += dur
+        by_hint[f"{hint} ({op})" if side == "lrp" else "forward"] += dur
+        by_part[rule_part(hint, op)] += dur
+        by_side[side] += dur
+        by_node[(name, op)] += dur
+        by_scope[scope_of(name, op, scope_op)] += dur
+    n = max(total_runs - 1, 1)  # the first model_run is the warm-up
+    total = sum(by_side.values()) or 1.0
+
+    def table(d: dict, top: int | None = None) -> list:
+        rows = sorted(d.items(), key=lambda kv: -kv[1])[:top]
+        return [[k, round(v / n * 1e3, 3), round(100 * v / total, 1)] for k, v in rows]
+
+    return {"runs": n, "note": "ms per run and % of summed kernel time; the warm-up run is included in the sums "
+                                "and divided out approximately (sums over runs + 1, divided by runs)",
+            "kernel_ms_per_run": round(total / n * 1e3, 3),
+            "by_side": table(by_side), "by_op_type": table(by_op), "by_hint": table(by_hint, 40),
+            "by_rule_part": table(by_part), "by_forward_op_explained": table(by_scope),
+            "top_nodes": [[f"{k[0]} ({k[1]})", v1, v2] for (k, v1, v2) in
+                          ((k, round(v / n * 1e3, 3), round(100 * v / total, 1))
+                           for k, v in sorted(by_node.items(), key=lambda kv: -kv[1])[:25])]}
+
+
+# ---------------------------------------------------------------- main
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="resnet50", help="resnet50 | vgg16 | mobilenetv2 | PATH.onnx")
+    p.add_argument("--rule", default="epsilon", help="an onnxlrp rule or composite name")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--provider", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="intra-op threads (ORT and torch)")
+    p.add_argument("--repeats", type=int, default=10, help="timed runs of each session (and of Zennit)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs of each before timing")
+    p.add_argument("--compile-repeats", type=int, default=1, help="compile this many times, report the median")
+    p.add_argument("--memory-runs", type=int, default=2, help="runs in each memory child after session creation")
+    p.add_argument("--spin", choices=("on", "off"), default="on",
+                   help="onnxruntime intra-op thread spinning (its default: on)")
+    p.add_argument("--seed", type=int, default=0, help="weight seed of the built-in architectures")
+    p.add_argument("--no-memory", action="store_true", help="skip the memory children")
+    p.add_argument("--no-zennit", action="store_true", help="skip the Zennit comparison")
+    p.add_argument("--profile", type=int, default=0, metavar="RUNS",
+                   help="also profile RUNS runs of the compiled (and source) session per node")
+    p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where built and compiled models are kept")
+    p.add_argument("--json", type=Path, help="write all numbers here")
+    p.add_argument("--save-compiled", type=Path, metavar="PATH", help="also save the compiled model there")
+    p.add_argument("--compile-only", action="store_true", help="stop after compiling (with --save-compiled)")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=PATH.onnx",
+                   help="a model compiled elsewhere (e.g. by a modified compiler) timed in the same interleaved "
+                        "loop and, unless --no-memory, measured for memory like the others; repeatable")
+    p.add_argument("--summarize", type=Path, metavar="DIR", help="print a markdown table of the JSON results in DIR")
+    p.add_argument("--child", choices=("memory", "zennit"), help=argparse.SUPPRESS)
+    p.add_argument("--child-model", help=argparse.SUPPRESS)
+    p.add_argument("--child-input", help=argparse.SUPPRESS)
+    p.add_argument("--child-input-name", help=argparse.SUPPRESS)
+    p.add_argument("--child-relevance", help=argparse.SUPPRESS)
+    p.add_argument("--child-compiled", help=argparse.SUPPRESS)
+    p.add_argument("--child-runs", type=int, default=2, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def summarize(folder: Path) -> str:
+    """A markdown table of every ``*.json`` result in ``folder`` (the runs of ``main``)."""
+    rows = ["| model | batch | rule | forward ms | explain ms | explain/forward (median) | pairs | min/min "
+            "| peak MiB src / cmp | mem ratio | compile s (CPU s) | Zennit ms | Zennit/ours | load |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for f in sorted(folder.glob("*.json")):
+        d = json.loads(f.read_text())
+        if "timing" not in d:
+            continue
+        c, t = d["config"], d["timing"]
+        mem = d.get("memory", {})
+        src_m, cmp_m = mem.get("source", {}).get("peak_delta_mib"), mem.get("compiled", {}).get("peak_delta_mib")
+        z = d.get("zennit", {})
+        model = Path(c["model"]).stem
+        rows.append(
+            f"| {model} | {c['batch']} | {c['rule']} | {t['source_median_s'] * 1e3:.0f} | "
+            f"{t['compiled_median_s'] * 1e3:.0f} | **{t['ratio_explain_forward']:.2f}** | "
+            f"{t['ratio_of_pairs_median']:.2f} | {t['compiled_min_s'] / t['source_min_s']:.2f} | "
+            + (f"{src_m:.0f} / {cmp_m:.0f} | {mem['ratio']:.2f} | " if "ratio" in mem else "- | - | ")
+            + f"{d['compile_s']:.1f} ({d.get('compile_cpu_s', float('nan')):.1f}) | "
+            + (f"{z['median_s'] * 1e3:.0f} | {z['ratio_zennit_over_ours']:.1f} | " if "median_s" in z else "- | - | ")
+            + f"{(d.get('load_average_start') or ['?'])[0]} |")
+        for key, v in d.get("variants", {}).items():
+            vm = mem.get(f"variant:{key}", {})
+            rows.append(f"| {model} | {c['batch']} | {c['rule']} *{key}* | | {v['median_s'] * 1e3:.0f} | "
+                        f"**{v['ratio_explain_forward']:.2f}** | {v['ratio_of_pairs_median']:.2f} | "
+                        f"{v['min_s'] / t['source_min_s']:.2f} | "
+                        + (f"- / {vm['peak_delta_mib']:.0f} | {vm['ratio']:.2f} | " if "ratio" in vm else "- | - | ")
+                        + "| | | |")
+    return "\n".join(rows)
+
+
+def say(*parts) -> None:
+    print(*parts, flush=True)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.summarize:
+        print(summarize(args.summarize))
+        return {}
+    if args.child:
+        result = child_memory(args) if args.child == "memory" else child_zennit(args)
+        print(json.dumps(result))
+        return result
+
+    import onnxruntime as ort
+
+    import onnxlrp
+
+    result: dict = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if argv is None else argv,
+                    "machine": machine_info(),
+                    "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                               if not k.startswith("child")}}
+    if args.provider == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise SystemExit("CUDAExecutionProvider is not available")
+    model, src_path = source_model(args.model, args.seed, args.cache)
+    name = Path(args.model).stem if args.model not in archs.ARCHS else args.model
+    say(f"== {name} rule={args.rule} batch={args.batch} provider={args.provider} threads={args.threads} "
+        f"repeats={args.repeats}")
+
+    result["load_average_start"] = load_average()
+    times, cpu = [], []
+    for _ in range(args.compile_repeats):
+        t, c = time.perf_counter(), time.process_time()
+        compiled = onnxlrp.compile(model, args.rule)
+        times.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
+    result["compile_s"] = median(times)
+    result["compile_cpu_s"] = median(cpu)
+    result["compile_times_s"] = times
+    result["source_nodes"], result["compiled_nodes"] = len(model.graph.node), len(compiled.graph.node)
+    result["source_mb"], result["compiled_mb"] = model.ByteSize() / 1e6, compiled.ByteSize() / 1e6
+    say(f"compile {result['compile_s']:.2f} s wall, {result['compile_cpu_s']:.2f} s CPU "
+        f"({result['source_nodes']} -> {result['compiled_nodes']} nodes, "
+        f"{result['source_mb']:.0f} -> {result['compiled_mb']:.0f} MB)")
+    if args.save_compiled:
+        args.save_compiled.parent.mkdir(parents=True, exist_ok=True)
+        save(compiled, args.save_compiled)
+        say(f"saved {args.save_compiled}")
+    if args.compile_only:
+        return result
+    variants = dict(v.split("=", 1) for v in args.variant)
+
+    work = Path(tempfile.mkdtemp(prefix="bench-", dir=args.cache if args.cache.exists() else None))
+    try:
+        cmp_path = work / "compiled.onnx"
+        save(compiled, cmp_path)
+        del compiled
+        input_name, x = make_input(model, args.batch, seed=1)
+        del model
+        input_path = work / "input.npy"
+        np.save(input_path, x)
+        feed = {input_name: x}
+
+        t = time.perf_counter()
+        source = make_session(src_path, args.threads, args.provider, args.spin == "on")
+        t_src = time.perf_counter() - t
+        t = time.perf_counter()
+        explainer = make_session(cmp_path, args.threads, args.provider, args.spin == "on")
+        t_cmp = time.perf_counter() - t
+        result["session_create_s"] = {"source": t_src, "compiled": t_cmp}
+        result["provider_used"] = explainer.get_providers()[0]
+
+        sessions = {"source": source, "compiled": explainer}
+        for key, path in variants.items():
+            sessions[f"variant:{key}"] = make_session(Path(path), args.threads, args.provider, args.spin == "on")
+        run = interleaved(sessions, feed, args.warmup, args.repeats)
+        src_out, cmp_out = run["outputs"]["source"], run["outputs"]["compiled"]
+        names = [o.name for o in explainer.get_outputs()]
+        got = dict(zip(names, cmp_out, strict=True))
+        logits_err = float(np.max(np.abs(got[names[0]] - src_out[0])))
+        relevance = got["relevance"]
+        result["check"] = {"logits_max_abs_diff": logits_err, "relevance_finite": bool(np.isfinite(relevance).all()),
+                           "explained_class": got["explained_class"].tolist()[:8],
+                           "relevance_sum_over_logit": (relevance.reshape(len(x), -1).sum(1) /
+                                                        np.take_along_axis(got[names[0]],
+                                                                           got["explained_class"][:, None],
+                                                                           1)[:, 0]).tolist()[:8]}
+        rel_path = work / "relevance.npy"
+        np.save(rel_path, relevance)
+        med_src, med_cmp = median(run["times"]["source"]), median(run["times"]["compiled"])
+        result["timing"] = {
+            "source_median_s": med_src, "compiled_median_s": med_cmp, "ratio_explain_forward": med_cmp / med_src,
+            "ratio_of_pairs_median": median([c / s for s, c in zip(run["times"]["source"], run["times"]["compiled"],
+                                                                   strict=True)]),
+            "source_min_s": min(run["times"]["source"]), "compiled_min_s": min(run["times"]["compiled"]),
+            "source_times_s": run["times"]["source"], "compiled_times_s": run["times"]["compiled"]}
+        say(f"forward {med_src * 1e3:.1f} ms, explain {med_cmp * 1e3:.1f} ms (medians of {args.repeats}, "
+            f"interleaved): explain/forward = {med_cmp / med_src:.2f}   [logits max |diff| {logits_err:.1e}]")
+        if variants:
+            result["variants"] = {}
+        for key, path in variants.items():
+            vt = run["times"][f"variant:{key}"]
+            out_v = dict(zip(names, run["outputs"][f"variant:{key}"], strict=True))
+            scale = max(float(np.abs(relevance).max()), 1e-30)
+            result["variants"][key] = {
+                "path": path, "median_s": median(vt), "min_s": min(vt), "times_s": vt,
+                "ratio_explain_forward": median(vt) / med_src,
+                "ratio_of_pairs_median": median([v / s for s, v in zip(run["times"]["source"], vt, strict=True)]),
+                "ratio_to_compiled": median(vt) / med_cmp,
+                "ratio_to_compiled_pairs_median": median([v / c for c, v in zip(run["times"]["compiled"], vt,
+                                                                                strict=True)]),
+                "ratio_to_compiled_min": min(vt) / min(run["times"]["compiled"]),
+                "relevance_max_abs_diff_vs_compiled": float(np.max(np.abs(out_v["relevance"] - relevance))) / scale}
+            vr = result["variants"][key]
+            say(f"variant {key}: {median(vt) * 1e3:.1f} ms, explain/forward = {median(vt) / med_src:.2f} "
+                f"(compiled {med_cmp / med_src:.2f}); variant/compiled: medians {vr['ratio_to_compiled']:.3f}, "
+                f"pairs {vr['ratio_to_compiled_pairs_median']:.3f}, mins {vr['ratio_to_compiled_min']:.3f}; "
+                f"relevance max |diff| / max |R| vs compiled {vr['relevance_max_abs_diff_vs_compiled']:.1e}")
+        del source, explainer, sessions
+
+        if args.profile:
+            result["profile"] = {"compiled": profile(cmp_path, feed, args, args.profile, work),
+                                 "source": profile(src_path, feed, args, args.profile, work)}
+            say("profile (compiled, by rule part):")
+            for k, ms, pct in result["profile"]["compiled"]["by_rule_part"]:
+                say(f"  {pct:5.1f} %  {ms:9.2f} ms  {k}")
+
+        if not args.no_memory:
+            mem_src = run_child("memory", args, src_path, input_path, input_name, runs=args.memory_runs)
+            mem_cmp = run_child("memory", args, cmp_path, input_path, input_name, runs=args.memory_runs)
+            result["memory"] = {"source": mem_src, "compiled": mem_cmp}
+            for key, path in variants.items():
+                mem_v = run_child("memory", args, Path(path), input_path, input_name, runs=args.memory_runs)
+                result["memory"][f"variant:{key}"] = mem_v
+                if mem_src.get("peak_delta_mib", 0) > 0 and "peak_delta_mib" in mem_v:
+                    mem_v["ratio"] = mem_v["peak_delta_mib"] / mem_src["peak_delta_mib"]
+                    say(f"peak memory variant {key}: {mem_v['peak_delta_mib']:.0f} MiB, ratio {mem_v['ratio']:.2f}")
+            if mem_src.get("peak_delta_mib", 0) > 0 and "peak_delta_mib" in mem_cmp:
+                ratio = mem_cmp["peak_delta_mib"] / mem_src["peak_delta_mib"]
+                result["memory"]["ratio"] = ratio
+                say(f"peak memory (peak-RSS growth) source {mem_src['peak_delta_mib']:.0f} MiB, compiled "
+                    f"{mem_cmp['peak_delta_mib']:.0f} MiB: ratio {ratio:.2f}")
+            else:
+                say(f"memory children failed: {mem_src} {mem_cmp}")
+
+        if not args.no_zennit and args.model in archs.ARCHS and args.rule != "rlrp":
+            z = run_child("zennit", args, src_path, input_path, input_name, relevance_path=rel_path,
+                          compiled_path=cmp_path)
+            result["zennit"] = z
+            if "median_s" in z:
+                say(f"zennit {z['median_s'] * 1e3:.1f} ms vs ours {z['ours_median_s'] * 1e3:.1f} ms (interleaved; "
+                    f"torch forward {z['torch_forward_median_s'] * 1e3:.1f} ms): zennit/ours = "
+                    f"{z['ratio_zennit_over_ours']:.2f}   [relevance rel. L2 vs ours "
+                    f"{z.get('relevance_rel_l2_vs_ours', float('nan')):.1e}]")
+            else:
+                say(f"zennit: {z}")
+    finally:
+        for f in work.iterdir():
+            f.unlink()
+        work.rmdir()
+
+    result["load_average_end"] = load_average()
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1))
+        say(f"wrote {args.json}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

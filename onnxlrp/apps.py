@@ -35,6 +35,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from .errors import OnnxlrpError
+from .loading import umask_mode
 from .naming import escape_terminal, safe_filename
 
 __all__ = [
@@ -81,18 +82,6 @@ def _models_dir() -> Path:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _file_mode() -> int:
-    """``0o666`` minus the umask (read without changing it)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return 0o666 & ~int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    return 0o644
-
-
 def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
     """Call ``write(tmp)`` on a hidden temp file next to ``path``, then rename it to ``path``.
 
@@ -116,7 +105,7 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
         write(Path(tmp))
-        os.chmod(tmp, stat.S_IMODE(st.st_mode) if st is not None else _file_mode())
+        os.chmod(tmp, stat.S_IMODE(st.st_mode) if st is not None else umask_mode())
         os.replace(tmp, path)
         tmp = None
     except OSError as err:

@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from onnxlrp.errors import OnnxlrpError
+from onnxlrp.loading import stat_regular_file
 from onnxlrp.naming import escape_terminal
 
 __all__ = ["IMAGE_EXTENSIONS", "MAX_PIXELS", "RASTER_FORMATS", "list_images", "load_image"]
@@ -61,19 +62,8 @@ def _reason(err: OSError) -> str:
 
 
 def _check_file(path: Path) -> None:
-    shown = _show(path)
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise OnnxlrpError(f"{shown}: no such file") from None
-    except OSError as err:
-        raise OnnxlrpError(f"{shown}: cannot read image ({_reason(err)})") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise OnnxlrpError(f"{shown}: is a folder, not an image file")
-    if not stat.S_ISREG(st.st_mode):
-        raise OnnxlrpError(f"{shown}: not a regular file")
-    if st.st_size == 0:
-        raise OnnxlrpError(f"{shown}: empty file (0 bytes), not an image")
+    stat_regular_file(path, what="image", folder_message="is a folder, not an image file",
+                      empty_message="empty file (0 bytes), not an image")
 
 
 def _check_size_arg(size: tuple[int, int] | None, max_pixels: int) -> tuple[int, int] | None:

@@ -325,20 +325,30 @@ def _iter_sparse(model: ModelProto) -> Iterator[tuple[onnx.SparseTensorProto, st
 # reading the file
 
 
-def _read_model_file(path: Path, max_bytes: int) -> bytes:
+def stat_regular_file(path: str | os.PathLike[str], *, what: str, folder_message: str,
+                      empty_message: str) -> os.stat_result:
+    """``os.stat`` of a file the user gave, refusing (one line each) a missing path, a folder, anything but a
+    regular file, and an empty file."""
     shown = _show(path)
     try:
         st = os.stat(path)
     except FileNotFoundError:
         raise OnnxlrpError(f"{shown}: no such file") from None
     except OSError as err:
-        raise OnnxlrpError(f"{shown}: cannot read model ({_reason(err)})") from None
+        raise OnnxlrpError(f"{shown}: cannot read {what} ({_reason(err)})") from None
     if stat.S_ISDIR(st.st_mode):
-        raise OnnxlrpError(f"{shown}: is a folder, not an ONNX model file")
+        raise OnnxlrpError(f"{shown}: {folder_message}")
     if not stat.S_ISREG(st.st_mode):
         raise OnnxlrpError(f"{shown}: not a regular file")
     if st.st_size == 0:
-        raise OnnxlrpError(f"{shown}: not an ONNX model (the file is empty)")
+        raise OnnxlrpError(f"{shown}: {empty_message}")
+    return st
+
+
+def _read_model_file(path: Path, max_bytes: int) -> bytes:
+    shown = _show(path)
+    st = stat_regular_file(path, what="model", folder_message="is a folder, not an ONNX model file",
+                           empty_message="not an ONNX model (the file is empty)")
     if st.st_size > min(max_bytes, _PROTOBUF_MAX_BYTES):
         raise OnnxlrpError(
             f"{shown}: file is {_gib(st.st_size)}, larger than an ONNX file can be "
@@ -1158,7 +1168,8 @@ def _sigterm_as_exception() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _umask_mode() -> int:
+def umask_mode() -> int:
+    """``0o666`` minus the umask (read without changing it)."""
     try:
         with open("/proc/self/status", encoding="ascii") as f:
             for line in f:
@@ -1310,7 +1321,7 @@ def save_model_atomic(model: ModelProto, path: str | os.PathLike[str]) -> Path:
                     try:
                         mode = stat.S_IMODE(os.stat(final).st_mode)
                     except FileNotFoundError:
-                        mode = _umask_mode()
+                        mode = umask_mode()
                     os.chmod(tmp_name, mode)
                 while pending:
                     tmp_name, final = pending[0]

@@ -27,10 +27,22 @@ def neg(a: np.ndarray) -> np.ndarray:
     return np.minimum(a, 0)
 
 
+SATURATE = 2.0 ** 127  # 2 / (smallest normal float32): |z| * SATURATE >= 2 for every normal non-zero z
+
+
 def stabilize(b: GraphBuilder, z: str, eps: float) -> str:
-    """``z + eps * sign(z)``, ``sign(0) = +1`` (Zennit's stabilizer)."""
-    zero = b.const(0.0, "zero")
-    signed_eps = b.op("Where", [b.op("GreaterOrEqual", [z, zero]), b.const(eps), b.const(-eps)], "eps")
+    """``z + eps * sign(z)``, ``sign(0) = +1`` (Zennit's stabilizer).
+
+    For ``eps <= 1`` the signed ``eps`` is ``Clip(z * eps * 2^127 + eps, -eps, eps)``: for every normal ``z != 0``
+    the scaled term is at least ``2 eps`` in magnitude (or infinite), so the clip saturates to ``eps * sign(z)``
+    exactly, and ``z == 0`` gives ``+eps``. Only a subnormal ``z`` (``|z| < 1.2e-38``) can get a value in between.
+    Element-wise Mul/Add/Clip run about twice as fast in onnxruntime as GreaterOrEqual + Where."""
+    if eps > 1:
+        zero = b.const(0.0, "zero")
+        signed_eps = b.op("Where", [b.op("GreaterOrEqual", [z, zero]), b.const(eps), b.const(-eps)], "eps")
+    else:
+        scaled = b.op("Add", [b.op("Mul", [z, b.const(eps * SATURATE, "saturate")], "eps"), b.const(eps)], "eps")
+        signed_eps = b.op("Clip", [scaled, b.const(-eps), b.const(eps)], "eps")
     return b.op("Add", [z, signed_eps], "stab")
 
 
@@ -317,9 +329,17 @@ class RLRP(Rule):
     summary = "relative LRP (Nyiri & Gibaru): no hyper-parameters, no division except at joins"
 
     def relevance(self, b, layer, r):
-        factor = rlrp_factor(layer)
-        wtg = layer.transpose(b, r, layer.weight, "W")
-        return mul(b, mul(b, layer.x, wtg), b.const(factor, "card_J"))
+        return times_relative(b, mul(b, layer.x, layer.transpose(b, r, layer.weight, "W")), rlrp_factor(layer))
+
+
+def times_relative(b: GraphBuilder, r: str, factor: np.ndarray) -> str:
+    """``r * factor / max(factor)`` for a positive compile-time factor. R-LRP is defined up to a positive factor
+    per sample (the output is scaled at the end), so only the factor's shape matters: a uniform factor (dense
+    layers, 1x1 stride-1 convolutions, non-overlapping pools) costs no op, and the constants stay near 1."""
+    relative = np.asarray(factor, dtype=np.float64) / np.max(factor)
+    if np.all(relative == 1):
+        return r
+    return mul(b, r, b.const(relative, "card_J"))
 
 
 def rlrp_factor(layer: Linear) -> np.ndarray:

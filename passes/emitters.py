@@ -17,7 +17,7 @@ import onnx
 from onnxlrp.errors import UnsupportedOpError
 from onnxlrp.graph import data_input_indices
 from onnxlrp.layers import Window
-from onnxlrp.rules import STABILIZER, divide_behind_relu, mul, safe_divide
+from onnxlrp.rules import STABILIZER, divide_behind_relu, mul, safe_divide, times_relative
 
 
 @dataclass
@@ -129,7 +129,7 @@ def linear(ctx, node, r_out):
     """Conv, Gemm, MatMul with a constant weight: the planned rule (R-LRP: Eq. 8 / Eq. 12)."""
     b = ctx.b
     layer = ctx.layers[node.name]
-    r_in = ctx.keep_in_range(ctx.plan[node.name].relevance(b, layer, r_out[0]))
+    r_in = ctx.keep_in_range(ctx.plan[node.name].relevance(b, layer, r_out[0]), r_out[0])
     if layer.transpose_x:  # Gemm transA=1 reads x^T: the layer sees x^T (batch first), R goes back to x's layout
         r_in = b.op("Transpose", [r_in], "R", perm=[1, 0])
     return {0: r_in}
@@ -350,8 +350,8 @@ def average_pool(ctx, node, r_out):
     g = mul(b, g, b.const((1.0 / divisor)[None], "inv_divisor"))
     r_in = mul(b, x, wd.conv_transpose(b, g, b.const(ones, "ones_kernel"), channels, "WTg"))
     if ctx.rlrp:
-        r_in = mul(b, r_in, b.const(rlrp_pool_factor(wd, channels), "card_J"))
-    return {0: ctx.keep_in_range(r_in)}
+        r_in = ctx.keep_in_range(times_relative(b, r_in, rlrp_pool_factor(wd, channels)), r_out[0])
+    return {0: r_in}
 
 
 def tap_validity(wd: Window) -> np.ndarray:
@@ -392,7 +392,7 @@ def max_pool(ctx, node, r_out):
     routed = b.op("Reshape", [routed, b.const([0, channels * k, *wd.out_spatial], "shape", np.int64)], "R")
     r_in = wd.conv_transpose(b, routed, kernel, channels, "R")
     if ctx.rlrp:
-        r_in = ctx.keep_in_range(mul(b, mul(b, x, r_in), b.const(rlrp_pool_factor(wd, channels), "card_J")))
+        r_in = ctx.keep_in_range(times_relative(b, mul(b, x, r_in), rlrp_pool_factor(wd, channels)), r_out[0])
     return {0: r_in}
 
 
@@ -410,9 +410,10 @@ def global_average_pool(ctx, node, r_out):
     b = ctx.b
     shape = ctx.shapes[node.input[0]]
     area = int(np.prod(shape[2:]))
-    g = r_out[0] if ctx.rlrp else safe_divide(b, r_out[0], ctx.value(node.output[0]), STABILIZER)
-    scale = 1.0 / (shape[1] * area * area) if ctx.rlrp else 1.0 / area
-    return {0: ctx.keep_in_range(mul(b, mul(b, ctx.value(node.input[0]), g), b.const(scale, "scale")))}
+    if ctx.rlrp:  # the constant 1 / (C HW HW) is uniform: R-LRP drops it (see times_relative)
+        return {0: ctx.keep_in_range(mul(b, ctx.value(node.input[0]), r_out[0]), r_out[0])}
+    g = safe_divide(b, r_out[0], ctx.value(node.output[0]), STABILIZER)
+    return {0: mul(b, mul(b, ctx.value(node.input[0]), g), b.const(1.0 / area, "scale"))}
 
 
 def reduce_axes(ctx, node) -> list[int] | None:
@@ -447,9 +448,9 @@ def reduce_mean(ctx, node, r_out):
     g = r_out[0] if ctx.rlrp else safe_divide(b, r_out[0], ctx.value(node.output[0]), STABILIZER)
     if not attr(node, "keepdims", 1):
         g = b.op("Unsqueeze", [g, b.const(axes, "axes", np.int64)], "R")
-    n_out = int(np.prod([d for a, d in enumerate(shape) if a not in axes and a > 0]))
-    scale = 1.0 / (n_out * count * count) if ctx.rlrp else 1.0 / count
-    return {0: ctx.keep_in_range(mul(b, mul(b, ctx.value(node.input[0]), g), b.const(scale, "scale")))}
+    if ctx.rlrp:  # the constant 1 / (N count count) is uniform: R-LRP drops it (see times_relative)
+        return {0: ctx.keep_in_range(mul(b, ctx.value(node.input[0]), g), r_out[0])}
+    return {0: mul(b, mul(b, ctx.value(node.input[0]), g), b.const(1.0 / count, "scale"))}
 
 
 @backward("GlobalMaxPool", check=check_global)
@@ -457,7 +458,6 @@ def global_max_pool(ctx, node, r_out):
     """Classic: a channel's relevance goes to its first arg-max. R-LRP: to every arg-max, times ``x / (C HW)``."""
     b = ctx.b
     x = ctx.value(node.input[0])
-    shape = ctx.shapes[node.input[0]]
     flat = b.op("Reshape", [x, b.const([0, 0, -1], "shape", np.int64)], "x")
     y = b.op("Reshape", [ctx.value(node.output[0]), b.const([0, 0, 1], "shape", np.int64)], "y")
     mask = float_mask(b, b.op("Equal", [flat, y]))
@@ -465,7 +465,6 @@ def global_max_pool(ctx, node, r_out):
         mask = first_along(b, mask, 2)
     r = b.op("Reshape", [r_out[0], b.const([0, 0, 1], "shape", np.int64)], "R")
     r_in = reshape_like(ctx, mul(b, mask, r), x)
-    if ctx.rlrp:
-        scale = b.const(1.0 / (shape[1] * int(np.prod(shape[2:]))), "scale")
-        r_in = ctx.keep_in_range(mul(b, mul(b, x, r_in), scale))
+    if ctx.rlrp:  # the constant 1 / (C HW) is uniform: R-LRP drops it (see times_relative)
+        r_in = ctx.keep_in_range(mul(b, x, r_in), r_out[0])
     return {0: r_in}

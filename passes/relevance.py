@@ -29,6 +29,7 @@ CLASS_OUTPUT = "explained_class"
 FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
 TINY = 1e-30  # far above float32's smallest normal (1.2e-38), far below any relevance worth keeping
 FORK_EPS = 1e-6  # relative stabilizer of Eq. 13's denominator
+RANGE_STEPS = 4  # R-LRP: layers between per-sample rescalings of the relevance (see RelevancePass.keep_in_range)
 
 
 def data_inputs(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
@@ -116,6 +117,8 @@ class RelevancePass:
                     layer.x = self.b.op("Transpose", [layer.x], "x_T", perm=[1, 0])
                 self.layers[node.name] = layer
         self.join_shares: dict[tuple[str, int], str] = {}
+        self.range_steps: dict[str, int] = {}  # R-LRP relevance tensor -> layers since its scale was last reset
+        self.sample_sums: dict[str, str] = {}
 
     # ------------------------------------------------------------ analysis
 
@@ -255,16 +258,22 @@ class RelevancePass:
             self.float32[name] = self.b.op("Cast", [name], "f32", to=TensorProto.FLOAT)
         return self.float32[name]
 
-    def keep_in_range(self, r: str) -> str:
-        """R-LRP only: divide each sample's map by its largest magnitude. R-LRP is defined up to a positive
-        factor per sample, and without this the per-layer factors underflow float32 in deep networks."""
+    def keep_in_range(self, r: str, above: str) -> str:
+        """R-LRP only: ``r`` is the relevance one layer below ``above``. R-LRP is defined up to a positive factor
+        per sample, and the per-layer factors would leave float32's range in deep networks: once RANGE_STEPS
+        layers have passed since the last rescaling, divide each sample's map by its largest magnitude. A fork
+        takes the count of its join (Eq. 13 gives the block the scale of the join's shares, see :meth:`combine`)."""
         if not self.rlrp:
             return r
-        b = self.b
-        flat = b.op("Flatten", [r], "flat", axis=1)
-        peak = self.reduce("ReduceMax", b.op("Abs", [flat], "abs"), [1])
-        scaled = b.op("Div", [flat, b.op("Max", [peak, b.const(TINY, "tiny")], "peak")], "scaled")
-        return b.op("Reshape", [scaled, b.op("Shape", [r])], "R")
+        steps = self.range_steps.get(above, 0) + 1
+        if steps >= RANGE_STEPS:
+            b = self.b
+            flat = b.op("Flatten", [r], "flat", axis=1)
+            peak = self.reduce("ReduceMax", b.op("Abs", [flat], "abs"), [1])
+            scaled = b.op("Div", [flat, b.op("Max", [peak, b.const(TINY, "tiny")], "peak")], "scaled")
+            r, steps = b.op("Reshape", [scaled, b.op("Shape", [r])], "R"), 0
+        self.range_steps[r] = steps
+        return r
 
     def reduce(self, op: str, x: str, axes: list[int], keepdims: int = 1) -> str:
         """A Reduce* op in the attribute (opset < 18) or input (opset >= 18) form."""
@@ -274,8 +283,10 @@ class RelevancePass:
         return b.op(op, [x], op, axes=axes, keepdims=keepdims)
 
     def sample_sum(self, r: str) -> str:
-        """Per-sample sum, shape [batch, 1]."""
-        return self.reduce("ReduceSum", self.b.op("Flatten", [r], "flat", axis=1), [1])
+        """Per-sample sum, shape [batch, 1], emitted once per tensor (R-LRP joins share one tensor)."""
+        if r not in self.sample_sums:
+            self.sample_sums[r] = self.reduce("ReduceSum", self.b.op("Flatten", [r], "flat", axis=1), [1])
+        return self.sample_sums[r]
 
     def record_join_share(self, node: onnx.NodeProto, index: int, share: str) -> None:
         """Remember the relevance a join routed to input ``index`` (the reference sum of Eq. 13)."""
@@ -333,10 +344,14 @@ class RelevancePass:
         ``J`` becomes ``c * S / stab(sum(c))`` where ``S`` is the summed relevance that branch received at ``J``
         (``stab(s) = s + sign(s) * (1e-6 * sum|c| + 1e-30)``, ``sign(0) = +1``); the sum of these is the block's
         contribution, which is in turn one branch of the next join around it with the same fork (nested blocks).
+        The block has the scale of the join's shares, whatever the branches did to theirs (see
+        :meth:`keep_in_range`).
         """
         b = self.b
         if not self.rlrp or tensor not in self.fork_joins:
-            return parts[0][2] if len(parts) == 1 else b.op("Sum", [r for _, _, r in parts], "R")
+            total = parts[0][2] if len(parts) == 1 else b.op("Sum", [r for _, _, r in parts], "R")
+            self.range_steps.setdefault(total, max(self.range_steps.get(r, 0) for _, _, r in parts))
+            return total
         groups: dict[str, list[tuple[str, list[int]]]] = {}
         free = []
         for node_name, idx, r in parts:
@@ -351,13 +366,17 @@ class RelevancePass:
                 continue
             terms = [self.rescale_branch(r, self.join_reference(join, slots)) for r, slots in members]
             block = terms[0] if len(terms) == 1 else b.op("Sum", terms, "block")
+            # the block sums to the join's shares: it has their scale, whatever happened inside the branches
+            self.range_steps[block] = max(self.range_steps.get(self.join_shares[(join, k)], 0)
+                                          for _, slots in members for k in slots)
             outer = next(((j, s) for (i, j), s in self.join_reach.items() if i == join), None)
             if outer is not None:
                 groups.setdefault(outer[0], []).append((block, outer[1]))
             else:
                 free.append(block)
         total = free[0] if len(free) == 1 else b.op("Sum", free, "R")
-        return self.keep_in_range(total)
+        self.range_steps.setdefault(total, max(self.range_steps.get(r, 0) for r in free))
+        return total
 
     def join_reference(self, join: str, slots: list[int]) -> str:
         """``S``: the per-sample sum of the relevance the join routed to ``slots``."""
@@ -406,7 +425,9 @@ class RelevancePass:
                 continue
             self.b.scope = node.name or node.output[0]
             emitted = lookup(self, node).emit(self, node, r_out)
+            steps = max(self.range_steps.get(r, 0) for r in r_out if r)
             for idx, r in emitted.items():
+                self.range_steps.setdefault(r, steps)  # re-indexing and element-wise ops keep the scale
                 received.setdefault(node.input[idx], []).append((node.name, idx, r))
         self.b.scope = "inputs"
         result = {}

@@ -113,3 +113,23 @@ def test_full_size_networks_give_finite_nonzero_relevance(build):
     np.testing.assert_allclose(originals[0], run_source(model, x)[0], rtol=1e-4, atol=1e-5)
     assert np.all(np.isfinite(relevance)) and np.count_nonzero(relevance) > 0.5 * relevance.size
     np.testing.assert_allclose(np.abs(relevance).sum(), np.abs(originals[0][0, cls[0]]), rtol=1e-4)
+
+
+def unbiased_dense(rng, width):
+    return ns.Dense(rng.normal(0.0, np.sqrt(2 / width), size=(width, width)), None)
+
+
+@pytest.mark.parametrize("scale", [1e4, 1e-4])
+def test_range_keeping_in_deep_chains_and_residual_stacks(scale):
+    """Without biases every activation scales with the input (here 1e4 or 1e-4), and each layer multiplies R-LRP's
+    relevance by about that magnitude, so 40 dense layers would leave float32's range by 1e+-160 without rescaling.
+    The compiled graph rescales every few layers and at every fork (Eq. 13); the map must still match the float64
+    reference, which needs no rescaling."""
+    rng = np.random.default_rng(26)
+    chain = [layer for _ in range(40) for layer in (unbiased_dense(rng, 16), Relu())]
+    check_against_reference([Flatten(), *chain, ns.dense(rng, 16, 3, bias=False)], (2, 16),
+                            scale * rng.random((2, 16)))
+    blocks = [layer for _ in range(12) for layer in (Residual([ns.conv(rng, 4, 4, 1, bias=False), Relu(),
+                                                                ns.conv(rng, 4, 4, 3, pad=1, bias=False)], []), Relu())]
+    layers = [*blocks, GlobalAvgPool(), Flatten(), ns.dense(rng, 4, 3, bias=False)]
+    check_against_reference(layers, (2, 4, 5, 5), scale * rng.random((2, 4, 5, 5)))

@@ -2,13 +2,16 @@
 
 import netspec as ns
 import numpy as np
+import onnx
 import pytest
 import reference as ref
-from helpers import assert_close_relative, compiled_from_spec, explain, run_source
+from helpers import assert_close_relative, compiled_from_spec, explain, run_source, session
 from netspec import AvgPool, Flatten, MaxPool, Relu, Residual
 from spec_zoo import ZOO
 
 import onnxlrp
+from onnxlrp.builder import GraphBuilder
+from onnxlrp.rules import stabilize
 
 # our rule name -> (reference rule name, our params, reference params)
 RULES = {
@@ -149,16 +152,42 @@ def test_lrp0_equals_gradient_times_input_by_finite_differences():
 @pytest.mark.parametrize("rule", ["epsilon", "gamma", "zplus", "alpha-beta"])
 def test_cheaper_forms_behind_relu_are_equivalent(rule):
     """Behind a Relu the relevance is already 0 where z <= 0, so the rules divide by ``Relu(z) + eps`` without the
-    sign-aware stabilizer chain, and skip the x- terms of non-negative inputs. The compiled graph must use those
-    cheaper forms here (fewer sign tests than linear layers) and still equal the reference."""
+    sign-aware stabilizer chain (Clip or GreaterOrEqual/Where), and skip the x- terms of non-negative inputs. The
+    compiled graph must use those cheaper forms here (fewer sign tests than linear layers) and still equal the
+    reference."""
     rng = np.random.default_rng(17)
     layers, shape = ZOO["cnn"](rng)
     x = rng.normal(size=shape)
     model = ns.to_onnx(layers, shape)
     ref_name, params, ref_params = RULES[rule]
     compiled = onnxlrp.compile(model, rule, **params)
-    sign_tests = sum(n.op_type in ("GreaterOrEqual", "Greater", "Less") for n in compiled.graph.node)
+    sign_tests = sum(n.op_type in ("GreaterOrEqual", "Greater", "Less", "Clip") for n in compiled.graph.node)
     linear = sum(n.op_type in ("Conv", "Gemm") for n in model.graph.node)
     assert sign_tests < linear
     _, relevance, _ = explain(model, x, rule, **params)
     assert_close_relative(relevance, ref.lrp(layers, x, ref_name, **ref_params), 1e-5)
+
+
+@pytest.mark.parametrize("eps", [1e-6, 0.01, 1.0, 100.0])
+def test_stabilizer_is_zennits_bit_for_bit(eps):
+    """``stab(z) = z + eps * sign(z)`` with ``sign(0) = +1``, computed the way Zennit does (``x + ((x == 0) +
+    sign(x)) * eps``) in float32, equals the compiled Clip form (or the Where form above eps = 1) exactly for
+    zeros of both signs, the smallest normal numbers, values near +-eps, huge values and infinities."""
+    tiny = np.finfo(np.float32).tiny
+    z = np.array([0.0, -0.0, tiny, -tiny, 2 * tiny, -2 * tiny, 1e-30, -1e-30, eps / 3, -eps / 3, eps, -eps, 0.5, -0.5,
+                  1.0, -1.0, 3e6, -3e6, 1e30, -1e30, np.finfo(np.float32).max, -np.finfo(np.float32).max,
+                  np.inf, -np.inf], dtype=np.float32)
+    spread = np.random.default_rng(0).normal(size=1000) * 10.0 ** np.arange(-20, 20, 0.04)
+    z = np.concatenate([z, spread.astype(np.float32)])
+    graph = onnx.helper.make_graph([], "stab", [onnx.helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT,
+                                                                                    [z.size])], [])
+    b = GraphBuilder(graph)
+    out = stabilize(b, "z", eps)
+    b.commit()
+    graph.output.append(onnx.helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, [z.size]))
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=10)
+    ops = {n.op_type for n in model.graph.node}
+    assert ("Clip" in ops) == (eps <= 1) and ("Where" in ops) == (eps > 1)
+    got = session(model).run(None, {"z": z})[0]
+    expected = z + ((z == 0).astype(np.float32) + np.sign(z)) * np.float32(eps)
+    np.testing.assert_array_equal(got, expected)

@@ -73,8 +73,37 @@ def divide_behind_relu(b: GraphBuilder, r: str, y: str, eps: float) -> str:
 def stabilized_bias(layer: Linear, bias: np.ndarray | None, eps: float) -> np.ndarray:
     """``bias + eps`` per output: a one-sided stabilizer (``z+ >= 0`` gets ``+eps``, ``z- <= 0`` gets ``-eps``)
     folded into the bias at compile time, so that the layer's output is already the denominator."""
-    outputs = layer.weight.shape[0] if layer.kind == "conv" else layer.weight.shape[1]
-    return np.full(outputs, eps) + (0.0 if bias is None else bias)
+    return np.full(outputs(layer), eps) + (0.0 if bias is None else bias)
+
+
+def outputs(layer: Linear) -> int:
+    return layer.weight.shape[0] if layer.kind == "conv" else layer.weight.shape[1]
+
+
+def stack(layer: Linear, first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """Two weights of one layer stacked along the output axis (``[first; second]``)."""
+    return np.concatenate([first, second], axis=0 if layer.kind == "conv" else 1)
+
+
+def at_least(b: GraphBuilder, z: str, eps: float) -> str:
+    """``max(z, eps)`` as a Clip, which onnxruntime fuses into the Conv or Gemm that produces ``z``."""
+    return b.op("Clip", [z, b.const(eps), b.const(float(np.finfo(np.float32).max), "float_max")], "stab")
+
+
+def split_halves(b: GraphBuilder, layer: Linear, z: str) -> str:
+    """``[N, 2C, ...]`` (a stacked product) as ``[N, 2, C, ...]``."""
+    spatial = list(layer.window.out_spatial) if layer.kind == "conv" else []
+    return b.op("Reshape", [z, b.const([0, 2, outputs(layer), *spatial], "shape", np.int64)], "z_halves")
+
+
+def merge_halves(b: GraphBuilder, layer: Linear, g: str) -> str:
+    spatial = list(layer.window.out_spatial) if layer.kind == "conv" else []
+    return b.op("Reshape", [g, b.const([0, 2 * outputs(layer), *spatial], "shape", np.int64)], "s")
+
+
+def unsqueeze_halves(b: GraphBuilder, t: str) -> str:
+    """``[N, C, ...]`` as ``[N, 1, C, ...]``, to broadcast against both halves."""
+    return b.op("Unsqueeze", [t, b.const([1], "axes", np.int64)], "halves")
 
 
 def split_sign(b: GraphBuilder, x: str, nonneg: bool = False) -> tuple[str, str | None]:
@@ -233,10 +262,12 @@ class Gamma(Rule):
     summary = "W + gamma W+ favours positive evidence; default 0.25"
 
     def relevance(self, b, layer, r):
-        w, bias, gm = layer.weight, layer.bias, self.gamma
+        w, bias, gm, eps = layer.weight, layer.bias, self.gamma, self.stabilizer
         wp, wn = w + gm * pos(w), w + gm * neg(w)
-        bp = None if bias is None else bias + gm * pos(bias)
-        bn = None if bias is None else bias + gm * neg(bias)
+        bp = np.zeros(outputs(layer)) if bias is None else bias + gm * pos(bias)
+        bn = np.zeros(outputs(layer)) if bias is None else bias + gm * neg(bias)
+        if layer.relu_out is None and layer.x_nonneg and layer.group == 1:
+            return self.stacked(b, layer, r, stack(layer, wp, -wn), np.concatenate([bp + eps, eps - bn]))
         xp, xn = split_sign(b, layer.x, layer.x_nonneg)
         zero = b.const(0.0, "zero")
         parts = []
@@ -244,14 +275,16 @@ class Gamma(Rule):
         if layer.relu_out is not None:
             branches = branches[:1]  # R is 0 wherever z <= 0: the z < 0 branch is 0, the z > 0 gate is R's own
         for w_x_pos, w_x_neg, b_mod, gate_op, sign, tags in branches:
-            z = layer.forward(b, xp, w_x_pos, b_mod, tags[0] + "_" + tags[2])
-            if xn is not None:
-                z = add(b, z, layer.forward(b, xn, w_x_neg, None, tags[1]))
             # z_p = z + gamma (W+ x+ + b+ + W- x-) >= z > 0 where the gate is open (z_n <= z < 0 likewise), so the
             # stabilizer's sign is the branch's; where the gate is closed, Where discards the quotient. Behind a
-            # Relu, R is its own gate, and Relu(z_p) keeps the denominator non-zero where R = 0.
-            if layer.relu_out is not None:
-                g = divide_behind_relu(b, r, b.op("Relu", [z], "z_pos"), self.stabilizer)
+            # Relu, R is its own gate: the denominator is max(z_p + eps, eps), which is z_p + eps where z > 0 and
+            # non-zero elsewhere, one Clip that onnxruntime fuses into the convolution.
+            relu = layer.relu_out is not None
+            z = layer.forward(b, xp, w_x_pos, b_mod + eps if relu else b_mod, tags[0] + "_" + tags[2])
+            if xn is not None:
+                z = add(b, z, layer.forward(b, xn, w_x_neg, None, tags[1]))
+            if relu:
+                g = b.op("Div", [r, at_least(b, z, eps)], "s")
             else:
                 g = b.op("Where", [b.op(gate_op, [layer.z, zero], "gate"),
                                    divide_signed(b, r, z, self.stabilizer, sign), zero], "g")
@@ -259,6 +292,22 @@ class Gamma(Rule):
             if xn is not None:
                 parts.append(mul(b, xn, layer.transpose(b, g, w_x_neg, tags[1])))
         return add(b, *parts)
+
+    def stacked(self, b, layer, r, w_stack, b_stack):
+        """``x >= 0``: both branches in one product with the outputs ``[Wp; -Wn]`` and biases ``[bp + eps;
+        eps - bn]``, so each half is ``+-z_branch + eps`` and ``max(., eps)`` is the stabilized magnitude where the
+        branch's gate is open (``z_p > 0`` where ``z > 0``, ``-z_n > 0`` where ``z < 0``) and non-zero elsewhere.
+        The gates ``[z > 0; z < 0]`` are ``Clip([z; -z] * 2^126, 0, 1)``, exactly 0 or 1 for every normal ``z``;
+        the transposed product with the same stacked weights sums ``Wp^T g_p + Wn^T g_n`` (the minus signs
+        cancel). No Where, one convolution and one transposed convolution instead of two each."""
+        eps = self.stabilizer
+        denominator = split_halves(b, layer, at_least(b, layer.forward(b, layer.x, w_stack, b_stack, "Wpn"), eps))
+        signs = np.array([SATURATE / 2, -SATURATE / 2]).reshape(1, 2, *[1] * (len(layer.x_shape) - 1))
+        gates = b.op("Clip", [b.op("Mul", [unsqueeze_halves(b, layer.z), b.const(signs, "gate_scale")], "gate"),
+                              b.const(0.0, "zero"), b.const(1.0, "one")], "gate")
+        quotient = b.op("Div", [unsqueeze_halves(b, r), denominator], "s")
+        g = merge_halves(b, layer, b.op("Mul", [quotient, gates], "g"))
+        return mul(b, layer.x, layer.transpose(b, g, w_stack, "Wpn"))
 
 
 @dataclass(frozen=True)

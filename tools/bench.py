@@ -5,7 +5,9 @@
 
 What it measures, in this order:
 
-1. Compile time of ``onnxlrp.compile(model, rule)`` (the in-memory ModelProto; median of ``--compile-repeats``).
+1. Compile time of ``onnxlrp.compile(model, rule)`` (the in-memory ModelProto; median of ``--compile-repeats``),
+   and the multiply-adds of the linear ops (Conv, ConvTranspose, MatMul, Gemm) of both models: their ratio is
+   the arithmetic floor of explain/forward, which element-wise rewrites cannot go below.
 2. The source session and the compiled session, created from files with identical ``SessionOptions`` and
    provider, are warmed up and then run **interleaved** in one process (source, compiled, source, compiled, ...);
    medians of each and the ratio explain/forward (median compiled / median source). The compiled session gets
@@ -53,6 +55,36 @@ import archs  # noqa: E402
 
 DEFAULT_CACHE = Path(os.environ.get("ONNXLRP_BENCH_CACHE", Path(tempfile.gettempdir()) / "onnxlrp-bench"))
 EXTERNAL_DATA_BYTES = 1 << 30  # save models above 1 GiB with external data (protobuf's 2 GiB limit)
+
+
+# ---------------------------------------------------------------- arithmetic
+
+def multiply_adds(model: onnx.ModelProto, batch: int) -> int:
+    """Multiply-accumulates of the Conv, ConvTranspose, MatMul and Gemm nodes at this batch size: the arithmetic
+    that no element-wise rewrite can remove. Shapes come from ONNX shape inference with the batch fixed."""
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    for vi in fixed.graph.input:
+        dims = vi.type.tensor_type.shape.dim
+        if dims and not dims[0].HasField("dim_value"):
+            dims[0].dim_value = batch
+    inferred = onnx.shape_inference.infer_shapes(fixed, data_prop=True)
+    shapes = {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim]
+              for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
+    shapes |= {t.name: list(t.dims) for t in inferred.graph.initializer}
+    total = 0
+    for node in inferred.graph.node:
+        if node.op_type in ("Conv", "ConvTranspose"):
+            w = shapes[node.input[1]]
+            # Conv: each output element reads Cin/g * k inputs; ConvTranspose: each input element feeds Cout/g * k
+            total += int(np.prod(shapes[node.output[0] if node.op_type == "Conv" else node.input[0]])) * \
+                int(np.prod(w[1:]))
+        elif node.op_type in ("MatMul", "Gemm"):
+            a = shapes[node.input[0]]
+            inner = a[0] if node.op_type == "Gemm" and any(at.name == "transA" and at.i for at in node.attribute) \
+                else a[-1]
+            total += int(np.prod(shapes[node.output[0]])) * inner
+    return total
 
 
 # ---------------------------------------------------------------- machine
@@ -517,6 +549,11 @@ def main(argv=None) -> dict:
     say(f"compile {result['compile_s']:.2f} s wall, {result['compile_cpu_s']:.2f} s CPU "
         f"({result['source_nodes']} -> {result['compiled_nodes']} nodes, "
         f"{result['source_mb']:.0f} -> {result['compiled_mb']:.0f} MB)")
+    macs = {"source": multiply_adds(model, args.batch), "compiled": multiply_adds(compiled, args.batch)}
+    macs["ratio"] = macs["compiled"] / macs["source"]
+    result["multiply_adds"] = macs
+    say(f"multiply-adds {macs['source'] / 1e9:.2f} G -> {macs['compiled'] / 1e9:.2f} G: the arithmetic floor of "
+        f"explain/forward is {macs['ratio']:.2f}")
     if args.save_compiled:
         args.save_compiled.parent.mkdir(parents=True, exist_ok=True)
         save(compiled, args.save_compiled)

@@ -104,10 +104,15 @@ class Linear:
     transpose_x: bool = False  # Gemm transA=1: the node reads x^T; ``x`` is then the transposed tensor
     x_nonneg: bool = False  # x >= 0 everywhere (a Relu output, ...): x- = 0, so rules drop their x- terms
     relu_out: str | None = None  # Relu(z) when the relevance of z is 0 wherever z <= 0 (RelevancePass.relu_behind)
+    # the model's float32 initializer that holds ``weight`` unchanged, and whether it is stored transposed (a dense
+    # weight as [out, in], Gemm transB=1): rules that use the weight as it is read it instead of a copy
+    source: tuple[str, bool] | None = None
     _weights: dict = field(default_factory=dict, repr=False)
 
     def weight_name(self, b: GraphBuilder, weight: np.ndarray, tag: str) -> str:
         """An initializer for a transformed weight, computed once at compile time and shared within the layer."""
+        if weight is self.weight and self.source is not None and not self.source[1]:
+            return self.source[0]
         if tag not in self._weights:
             self._weights[tag] = b.const(weight.astype(np.float32), f"{tag}")
         return self._weights[tag]
@@ -128,6 +133,10 @@ class Linear:
     def transpose(self, b: GraphBuilder, g: str, weight: np.ndarray, tag: str) -> str:
         """``W'^T g``: the gradient of ``W' x`` with respect to ``x``, shaped like ``x``."""
         if self.kind == "dense":
+            if weight is self.weight and self.source is not None:  # the model's own [out, in] or [in, out] weight
+                name, stored_transposed = self.source
+                return b.op("MatMul", [g, name], "WTg") if stored_transposed else \
+                    b.op("Gemm", [g, name], "WTg", transB=1)
             return b.op("MatMul", [g, self.weight_name(b, weight.T, tag + "_T")], "WTg")
         wd = self.window
         flipped = stride_one_flip(weight, wd, self.group)

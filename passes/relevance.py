@@ -529,7 +529,7 @@ def linear_layer(ctx: RelevancePass, node: onnx.NodeProto) -> Linear | None:
         if len(node.input) > 2 and node.input[2] and bias is None:
             return None
         layer = Linear(node.name, "conv", x, node.output[0], w, bias, shapes.get(x), conv_window(ctx, node, w),
-                       group=attr(node, "group", 1))
+                       group=attr(node, "group", 1), source=own_weight(ctx, node.input[1], False))
     elif node.op_type == "Gemm" and node.input[1] in consts:
         alpha, beta = attr(node, "alpha", 1.0), attr(node, "beta", 1.0)
         w = consts[node.input[1]].astype(np.float64) * alpha
@@ -540,10 +540,12 @@ def linear_layer(ctx: RelevancePass, node: onnx.NodeProto) -> Linear | None:
                 return None
             bias = np.broadcast_to(consts[node.input[2]].astype(np.float64).reshape(-1) * beta, (w.shape[1],))
         layer = Linear(node.name, "dense", x, node.output[0], w, bias, shapes.get(x),
-                       transpose_x=bool(attr(node, "transA", 0)))
+                       transpose_x=bool(attr(node, "transA", 0)),
+                       source=own_weight(ctx, node.input[1], bool(attr(node, "transB", 0))) if alpha == 1 else None)
     elif node.op_type == "MatMul" and node.input[1] in consts and consts[node.input[1]].ndim == 2:
         w = consts[node.input[1]].astype(np.float64)
-        layer = Linear(node.name, "dense", x, node.output[0], w, None, shapes.get(x))
+        layer = Linear(node.name, "dense", x, node.output[0], w, None, shapes.get(x),
+                       source=own_weight(ctx, node.input[1], False))
         add = sole_reader(ctx, layer.z)
         other = add.input[1] if add is not None and add.op_type == "Add" and add.input[0] == layer.z else \
             add.input[0] if add is not None and add.op_type == "Add" else None
@@ -553,6 +555,14 @@ def linear_layer(ctx: RelevancePass, node: onnx.NodeProto) -> Linear | None:
         return None
     fold_batchnorm(ctx, layer)
     return layer
+
+
+def own_weight(ctx: RelevancePass, name: str, transposed: bool) -> tuple[str, bool] | None:
+    """``(name, transposed)`` when the weight initializer is float32 and not an overridable graph input, so that
+    the relevance graph may read it directly (see :attr:`Linear.source`)."""
+    if ctx.constants[name].dtype != np.float32 or name in {i.name for i in ctx.graph.input}:
+        return None
+    return name, transposed
 
 
 def sole_reader(ctx: RelevancePass, tensor: str) -> onnx.NodeProto | None:
@@ -578,6 +588,7 @@ def fold_batchnorm(ctx: RelevancePass, layer: Linear) -> None:
         layer.weight = layer.weight * s[None, :]
     layer.bias = (bias - mean) * s + beta
     layer.z = bn.output[0]
+    layer.source = None
 
 
 def conv_window(ctx: RelevancePass, node: onnx.NodeProto, w: np.ndarray) -> Window | None:

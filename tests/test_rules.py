@@ -5,7 +5,7 @@ import numpy as np
 import onnx
 import pytest
 import reference as ref
-from helpers import assert_close_relative, compiled_from_spec, explain, run_source, session
+from helpers import assert_close_relative, compiled_from_spec, cosine_per_sample, explain, run_source, session
 from netspec import AvgPool, Flatten, MaxPool, Relu, Residual
 from spec_zoo import ZOO
 
@@ -190,3 +190,23 @@ def test_stabilizer_is_zennits_bit_for_bit(eps):
     got = session(model).run(None, {"z": z})[0]
     expected = z + ((z == 0).astype(np.float32) + np.sign(z)) * np.float32(eps)
     np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("dense_as", ["gemm", "matmul"])
+@pytest.mark.parametrize("rule", ["epsilon", "rlrp"])
+def test_unmodified_weights_are_read_in_place(dense_as, rule):
+    """Rules that use a weight as it is (W^T g of epsilon and R-LRP) read the model's own initializer, stored as
+    [out, in] (Gemm transB=1) or [in, out] (MatMul), instead of a transposed copy: the compiled model is not
+    larger by a second set of dense weights, and the relevance still equals the reference."""
+    rng = np.random.default_rng(31)
+    layers = [Flatten(), ns.dense(rng, 48, 64), Relu(), ns.dense(rng, 64, 32), Relu(), ns.dense(rng, 32, 5)]
+    model = ns.to_onnx(layers, (2, 3, 4, 4), dense_as=dense_as)
+    compiled = onnxlrp.compile(model, rule)
+    weights = sum(t.ByteSize() for t in model.graph.initializer)
+    assert sum(t.ByteSize() for t in compiled.graph.initializer) < weights + 2000
+    x = rng.normal(size=(2, 3, 4, 4))
+    relevance = explain(model, x, rule)[1]
+    if rule == "rlrp":
+        assert np.all(cosine_per_sample(relevance, ref.rlrp(layers, x)) >= 0.9999)
+    else:
+        assert_close_relative(relevance, ref.lrp(layers, x, "epsilon"), 1e-5)

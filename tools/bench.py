@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import glob
 import hashlib
 import importlib.metadata
 import json
@@ -462,7 +463,8 @@ def parse_args(argv=None):
     p.add_argument("--variant", action="append", default=[], metavar="NAME=PATH.onnx",
                    help="a model compiled elsewhere (e.g. by a modified compiler) timed in the same interleaved "
                         "loop and, unless --no-memory, measured for memory like the others; repeatable")
-    p.add_argument("--summarize", type=Path, metavar="DIR", help="print a markdown table of the JSON results in DIR")
+    p.add_argument("--summarize", type=Path, metavar="DIR|GLOB",
+                   help="print a markdown table of the JSON results in DIR (or matching GLOB)")
     p.add_argument("--child", choices=("memory", "zennit"), help=argparse.SUPPRESS)
     p.add_argument("--child-model", help=argparse.SUPPRESS)
     p.add_argument("--child-input", help=argparse.SUPPRESS)
@@ -473,12 +475,14 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def summarize(folder: Path) -> str:
-    """A markdown table of every ``*.json`` result in ``folder`` (the runs of ``main``)."""
+def summarize(results: Path) -> str:
+    """A markdown table of the JSON results: every ``*.json`` in a folder, or the files a glob pattern matches."""
     rows = ["| model | batch | rule | forward ms | explain ms | explain/forward (median) | pairs | min/min "
-            "| peak MiB src / cmp | mem ratio | compile s (CPU s) | Zennit ms | Zennit/ours | load |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for f in sorted(folder.glob("*.json")):
+            "| multiply-add floor | peak MiB src / cmp | mem ratio | compile s (CPU s) | Zennit ms | Zennit/ours "
+            "| load |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    files = results.glob("*.json") if results.is_dir() else map(Path, glob.glob(str(results)))
+    for f in sorted(files):
         d = json.loads(f.read_text())
         if "timing" not in d:
             continue
@@ -491,6 +495,7 @@ def summarize(folder: Path) -> str:
             f"| {model} | {c['batch']} | {c['rule']} | {t['source_median_s'] * 1e3:.0f} | "
             f"{t['compiled_median_s'] * 1e3:.0f} | **{t['ratio_explain_forward']:.2f}** | "
             f"{t['ratio_of_pairs_median']:.2f} | {t['compiled_min_s'] / t['source_min_s']:.2f} | "
+            + (f"{d['multiply_adds']['ratio']:.2f} | " if "multiply_adds" in d else "- | ")
             + (f"{src_m:.0f} / {cmp_m:.0f} | {mem['ratio']:.2f} | " if "ratio" in mem else "- | - | ")
             + f"{d['compile_s']:.1f} ({d.get('compile_cpu_s', float('nan')):.1f}) | "
             + (f"{z['median_s'] * 1e3:.0f} | {z['ratio_zennit_over_ours']:.1f} | " if "median_s" in z else "- | - | ")
@@ -499,7 +504,7 @@ def summarize(folder: Path) -> str:
             vm = mem.get(f"variant:{key}", {})
             rows.append(f"| {model} | {c['batch']} | {c['rule']} *{key}* | | {v['median_s'] * 1e3:.0f} | "
                         f"**{v['ratio_explain_forward']:.2f}** | {v['ratio_of_pairs_median']:.2f} | "
-                        f"{v['min_s'] / t['source_min_s']:.2f} | "
+                        f"{v['min_s'] / t['source_min_s']:.2f} | | "
                         + (f"- / {vm['peak_delta_mib']:.0f} | {vm['ratio']:.2f} | " if "ratio" in vm else "- | - | ")
                         + "| | | |")
     return "\n".join(rows)

@@ -65,8 +65,11 @@ def multiply_adds(model: onnx.ModelProto, batch: int) -> int:
     that no element-wise rewrite can remove. Shapes come from ONNX shape inference with the batch fixed."""
     fixed = onnx.ModelProto()
     fixed.CopyFrom(model)
+    defaults = {t.name for t in fixed.graph.initializer}  # optional inputs (the compiled model's target)
     for vi in fixed.graph.input:
         dims = vi.type.tensor_type.shape.dim
+        if vi.name in defaults:
+            continue
         if dims and not dims[0].HasField("dim_value"):
             dims[0].dim_value = batch
     inferred = onnx.shape_inference.infer_shapes(fixed, data_prop=True)

@@ -236,18 +236,12 @@ class AlphaBeta(Rule):
         into the bias):
         ``R_in = x * (alpha W+^T ga - beta W-^T gb)``."""
         w, bias = layer.weight, layer.bias
-        cout = w.shape[0]
         # the stabilizers +eps / -eps ride in the bias: the convolution's output is already the denominator
-        stab_bias = np.concatenate([np.full(cout, self.stabilizer), np.full(cout, -self.stabilizer)])
-        if bias is not None:
-            stab_bias = stab_bias + np.concatenate([pos(bias), neg(bias)])
-        z = layer.forward(b, layer.x, np.concatenate([pos(w), neg(w)]), stab_bias, "Wpm")
-        out_sp = list(layer.window.out_spatial)
-        z = b.op("Reshape", [z, b.const([0, 2, cout, *out_sp], "shape", np.int64)], "z_pm")
-        r = b.op("Unsqueeze", [r, b.const([1], "axes", np.int64)], "R")
-        g = b.op("Reshape", [b.op("Div", [r, z], "s"), b.const([0, 2 * cout, *out_sp], "shape", np.int64)], "s")
-        w_t = np.concatenate([self.alpha * pos(w), -self.beta * neg(w)])
-        return mul(b, layer.x, layer.transpose(b, g, w_t, "Wpm_ab"))
+        stab_bias = np.concatenate([stabilized_bias(layer, None if bias is None else pos(bias), self.stabilizer),
+                                    stabilized_bias(layer, None if bias is None else neg(bias), -self.stabilizer)])
+        z = split_halves(b, layer, layer.forward(b, layer.x, stack(layer, pos(w), neg(w)), stab_bias, "Wpm"))
+        g = merge_halves(b, layer, b.op("Div", [unsqueeze_halves(b, r), z], "s"))
+        return mul(b, layer.x, layer.transpose(b, g, stack(layer, self.alpha * pos(w), -self.beta * neg(w)), "Wpm_ab"))
 
 
 @dataclass(frozen=True)
@@ -271,15 +265,15 @@ class Gamma(Rule):
         xp, xn = split_sign(b, layer.x, layer.x_nonneg)
         zero = b.const(0.0, "zero")
         parts = []
+        relu = layer.relu_out is not None
         branches = ((wp, wn, bp, "Greater", 1.0, ("Wp", "Wn", "bp")), (wn, wp, bn, "Less", -1.0, ("Wn", "Wp", "bn")))
-        if layer.relu_out is not None:
+        if relu:
             branches = branches[:1]  # R is 0 wherever z <= 0: the z < 0 branch is 0, the z > 0 gate is R's own
         for w_x_pos, w_x_neg, b_mod, gate_op, sign, tags in branches:
             # z_p = z + gamma (W+ x+ + b+ + W- x-) >= z > 0 where the gate is open (z_n <= z < 0 likewise), so the
             # stabilizer's sign is the branch's; where the gate is closed, Where discards the quotient. Behind a
             # Relu, R is its own gate: the denominator is max(z_p + eps, eps), which is z_p + eps where z > 0 and
             # non-zero elsewhere, one Clip that onnxruntime fuses into the convolution.
-            relu = layer.relu_out is not None
             z = layer.forward(b, xp, w_x_pos, b_mod + eps if relu else b_mod, tags[0] + "_" + tags[2])
             if xn is not None:
                 z = add(b, z, layer.forward(b, xn, w_x_neg, None, tags[1]))

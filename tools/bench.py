@@ -56,6 +56,7 @@ sys.path.insert(0, str(HERE))
 import archs  # noqa: E402
 
 DEFAULT_CACHE = Path(os.environ.get("ONNXLRP_BENCH_CACHE", Path(tempfile.gettempdir()) / "onnxlrp-bench"))
+SETTLE_S = 0.1  # Zennit and ours take turns on different thread pools: let the last one's spinning threads sleep
 EXTERNAL_DATA_BYTES = 1 << 30  # save models above 1 GiB with external data (protobuf's 2 GiB limit)
 
 
@@ -322,9 +323,11 @@ def child_zennit(args) -> dict:
             ours.run(None, feed)
             _, relevance = attributor(x, attr_output)
         for _ in range(args.repeats):  # interleaved with ours, so that both see the same machine load
+            time.sleep(SETTLE_S)
             t = time.perf_counter()
             ours.run(None, feed)
             ours_times.append(time.perf_counter() - t)
+            time.sleep(SETTLE_S)
             t = time.perf_counter()
             _, relevance = attributor(x, attr_output)
             times.append(time.perf_counter() - t)

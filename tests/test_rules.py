@@ -210,3 +210,31 @@ def test_unmodified_weights_are_read_in_place(dense_as, rule):
         assert np.all(cosine_per_sample(relevance, ref.rlrp(layers, x)) >= 0.9999)
     else:
         assert_close_relative(relevance, ref.lrp(layers, x, "epsilon"), 1e-5)
+
+
+def test_activation_only_nodes_run_next_to_their_readers(tmp_path):
+    """The stabilized denominators read only forward values. In onnxruntime's default execution order they run
+    after the first relevance node (the one-hot start), i.e. in the backward pass next to the Div that reads them,
+    not during the forward pass, where each would keep an activation-sized tensor alive through the backward."""
+    import json
+    from pathlib import Path
+
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(5)
+    layers = [ns.conv(rng, 3, 8, 3, pad=1), Relu(),
+              Residual([ns.conv(rng, 8, 8, 3, pad=1), Relu(), ns.conv(rng, 8, 8, 3, pad=1)], []), Relu(),
+              ns.conv(rng, 8, 8, 3, pad=1), Relu(), Flatten(), ns.dense(rng, 8 * 36, 4)]
+    compiled = onnxlrp.compile(ns.to_onnx(layers, (1, 3, 6, 6)), "epsilon")
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.profile_file_prefix = str(tmp_path / "order")
+    sess = ort.InferenceSession(compiled.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    sess.run(None, {sess.get_inputs()[0].name: rng.normal(size=(1, 3, 6, 6)).astype(np.float32)})
+    events = json.loads(Path(sess.end_profiling()).read_text())
+    order = [e["name"][: -len("_kernel_time")] for e in events
+             if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    start = next(i for i, name in enumerate(order) if "/selected_node" in name)
+    stabilizers = [i for i, name in enumerate(order) if "/stab_node" in name or "/eps_node" in name]
+    assert len(stabilizers) >= 5
+    assert min(stabilizers) > start, [order[i] for i in stabilizers if i < start]

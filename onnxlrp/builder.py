@@ -19,6 +19,7 @@ class GraphBuilder:
         self._taken |= {t.name for t in graph.initializer} | {v.name for v in graph.input}
         self._counter = 0
         self._constants: dict[tuple, str] = {}
+        self.products: dict[str, tuple[str, str]] = {}  # relevance tensor -> (forward value x, cofactor c): r = x * c
         self.scope = ""
 
     def fresh(self, hint: str) -> str:
@@ -51,6 +52,19 @@ class GraphBuilder:
         if key is not None:
             self._constants[key] = name
         return name
+
+    def drop_unread(self, needed: set[str]) -> None:
+        """Forget the emitted nodes (and their constants) that nothing in ``needed`` depends on: a product that a
+        reader bypassed through :attr:`products` is emitted before the reader knows it does not need it."""
+        needed = set(needed)
+        kept = []
+        for node in reversed(self.nodes):
+            if any(o in needed for o in node.output):
+                kept.append(node)
+                needed.update(node.input)
+        self.nodes = kept[::-1]
+        self.initializers = [t for t in self.initializers if t.name in needed]
+        self._constants = {k: v for k, v in self._constants.items() if v in needed}
 
     def commit(self) -> None:
         """Append everything emitted so far to the graph."""

@@ -17,7 +17,7 @@ import onnx
 from onnxlrp.errors import UnsupportedOpError
 from onnxlrp.graph import data_input_indices
 from onnxlrp.layers import Window
-from onnxlrp.rules import STABILIZER, divide_behind_relu, mul, safe_divide, times_relative
+from onnxlrp.rules import STABILIZER, divide_behind_relu, divide_relevance, mul, product, times_relative
 
 
 @dataclass
@@ -162,8 +162,9 @@ def arithmetic(ctx, node, r_out):
         shares = {i: b.op("Neg", [r], "R") if i in negated else r for i in on_path}
     else:
         y = ctx.relu_behind(node.output[0])
-        s = divide_behind_relu(b, r, y, STABILIZER) if y else safe_divide(b, r, ctx.value(node.output[0]), STABILIZER)
-        shares = {i: mul(b, ctx.value(node.input[i]), s) for i in on_path}
+        s = divide_behind_relu(b, r, y, STABILIZER) if y else \
+            divide_relevance(b, r, ctx.value(node.output[0]), STABILIZER)
+        shares = {i: product(b, ctx.value(node.input[i]), s) for i in on_path}
         shares = {i: b.op("Neg", [v], "R") if i in negated else v for i, v in shares.items()}
     out = {i: unbroadcast(ctx, v, node.input[i], node.output[0]) for i, v in shares.items()}
     for i, v in out.items():
@@ -346,12 +347,13 @@ def average_pool(ctx, node, r_out):
     include_pad = bool(attr(node, "count_include_pad", 0))
     divisor = pool_window(ctx, node, with_ceil=False).valid_count(include_pad=include_pad)
     ones = np.ones([channels, 1, *wd.kernel], dtype=np.float32)
-    g = r_out[0] if ctx.rlrp else safe_divide(b, r_out[0], y, STABILIZER)
+    g = r_out[0] if ctx.rlrp else divide_relevance(b, r_out[0], y, STABILIZER)
     g = mul(b, g, b.const((1.0 / divisor)[None], "inv_divisor"))
-    r_in = mul(b, x, wd.conv_transpose(b, g, b.const(ones, "ones_kernel"), channels, "WTg"))
+    weighted = wd.conv_transpose(b, g, b.const(ones, "ones_kernel"), channels, "WTg")
     if ctx.rlrp:
-        r_in = ctx.keep_in_range(times_relative(b, r_in, rlrp_pool_factor(wd, channels)), r_out[0])
-    return {0: r_in}
+        return {0: ctx.keep_in_range(times_relative(b, mul(b, x, weighted), rlrp_pool_factor(wd, channels)),
+                                     r_out[0])}
+    return {0: product(b, x, weighted)}
 
 
 def tap_validity(wd: Window) -> np.ndarray:
@@ -412,8 +414,8 @@ def global_average_pool(ctx, node, r_out):
     area = int(np.prod(shape[2:]))
     if ctx.rlrp:  # the constant 1 / (C HW HW) is uniform: R-LRP drops it (see times_relative)
         return {0: ctx.keep_in_range(mul(b, ctx.value(node.input[0]), r_out[0]), r_out[0])}
-    g = safe_divide(b, r_out[0], ctx.value(node.output[0]), STABILIZER)
-    return {0: mul(b, mul(b, ctx.value(node.input[0]), g), b.const(1.0 / area, "scale"))}
+    g = divide_relevance(b, r_out[0], ctx.value(node.output[0]), STABILIZER)
+    return {0: product(b, ctx.value(node.input[0]), mul(b, g, b.const(1.0 / area, "scale")))}
 
 
 def reduce_axes(ctx, node) -> list[int] | None:
@@ -445,12 +447,12 @@ def reduce_mean(ctx, node, r_out):
     shape = ctx.shapes[node.input[0]]
     axes = reduce_axes(ctx, node)
     count = int(np.prod([shape[a] for a in axes]))
-    g = r_out[0] if ctx.rlrp else safe_divide(b, r_out[0], ctx.value(node.output[0]), STABILIZER)
+    g = r_out[0] if ctx.rlrp else divide_relevance(b, r_out[0], ctx.value(node.output[0]), STABILIZER)
     if not attr(node, "keepdims", 1):
         g = b.op("Unsqueeze", [g, b.const(axes, "axes", np.int64)], "R")
     if ctx.rlrp:  # the constant 1 / (N count count) is uniform: R-LRP drops it (see times_relative)
         return {0: ctx.keep_in_range(mul(b, ctx.value(node.input[0]), g), r_out[0])}
-    return {0: mul(b, mul(b, ctx.value(node.input[0]), g), b.const(1.0 / count, "scale"))}
+    return {0: product(b, ctx.value(node.input[0]), mul(b, g, b.const(1.0 / count, "scale")))}
 
 
 @backward("GlobalMaxPool", check=check_global)

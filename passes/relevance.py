@@ -19,7 +19,7 @@ from onnxlrp.builder import GraphBuilder
 from onnxlrp.errors import OnnxlrpError, UnsupportedOpError
 from onnxlrp.graph import GraphView, data_input_indices
 from onnxlrp.layers import Linear, Window
-from onnxlrp.rules import AlphaBeta, Epsilon, Gamma, Rule, ZPlus
+from onnxlrp.rules import AlphaBeta, Epsilon, Gamma, Rule, ZPlus, product
 
 from .emitters import attr, explicit_pads, lookup, unsupported_reason
 
@@ -349,7 +349,7 @@ class RelevancePass:
         """
         b = self.b
         if not self.rlrp or tensor not in self.fork_joins:
-            total = parts[0][2] if len(parts) == 1 else b.op("Sum", [r for _, _, r in parts], "R")
+            total = self.sum_relevance([r for _, _, r in parts])
             self.range_steps.setdefault(total, max(self.range_steps.get(r, 0) for _, _, r in parts))
             return total
         groups: dict[str, list[tuple[str, list[int]]]] = {}
@@ -377,6 +377,17 @@ class RelevancePass:
         total = free[0] if len(free) == 1 else b.op("Sum", free, "R")
         self.range_steps.setdefault(total, max(self.range_steps.get(r, 0) for r in free))
         return total
+
+    def sum_relevance(self, terms: list[str]) -> str:
+        """The sum of the relevance terms a tensor receives. When every term is a product ``x * c_k`` with the same
+        forward value ``x`` (a fork whose readers all multiply by their input, see :func:`product`), it is
+        ``x * sum_k c_k``: one product instead of one per reader (classic rules only; R-LRP rescales each term)."""
+        if len(terms) == 1:
+            return terms[0]
+        factors = [self.b.products.get(t) for t in terms]
+        if not self.rlrp and all(factors) and len({x for x, _ in factors}) == 1:
+            return product(self.b, factors[0][0], self.b.op("Sum", [c for _, c in factors], "cofactors"))
+        return self.b.op("Sum", terms, "R")
 
     def join_reference(self, join: str, slots: list[int]) -> str:
         """``S``: the per-sample sum of the relevance the join routed to ``slots``."""
@@ -489,6 +500,7 @@ class RelevancePass:
         self.graph.input.append(helper.make_tensor_value_info(TARGET_INPUT, TensorProto.INT64, [batch]))
         default = np.full(batch if isinstance(batch, int) else 1, -1, dtype=np.int64)  # broadcasts over the batch
         self.graph.initializer.append(numpy_helper.from_array(default, TARGET_INPUT))
+        b.drop_unread({o.name for o in self.graph.output})
         b.nodes = activation_work_first(b.nodes, TARGET_INPUT)
         b.commit()
         return names

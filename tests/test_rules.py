@@ -238,3 +238,22 @@ def test_activation_only_nodes_run_next_to_their_readers(tmp_path):
     stabilizers = [i for i, name in enumerate(order) if "/stab_node" in name or "/eps_node" in name]
     assert len(stabilizers) >= 5
     assert min(stabilizers) > start, [order[i] for i in stabilizers if i < start]
+
+
+@pytest.mark.parametrize("eps", [1e-6, 0.1])
+def test_products_at_forks_and_joins(eps):
+    """A fork whose readers all multiply by it (x * c1 + x * c2) becomes one product x * (c1 + c2), and a join's
+    share z * q divided by stab(z) becomes q * |z| / (|z| + eps): the compiled graph has these forms (not the
+    products, the stabilizer chain and the quotient), and the relevance still equals the float64 reference, with
+    and without a MaxPool/AvgPool between the blocks and with a projection shortcut."""
+    rng = np.random.default_rng(23)
+    layers, shape = bias_free_net(rng)
+    x = rng.normal(size=shape)
+    model = ns.to_onnx(layers, shape)
+    compiled = onnxlrp.compile(model, "epsilon", epsilon=eps)
+    hints = [n.name.rsplit("/", 1)[-1] for n in compiled.graph.node if n.name.startswith("lrp/")]
+    assert sum(h.startswith("cofactors_node") for h in hints) == 2  # the two residual forks
+    # the two convolutions that feed a join, the shortcut convolution, and the average pool (its output is a fork)
+    assert sum(h.startswith("ratio_node") for h in hints) == 4
+    relevance = explain(model, x, "epsilon", epsilon=eps)[1]
+    assert_close_relative(relevance, ref.lrp(layers, x, "epsilon", eps=eps), 1e-5)

@@ -342,8 +342,10 @@ class RelevancePass:
 
         Under R-LRP a fork applies Eq. 13 per join, innermost join first: each branch contribution ``c`` of join
         ``J`` becomes ``c * S / stab(sum(c))`` where ``S`` is the summed relevance that branch received at ``J``
-        (``stab(s) = s + sign(s) * (1e-6 * sum|c| + 1e-30)``, ``sign(0) = +1``); the sum of these is the block's
-        contribution, which is in turn one branch of the next join around it with the same fork (nested blocks).
+        (``stab(s) = s + sign(s) * (1e-6 * sum|c| + 1e-30)``, ``sign(0) = +1``), except a branch that is the join's
+        own share (an identity shortcut), whose factor is exactly 1 without the stabilizer; the sum of these is the
+        block's contribution, which is in turn one branch of the next join around it with the same fork (nested
+        blocks).
         The block has the scale of the join's shares, whatever the branches did to theirs (see
         :meth:`keep_in_range`).
         """
@@ -364,7 +366,9 @@ class RelevancePass:
             members = groups.pop(join, [])
             if not members:
                 continue
-            terms = [self.rescale_branch(r, self.join_reference(join, slots)) for r, slots in members]
+            # an identity shortcut brings back the join's own share: its sum is S, Eq. 13's factor is 1
+            terms = [r if len(slots) == 1 and self.join_shares[(join, slots[0])] == r else
+                     self.rescale_branch(r, self.join_reference(join, slots)) for r, slots in members]
             block = terms[0] if len(terms) == 1 else b.op("Sum", terms, "block")
             # the block sums to the join's shares: it has their scale, whatever happened inside the branches
             self.range_steps[block] = max(self.range_steps.get(self.join_shares[(join, k)], 0)

@@ -133,3 +133,19 @@ def test_range_keeping_in_deep_chains_and_residual_stacks(scale):
                                                                 ns.conv(rng, 4, 4, 3, pad=1, bias=False)], []), Relu())]
     layers = [*blocks, GlobalAvgPool(), Flatten(), ns.dense(rng, 4, 3, bias=False)]
     check_against_reference(layers, (2, 4, 5, 5), scale * rng.random((2, 4, 5, 5)))
+
+
+def test_identity_shortcut_keeps_its_share():
+    """Eq. 13 rescales a branch to the relevance its join sent it. An identity shortcut sends back exactly that
+    share, so its factor is 1 and the graph rescales only the convolution branch (one factor per block, not two);
+    the map still equals the reference, which applies Eq. 13 to every branch."""
+    import onnxlrp
+
+    rng = np.random.default_rng(41)
+    layers = [ns.conv(rng, 3, 4, 3, pad=1), Relu(),
+              Residual([ns.conv(rng, 4, 4, 3, pad=1), Relu(), ns.conv(rng, 4, 4, 3, pad=1)], []), Relu(),
+              Residual([ns.conv(rng, 4, 4, 3, pad=1)], []), Relu(), Flatten(), ns.dense(rng, 4 * 25, 3)]
+    shape = (2, 3, 5, 5)
+    compiled = onnxlrp.compile(ns.to_onnx(layers, shape), "rlrp")
+    assert sum("/eq13_factor" in n.name for n in compiled.graph.node) == 2
+    check_against_reference(layers, shape, rng.normal(size=shape))

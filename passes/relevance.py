@@ -235,16 +235,34 @@ class RelevancePass:
         return all(self.vanishes_at_zero(o) for o in downstream)
 
     def relu_behind(self, z: str) -> str | None:
-        """``y = Relu(z)`` (as float32) when that Relu is the only reader of ``z`` and the relevance of ``y``
-        vanishes where ``y`` is 0: then the relevance of ``z`` is 0 wherever ``z <= 0`` and the rules may divide
-        by ``y + eps`` instead of ``stab(z)`` (see :func:`onnxlrp.rules.divide_behind_relu`)."""
+        """``Relu(z)`` (as float32) when the relevance of ``z`` is 0 wherever ``z <= 0``: the only reader of ``z`` is
+        a Relu, or a Clip with lower bound 0 (ReLU6), and the relevance of that reader's output vanishes where the
+        output is 0. The rules may then divide by ``Relu(z) + eps`` instead of ``stab(z)`` (see
+        :func:`onnxlrp.rules.divide_behind_relu`): the Relu's own output, which leaves the forward Conv + Relu
+        fusable, or one Relu on ``z`` behind a Clip (where ``z > hi`` the Clip's output is not ``z``)."""
         if self.rlrp:
             return None
         readers = self.view.consumers.get(z, [])
-        if len(readers) != 1 or z in {o.name for o in self.graph.output} or readers[0][0].op_type != "Relu":
+        if len(readers) != 1 or z in {o.name for o in self.graph.output}:
             return None
-        y = readers[0][0].output[0]
-        return self.value(y) if y in self.tensors and self.vanishes_at_zero(y) else None
+        gate = readers[0][0]
+        y = gate.output[0]
+        if gate.op_type not in ("Relu", "Clip") or y not in self.tensors or not self.vanishes_at_zero(y):
+            return None
+        if gate.op_type == "Relu":
+            return self.value(y)
+        if not self.clips_at_zero(gate):
+            return None
+        self.b.scope = gate.name or y
+        return self.b.op("Relu", [self.value(z)], "z_pos")
+
+    def clips_at_zero(self, clip: onnx.NodeProto) -> bool:
+        """A Clip whose lower bound is the constant 0 and whose upper bound, if any, is a positive constant."""
+        low, high = (list(clip.input[1:3]) + ["", ""])[:2]
+        low_value = self.constants.get(low) if low else None
+        high_value = self.constants.get(high) if high else None
+        return (low_value is not None and low_value.size == 1 and low_value.item() == 0 and
+                (not high or (high_value is not None and high_value.size == 1 and high_value.item() > 0)))
 
     # ------------------------------------------------------------ helpers used by emitters
 

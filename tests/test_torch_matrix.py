@@ -247,3 +247,18 @@ def test_residual_join_is_a_plain_add(arch, joins, export):
     assert len(adds) == joins
     assert all(len(n.input) == 2 for n in adds)
     assert "ReduceSum" not in ops and "Sum" not in ops
+
+
+def test_relu6_layers_divide_by_their_positive_part():
+    """Behind a ReLU6 (Clip(0, 6)) a convolution's relevance is 0 wherever its output is <= 0, so epsilon divides
+    by ``Relu(z) + eps`` (two passes) instead of the four-op stabilizer, and stays Zennit's epsilon rule."""
+    proto = tm.exported("mobilenetv2", "ts17")
+    clips = sum(n.op_type == "Clip" for n in proto.graph.node)
+    compiled = onnxlrp.compile(proto, "epsilon")
+    assert sum("/z_pos" in n.name for n in compiled.graph.node) == clips > 0
+    x = tm.sample_input("mobilenetv2")
+    out = tm.run_compiled(compiled, x)
+    check_relevance("mobilenetv2", "epsilon", x, out)
+    if HAVE_ZENNIT:
+        _, z_relevance = tm.zennit_relevance("mobilenetv2", "epsilon", x, out["explained_class"])
+        assert tm.rel_l2(out["relevance"], z_relevance) < 1e-5

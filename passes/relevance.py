@@ -396,7 +396,7 @@ class RelevancePass:
                 groups.setdefault(outer[0], []).append((block, outer[1]))
             else:
                 free.append(block)
-        total = free[0] if len(free) == 1 else b.op("Sum", free, "R")
+        total = self.sum_relevance(free)
         self.range_steps.setdefault(total, max(self.range_steps.get(r, 0) for r in free))
         return total
 

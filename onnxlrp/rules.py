@@ -66,8 +66,14 @@ def divide_signed(b: GraphBuilder, r: str, z: str, eps: float, sign: float) -> s
 def divide_behind_relu(b: GraphBuilder, r: str, y: str, eps: float) -> str:
     """``r / stab(z)`` where ``y = Relu(z)`` and ``r`` is 0 wherever ``z <= 0``: there the quotient is 0 whatever
     the (non-zero) denominator, and where ``z > 0``, ``stab(z) = y + eps``. Reading ``y`` instead of ``z`` also
-    leaves the forward Conv + Relu fusable."""
-    return b.op("Div", [r, b.op("Add", [y, b.const(eps)], "stab")], "s")
+    leaves the forward Conv + Relu fusable. When ``r = y * c`` (the next layer multiplied by its input ``y``,
+    see :func:`product`), this is ``c * y / (y + eps)``: the ratio reads forward values only, and the relevance
+    path keeps one Mul, which onnxruntime runs in the convolutions' blocked layout, instead of a Mul and a Div."""
+    stab = b.op("Add", [y, b.const(eps)], "stab")
+    factors = b.products.get(r)
+    if factors is None or factors[0] != y:
+        return b.op("Div", [r, stab], "s")
+    return b.op("Mul", [factors[1], b.op("Div", [y, stab], "ratio")], "s")
 
 
 def stabilized_bias(layer: Linear, bias: np.ndarray | None, eps: float) -> np.ndarray:

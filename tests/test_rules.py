@@ -253,7 +253,10 @@ def test_products_at_forks_and_joins(eps):
     compiled = onnxlrp.compile(model, "epsilon", epsilon=eps)
     hints = [n.name.rsplit("/", 1)[-1] for n in compiled.graph.node if n.name.startswith("lrp/")]
     assert sum(h.startswith("cofactors_node") for h in hints) == 2  # the two residual forks
-    # the two convolutions that feed a join, the shortcut convolution, and the average pool (its output is a fork)
-    assert sum(h.startswith("ratio_node") for h in hints) == 4
+    # the two convolutions that feed a join, the shortcut convolution, and the average pool (its output is a fork);
+    # behind a Relu whose output the next layer multiplies by (y * c / (y + eps) = c * y / (y + eps)): the first
+    # convolution, the first one of a block, the first join and the dense layer (the second join's Relu output is
+    # read through the Flatten after the MaxPool, which keeps no product)
+    assert sum(h.startswith("ratio_node") for h in hints) == 8
     relevance = explain(model, x, "epsilon", epsilon=eps)[1]
     assert_close_relative(relevance, ref.lrp(layers, x, "epsilon", eps=eps), 1e-5)

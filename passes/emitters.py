@@ -93,12 +93,6 @@ def float_mask(b, condition: str) -> str:
     return b.op("Cast", [condition], "mask", to=onnx.TensorProto.FLOAT)
 
 
-def first_along(b, mask: str, axis: int) -> str:
-    """Keep only the first 1 of a 0/1 mask along ``axis`` (the arg-max the gradient picks)."""
-    first = b.op("Equal", [b.op("CumSum", [mask, b.const(axis, "axis", np.int64)]), b.const(1.0, "one")])
-    return mul(b, mask, float_mask(b, first))
-
-
 # ---------------------------------------------------------------- pass-through ops
 
 PASS_THROUGH = ("BatchNormalization", "Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid", "Tanh", "Elu", "Selu", "Celu",
@@ -374,28 +368,68 @@ def tap_validity(wd: Window) -> np.ndarray:
 def max_pool(ctx, node, r_out):
     """Classic rules: winner-take-all to the first arg-max of each window (as the gradient routes it); overlapping
     windows add up. R-LRP (Prop. 13): a convolution whose mask is 1 at every arg-max (ties: all), times
-    ``Card(J)/(N P1P2) * x``. Windows are extracted exactly by a one-hot depthwise kernel."""
+    ``Card(J)/(N P1P2) * x``."""
     b = ctx.b
-    x, y = ctx.value(node.input[0]), ctx.value(node.output[0])
+    x, y, r = ctx.value(node.input[0]), ctx.value(node.output[0]), r_out[0]
     wd = pool_window(ctx, node)
     channels = ctx.shapes[node.input[0]][1]
+    if ctx.rlrp:
+        patches, kernel = window_patches(b, x, wd, channels)
+        is_max = b.op("Equal", [patches, b.op("Unsqueeze", [y, b.const([2], "axes", np.int64)], "y")])
+        is_max = b.op("And", [is_max, b.const(tap_validity(wd)[None, None], "valid_taps", np.bool_)])
+        routed = mul(b, float_mask(b, is_max), b.op("Unsqueeze", [r, b.const([2], "axes", np.int64)], "R"))
+        r_in = scatter_windows(b, routed, wd, channels, kernel)
+        return {0: ctx.keep_in_range(times_relative(b, mul(b, x, r_in), rlrp_pool_factor(wd, channels)), r)}
+    route = route_to_winners(b, x, wd, channels)
+    factors = b.products.get(r)
+    if factors is None or factors[0] != y:
+        return {0: route(r)}
+    # r = y * c, and the winner's input is y: the routed relevance is x * route(c) (drop_unread keeps one of the two)
+    r_in = route(r)
+    b.products[r_in] = (x, route(factors[1]))
+    return {0: r_in}
+
+
+def route_to_winners(b, x: str, wd: Window, channels: int):
+    """Windows extracted by a one-hot depthwise convolution (``[N, C, K, *out]``, padded taps set to ``-inf`` so
+    that they never win), a 0/1 mask of each window's first maximum, and the transposed convolution that adds each
+    window's relevance at its winner (overlapping windows add up)."""
+    patches, kernel = window_patches(b, x, wd, channels)
+    valid = tap_validity(wd)[None, None]
+    if not valid.all():
+        patches = b.op("Add", [patches, b.const(np.where(valid, 0.0, -np.inf), "padded_taps")], "patches")
+    is_winner = float_mask(b, first_max_taps(b, patches, 2, int(np.prod(wd.kernel)), wd.rank))
+    axes = b.const([2], "axes", np.int64)
+
+    def route(v: str) -> str:
+        return scatter_windows(b, mul(b, is_winner, b.op("Unsqueeze", [v, axes], "R")), wd, channels, kernel)
+    return route
+
+
+def first_max_taps(b, windows: str, axis: int, k: int, after: int) -> str:
+    """Boolean mask of the first maximum of each window, whose ``k`` taps (in row-major order) lie along ``axis``
+    of ``windows``, followed by ``after`` axes: ArgMax keeps the first of equal maxima (the arg-max the gradient
+    picks)."""
+    winner = b.op("ArgMax", [windows], "winner", axis=axis, keepdims=1, select_last_index=0)
+    index = np.arange(k).reshape([1] * axis + [k] + [1] * after)
+    return b.op("Equal", [winner, b.const(index, "tap_index", np.int64)], "winner")
+
+
+def window_patches(b, x: str, wd: Window, channels: int) -> tuple[str, str]:
+    """The windows of ``x`` as ``[N, C, K, *out]`` (zero at padded taps), and the one-hot kernel that made them."""
     k = int(np.prod(wd.kernel))
     taps = np.eye(k, dtype=np.float32).reshape(k, 1, *wd.kernel)
     kernel = b.const(np.tile(taps, (channels,) + (1,) * (taps.ndim - 1)), "onehot_kernel")
     patches = b.op("Conv", [x, kernel], "patches", strides=wd.strides, pads=wd.pads, dilations=wd.dilations,
                    group=channels)
-    patches = b.op("Reshape", [patches, b.const([0, channels, k, *wd.out_spatial], "shape", np.int64)], "patches")
-    is_max = b.op("Equal", [patches, b.op("Unsqueeze", [y, b.const([2], "axes", np.int64)], "y")])
-    is_max = b.op("And", [is_max, b.const(tap_validity(wd)[None, None], "valid_taps", np.bool_)])
-    mask = float_mask(b, is_max)
-    if not ctx.rlrp:
-        mask = first_along(b, mask, 2)
-    routed = mul(b, mask, b.op("Unsqueeze", [r_out[0], b.const([2], "axes", np.int64)], "R"))
+    return b.op("Reshape", [patches, b.const([0, channels, k, *wd.out_spatial], "shape", np.int64)], "patches"), kernel
+
+
+def scatter_windows(b, routed: str, wd: Window, channels: int, kernel: str) -> str:
+    """``[N, C, K, *out]`` window values added back at their input positions (the one-hot kernel transposed)."""
+    k = int(np.prod(wd.kernel))
     routed = b.op("Reshape", [routed, b.const([0, channels * k, *wd.out_spatial], "shape", np.int64)], "R")
-    r_in = wd.conv_transpose(b, routed, kernel, channels, "R")
-    if ctx.rlrp:
-        r_in = ctx.keep_in_range(times_relative(b, mul(b, x, r_in), rlrp_pool_factor(wd, channels)), r_out[0])
-    return {0: r_in}
+    return wd.conv_transpose(b, routed, kernel, channels, "R")
 
 
 def check_global(ctx, node):
@@ -462,11 +496,10 @@ def global_max_pool(ctx, node, r_out):
     x = ctx.value(node.input[0])
     flat = b.op("Reshape", [x, b.const([0, 0, -1], "shape", np.int64)], "x")
     y = b.op("Reshape", [ctx.value(node.output[0]), b.const([0, 0, 1], "shape", np.int64)], "y")
-    mask = float_mask(b, b.op("Equal", [flat, y]))
-    if not ctx.rlrp:
-        mask = first_along(b, mask, 2)
     r = b.op("Reshape", [r_out[0], b.const([0, 0, 1], "shape", np.int64)], "R")
-    r_in = reshape_like(ctx, mul(b, mask, r), x)
-    if ctx.rlrp:  # the constant 1 / (C HW) is uniform: R-LRP drops it (see times_relative)
-        r_in = ctx.keep_in_range(mul(b, x, r_in), r_out[0])
-    return {0: r_in}
+    if not ctx.rlrp:
+        area = int(np.prod(ctx.shapes[node.input[0]][2:]))
+        return {0: reshape_like(ctx, mul(b, float_mask(b, first_max_taps(b, flat, 2, area, 0)), r), x)}
+    r_in = reshape_like(ctx, mul(b, float_mask(b, b.op("Equal", [flat, y])), r), x)
+    # the constant 1 / (C HW) is uniform: R-LRP drops it (see times_relative)
+    return {0: ctx.keep_in_range(mul(b, x, r_in), r_out[0])}

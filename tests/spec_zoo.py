@@ -38,6 +38,15 @@ def m_maxpool(rng):
     ], (2, 2, 7, 7)
 
 
+def m_maxpool_tiles(rng):
+    return [
+        ns.conv(rng, 2, 3, 3, pad=1), Relu(),
+        MaxPool((2, 2), (2, 2)),                             # windows that tile the input
+        MaxPool((3, 2), (3, 2)),                             # anisotropic tiles
+        Flatten(), ns.dense(rng, 3 * 2 * 2, 3),
+    ], (2, 2, 12, 8)
+
+
 def m_maxpool_ceil_drop(rng):
     # ceil_mode window that would start in the end padding is dropped (ORT/PyTorch); ONNX shape
     # inference keeps it (3 instead of 2), so only a global pool may follow in an ONNX graph
@@ -120,7 +129,8 @@ def m_conv3d(rng):
 
 
 ZOO = {
-    "mlp": m_mlp, "cnn": m_cnn, "maxpool": m_maxpool, "maxpool_ceil_drop": m_maxpool_ceil_drop,
+    "mlp": m_mlp, "cnn": m_cnn, "maxpool": m_maxpool, "maxpool_tiles": m_maxpool_tiles,
+    "maxpool_ceil_drop": m_maxpool_ceil_drop,
     "avgpool": m_avgpool, "global": m_global, "residual": m_residual, "nested": m_nested,
     "concat": m_concat, "sum3": m_sum3, "conv1d": m_conv1d, "conv3d": m_conv3d,
 }

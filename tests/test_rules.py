@@ -50,6 +50,21 @@ def test_rule_matches_reference(model, rule):
     assert_close_relative(relevance, expected, 5e-5 if (model, rule) in ILL_CONDITIONED else 1e-5)
 
 
+def test_max_pool_ties_go_to_the_first_arg_max():
+    """Negative integer inputs tie in most windows: each window's relevance goes to its first maximum in row-major
+    order, for windows that tile the input and for overlapping padded windows (where a padded tap must not win
+    against the negative inputs)."""
+    rng = np.random.default_rng(13)
+    layers = [MaxPool((2, 2), (2, 2)), MaxPool((3, 3), (2, 2), (1, 1, 1, 1)), Flatten(), ns.dense(rng, 2 * 3 * 3, 3)]
+    shape = (2, 2, 12, 12)
+    x = rng.integers(-4, 0, size=shape).astype(np.float64)
+    windows = x.reshape(2, 2, 6, 2, 6, 2).transpose(0, 1, 2, 4, 3, 5).reshape(2, 2, 6, 6, 4)
+    assert ((windows == windows.max(-1, keepdims=True)).sum(-1) > 1).mean() > 0.3  # ties are common
+    expected = ref.lrp(layers, x, "epsilon", eps=0.01)
+    relevance, _ = compiled_from_spec(layers, shape, "epsilon", x, epsilon=0.01)
+    assert_close_relative(relevance, expected, 1e-5)
+
+
 def test_target_input_selects_the_class():
     rng = np.random.default_rng(11)
     layers, shape = ZOO["cnn"](rng)

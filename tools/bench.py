@@ -364,12 +364,12 @@ def run_child(kind: str, args, model_path: Path, input_path: Path, input_name: s
 HINT_SUFFIX = re.compile(r"(_nchwc|_node|_token|_\d+)$")
 PARTS = (  # (rule part, hints of the nodes emitted for it); first match wins
     ("stabilizer (GreaterOrEqual/Where/Add)", {"eps", "stab", "g", "gate"}),
-    ("divide R / z", {"s"}),
+    ("divide R / z", {"s", "ratio", "abs_z"}),
     ("transposed product W^T g (Conv/ConvTranspose/MatMul)", {"WTg"}),
     ("modified forward z' (Conv/MatMul, pos/neg, flat ones)", {"z", "z_pos", "z_pm", "ones", "low", "high"}),
     ("x+/x- split", {"x_pos", "x_neg"}),
     ("products and sums (Mul/Sum)", {"prod", "sum", "R", "coef", "cofactors", "Cast"}),
-    ("max-pool backward (windows, mask, scatter)", {"patches", "y", "mask", "Equal", "And", "CumSum"}),
+    ("max-pool backward (windows, mask, scatter)", {"patches", "y", "mask", "winner", "Equal", "And"}),
     ("R-LRP keep_in_range (Flatten/Abs/ReduceMax/Max/Div/Reshape)", {"flat", "abs", "ReduceMax", "peak", "scaled"}),
     ("R-LRP fork rescale (Eq. 13)", {"ReduceSum", "sign", "denom", "eq13_factor", "block", "Add", "Mul", "S"}),
 )

@@ -68,7 +68,7 @@ def divide_behind_relu(b: GraphBuilder, r: str, y: str, eps: float) -> str:
     the (non-zero) denominator, and where ``z > 0``, ``stab(z) = y + eps``. Reading ``y`` instead of ``z`` also
     leaves the forward Conv + Relu fusable. When ``r = y * c`` (the next layer multiplied by its input ``y``,
     see :func:`product`), this is ``c * y / (y + eps)``: the ratio reads forward values only, and the relevance
-    path keeps one Mul, which onnxruntime runs in the convolutions' blocked layout, instead of a Mul and a Div."""
+    path keeps one Mul instead of a Mul and a Div (the product ``y * c`` is then dropped unread)."""
     stab = b.op("Add", [y, b.const(eps)], "stab")
     factors = b.products.get(r)
     if factors is None or factors[0] != y:

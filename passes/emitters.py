@@ -367,8 +367,8 @@ def tap_validity(wd: Window) -> np.ndarray:
 @backward("MaxPool", check=check_pool)
 def max_pool(ctx, node, r_out):
     """Classic rules: winner-take-all to the first arg-max of each window (as the gradient routes it); overlapping
-    windows add up. R-LRP (Prop. 13): a convolution whose mask is 1 at every arg-max (ties: all), times
-    ``Card(J)/(N P1P2) * x``."""
+    windows add up (:func:`route_to_winners`). R-LRP (Prop. 13): a convolution whose mask is 1 at every arg-max
+    (ties: all), times ``Card(J)/(N P1P2) * x``."""
     b = ctx.b
     x, y, r = ctx.value(node.input[0]), ctx.value(node.output[0]), r_out[0]
     wd = pool_window(ctx, node)
@@ -495,11 +495,11 @@ def global_max_pool(ctx, node, r_out):
     b = ctx.b
     x = ctx.value(node.input[0])
     flat = b.op("Reshape", [x, b.const([0, 0, -1], "shape", np.int64)], "x")
-    y = b.op("Reshape", [ctx.value(node.output[0]), b.const([0, 0, 1], "shape", np.int64)], "y")
     r = b.op("Reshape", [r_out[0], b.const([0, 0, 1], "shape", np.int64)], "R")
     if not ctx.rlrp:
         area = int(np.prod(ctx.shapes[node.input[0]][2:]))
         return {0: reshape_like(ctx, mul(b, float_mask(b, first_max_taps(b, flat, 2, area, 0)), r), x)}
+    y = b.op("Reshape", [ctx.value(node.output[0]), b.const([0, 0, 1], "shape", np.int64)], "y")
     r_in = reshape_like(ctx, mul(b, float_mask(b, b.op("Equal", [flat, y])), r), x)
     # the constant 1 / (C HW) is uniform: R-LRP drops it (see times_relative)
     return {0: ctx.keep_in_range(mul(b, x, r_in), r_out[0])}

@@ -6,7 +6,7 @@ import onnx
 import pytest
 import reference as ref
 from helpers import assert_close_relative, compiled_from_spec, cosine_per_sample, explain, run_source, session
-from netspec import AvgPool, Flatten, MaxPool, Relu, Residual
+from netspec import AvgPool, Flatten, GlobalMaxPool, MaxPool, Relu, Residual
 from spec_zoo import ZOO
 
 import onnxlrp
@@ -50,12 +50,16 @@ def test_rule_matches_reference(model, rule):
     assert_close_relative(relevance, expected, 5e-5 if (model, rule) in ILL_CONDITIONED else 1e-5)
 
 
-def test_max_pool_ties_go_to_the_first_arg_max():
+@pytest.mark.parametrize("pools,outputs", [
+    ([MaxPool((2, 2), (2, 2)), MaxPool((3, 3), (2, 2), (1, 1, 1, 1))], 2 * 3 * 3),  # tiling; overlapping, padded
+    ([GlobalMaxPool()], 2),
+])
+def test_max_pool_ties_go_to_the_first_arg_max(pools, outputs):
     """Negative integer inputs tie in most windows: each window's relevance goes to its first maximum in row-major
-    order, for windows that tile the input and for overlapping padded windows (where a padded tap must not win
-    against the negative inputs)."""
+    order, for windows that tile the input, for overlapping padded windows (where a padded tap must not win against
+    the negative inputs) and for a global pool."""
     rng = np.random.default_rng(13)
-    layers = [MaxPool((2, 2), (2, 2)), MaxPool((3, 3), (2, 2), (1, 1, 1, 1)), Flatten(), ns.dense(rng, 2 * 3 * 3, 3)]
+    layers = [*pools, Flatten(), ns.dense(rng, outputs, 3)]
     shape = (2, 2, 12, 12)
     x = rng.integers(-4, 0, size=shape).astype(np.float64)
     windows = x.reshape(2, 2, 6, 2, 6, 2).transpose(0, 1, 2, 4, 3, 5).reshape(2, 2, 6, 6, 4)

@@ -20,6 +20,7 @@ class GraphBuilder:
         self._counter = 0
         self._constants: dict[tuple, str] = {}
         self.products: dict[str, tuple[str, str]] = {}  # relevance tensor -> (forward value x, cofactor c): r = x * c
+        self.stand_ins: dict[str, str] = {}  # a stand-in -> the forward value it equals wherever relevance is non-zero
         self.scope = ""
 
     def fresh(self, hint: str) -> str:

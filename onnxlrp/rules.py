@@ -134,13 +134,14 @@ def product(b: GraphBuilder, x: str, c: str) -> str:
 
 
 def divide_relevance(b: GraphBuilder, r: str, z: str, eps: float) -> str:
-    """``r / stab(z)``. When ``r = z * c`` (a join's share of its input ``z``), this is ``c * |z| / (|z| + eps)``:
+    """``r / stab(z)``. When ``r = z * c`` (a join's share of its input ``z``, or of a stand-in that equals ``z``
+    wherever ``c`` is non-zero, see ``RelevancePass.join_stand_in``), this is ``c * |z| / (|z| + eps)``:
     ``z / stab(z) = |z| / (|z| + eps)`` exactly (the signs cancel, and ``z = 0`` gives 0), a ratio of forward values
     that takes three passes instead of the product, the stabilizer's four and the quotient."""
     factors = b.products.get(r)
-    if eps <= 0 or factors is None or factors[0] != z:
+    if eps <= 0 or factors is None or b.stand_ins.get(factors[0], factors[0]) != z:
         return safe_divide(b, r, z, eps)
-    magnitude = b.op("Abs", [z], "abs_z")
+    magnitude = b.op("Abs", [factors[0]], "abs_z")  # z, or its stand-in where c is non-zero (b.stand_ins)
     ratio = b.op("Div", [magnitude, b.op("Add", [magnitude, b.const(eps)], "stab")], "ratio")
     return b.op("Mul", [factors[1], ratio], "s")
 

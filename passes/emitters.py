@@ -158,7 +158,10 @@ def arithmetic(ctx, node, r_out):
         y = ctx.relu_behind(node.output[0])
         s = divide_behind_relu(b, r, y, STABILIZER) if y else \
             divide_relevance(b, r, ctx.value(node.output[0]), STABILIZER)
-        shares = {i: product(b, ctx.value(node.input[i]), s) for i in on_path}
+        operands = {i: ctx.value(node.input[i]) for i in on_path}
+        if y:
+            operands.update(ctx.join_stand_in(node, y))
+        shares = {i: product(b, operands[i], s) for i in on_path}
         shares = {i: b.op("Neg", [v], "R") if i in negated else v for i, v in shares.items()}
     out = {i: unbroadcast(ctx, v, node.input[i], node.output[0]) for i, v in shares.items()}
     for i, v in out.items():

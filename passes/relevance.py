@@ -256,6 +256,33 @@ class RelevancePass:
         self.b.scope = gate.name or y
         return self.b.op("Relu", [self.value(z)], "z_pos")
 
+    def join_stand_in(self, node: onnx.NodeProto, y: str) -> dict[int, str]:
+        """``{k: y - (the other operands)}`` for one operand ``u_k`` of a join ``a = u_0 + u_1 + ...`` behind a Relu
+        (``y = Relu(a)``) that a Conv or BatchNormalization produces for this join alone.
+
+        The join's relevance is 0 wherever ``y = 0``, and elsewhere ``a = y``, so ``y - sum_{j != k} u_j`` equals
+        ``u_k`` up to half an ulp of ``a`` wherever the relevance is non-zero: the rules may read it instead of
+        ``u_k`` (:attr:`GraphBuilder.stand_ins`). onnxruntime can then keep the convolution, the Add and the Relu in
+        one kernel, as in the source model (ResNet's bottleneck); reading ``u_k`` itself would split them into three
+        passes over the block's widest tensor."""
+        if node.op_type not in ("Add", "Sum") or len(set(node.input)) != len(node.input):
+            return {}
+        shape = self.shapes.get(node.output[0])
+        if shape is None or any(self.shapes.get(u) != shape or u not in self.tensors for u in node.input):
+            return {}
+        outputs = {o.name for o in self.graph.output}
+        for k, u in enumerate(node.input):
+            producer = self.view.producer.get(u)
+            if (producer is None or producer.op_type not in ("Conv", "BatchNormalization") or u in outputs or
+                    len(self.view.consumers.get(u, [])) != 1):
+                continue
+            others = [self.value(v) for j, v in enumerate(node.input) if j != k]
+            rest = others[0] if len(others) == 1 else self.b.op("Sum", others, "others")
+            stand_in = self.b.op("Sub", [y, rest], "z_stand_in")
+            self.b.stand_ins[stand_in] = self.value(u)
+            return {k: stand_in}
+        return {}
+
     def clips_at_zero(self, clip: onnx.NodeProto) -> bool:
         """A Clip whose lower bound is the constant 0 and whose upper bound, if any, is a positive constant."""
         low, high = (list(clip.input[1:3]) + ["", ""])[:2]

@@ -69,6 +69,31 @@ def test_max_pool_ties_go_to_the_first_arg_max(pools, outputs):
     assert_close_relative(relevance, expected, 1e-5)
 
 
+@pytest.mark.parametrize("rule,params", [("epsilon", {"epsilon": 1e-6}), ("alpha-beta", {})])
+def test_join_operand_behind_a_relu_is_read_through_its_stand_in(rule, params):
+    """Behind a Relu, the convolution (or batch norm) output that only a join reads is replaced, in the relevance
+    part, by y - (the other operands), which equals it wherever the relevance is non-zero: no emitted node reads
+    it, so onnxruntime can keep the convolution, the Add and the Relu in one kernel, and the compiled model's
+    outputs equal the source's bit for bit. The relevance still equals the float64 reference."""
+    rng = np.random.default_rng(24)
+    layers, shape = ZOO["residual"](rng)
+    model = ns.to_onnx(layers, shape)
+    compiled = onnxlrp.compile(model, rule, **params)
+    producer = {o: n.op_type for n in model.graph.node for o in n.output}
+    read = {i for n in compiled.graph.node if n.name.startswith("lrp/") for i in n.input}
+    joins = [n for n in model.graph.node if n.op_type == "Add"]
+    assert len(joins) == 2
+    for join in joins:
+        operands = [u for u in join.input if producer.get(u) in ("Conv", "BatchNormalization")]
+        assert operands and any(u not in read for u in operands)
+    x = rng.normal(size=shape)
+    originals, relevance, _ = explain(model, x, rule, **params)
+    np.testing.assert_array_equal(originals[0], run_source(model, x)[0])
+    ref_name, _, ref_params = RULES[rule]
+    ref_params = {"eps": 1e-6} if rule == "epsilon" else ref_params
+    assert_close_relative(relevance, ref.lrp(layers, x, ref_name, **ref_params), 1e-5)
+
+
 def test_target_input_selects_the_class():
     rng = np.random.default_rng(11)
     layers, shape = ZOO["cnn"](rng)

@@ -114,6 +114,15 @@ def m_sum3(rng):
     ], (2, 2, 4, 4)
 
 
+def m_depthwise_strided(rng):
+    return [
+        ns.conv(rng, 2, 4, 3, pad=1), Relu(),
+        ns.conv(rng, 4, 4, 3, stride=2, pad=1, groups=4), Relu(),                    # depthwise, stride 2
+        ns.conv(rng, 4, 8, 3, stride=(2, 3), pad=(0, 1, 1, 0), groups=4), Relu(),   # depthwise x2, uneven
+        Flatten(), ns.dense(rng, 8 * 2 * 2, 3),
+    ], (2, 2, 9, 10)
+
+
 def m_conv1d(rng):
     return [
         ns.conv(rng, 2, 4, 3, pad=1, ndim=1), Relu(),
@@ -132,5 +141,6 @@ ZOO = {
     "mlp": m_mlp, "cnn": m_cnn, "maxpool": m_maxpool, "maxpool_tiles": m_maxpool_tiles,
     "maxpool_ceil_drop": m_maxpool_ceil_drop,
     "avgpool": m_avgpool, "global": m_global, "residual": m_residual, "nested": m_nested,
-    "concat": m_concat, "sum3": m_sum3, "conv1d": m_conv1d, "conv3d": m_conv3d,
+    "concat": m_concat, "sum3": m_sum3, "depthwise_strided": m_depthwise_strided, "conv1d": m_conv1d,
+    "conv3d": m_conv3d,
 }

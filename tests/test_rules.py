@@ -94,6 +94,19 @@ def test_join_operand_behind_a_relu_is_read_through_its_stand_in(rule, params):
     assert_close_relative(relevance, ref.lrp(layers, x, ref_name, **ref_params), 1e-5)
 
 
+def test_strided_depthwise_transposed_products_are_convolutions():
+    """A strided depthwise convolution's transposed product is a stride-1 Conv over zero-inserted relevance (no
+    ConvTranspose), and the relevance equals the float64 reference, for an even and an uneven geometry."""
+    rng = np.random.default_rng(25)
+    layers, shape = ZOO["depthwise_strided"](rng)
+    model = ns.to_onnx(layers, shape)
+    ops = [n.op_type for n in onnxlrp.compile(model, "epsilon").graph.node if n.name.startswith("lrp/")]
+    assert ops.count("Resize") == 2 and "ConvTranspose" not in ops
+    x = rng.normal(size=shape)
+    relevance, _ = compiled_from_spec(layers, shape, "epsilon", x, epsilon=0.01)
+    assert_close_relative(relevance, ref.lrp(layers, x, "epsilon", eps=0.01), 1e-5)
+
+
 def test_target_input_selects_the_class():
     rng = np.random.default_rng(11)
     layers, shape = ZOO["cnn"](rng)

@@ -264,8 +264,9 @@ class RelevancePass:
         ``u_k`` up to half an ulp of ``a`` wherever the relevance is non-zero: the rules may read it instead of
         ``u_k`` (:attr:`GraphBuilder.stand_ins`). onnxruntime can then keep the convolution, the Add and the Relu in
         one kernel, as in the source model (ResNet's bottleneck); reading ``u_k`` itself would split them into three
-        passes over the block's widest tensor."""
-        if node.op_type not in ("Add", "Sum") or len(set(node.input)) != len(node.input):
+        passes over the block's widest tensor. Not for float16 joins, where half an ulp of ``a`` is 5e-4 of it."""
+        if (node.op_type not in ("Add", "Sum") or len(set(node.input)) != len(node.input) or
+                self.elem_type(node.output[0]) in (TensorProto.FLOAT16, TensorProto.BFLOAT16)):
             return {}
         shape = self.shapes.get(node.output[0])
         if shape is None or any(self.shapes.get(u) != shape or u not in self.tensors for u in node.input):

@@ -69,11 +69,15 @@ def divide_behind_relu(b: GraphBuilder, r: str, y: str, eps: float) -> str:
     leaves the forward Conv + Relu fusable. When ``r = y * c`` (the next layer multiplied by its input ``y``,
     see :func:`product`), this is ``c * y / (y + eps)``: the ratio reads forward values only, and the relevance
     path keeps one Mul instead of a Mul and a Div (the product ``y * c`` is then dropped unread)."""
-    stab = b.op("Add", [y, b.const(eps)], "stab")
-    factors = b.products.get(r)
-    if factors is None or factors[0] != y:
-        return b.op("Div", [r, stab], "s")
-    return b.op("Mul", [factors[1], b.op("Div", [y, stab], "ratio")], "s")
+    factors = factors_of(b, r, y)
+    if factors is None:
+        return b.op("Div", [r, b.op("Add", [y, b.const(eps)], "stab")], "s")
+    return b.op("Mul", [factors[1], shrink(b, y, eps)], "s")
+
+
+def shrink(b: GraphBuilder, v: str, eps: float) -> str:
+    """``v / (v + eps)`` for ``v >= 0``: a ratio of forward values that replaces a division by ``stab``."""
+    return b.op("Div", [v, b.op("Add", [v, b.const(eps)], "stab")], "ratio")
 
 
 def stabilized_bias(layer: Linear, bias: np.ndarray | None, eps: float) -> np.ndarray:
@@ -133,17 +137,23 @@ def product(b: GraphBuilder, x: str, c: str) -> str:
     return r
 
 
+def factors_of(b: GraphBuilder, r: str, z: str) -> tuple[str, str] | None:
+    """``(x, c)`` when ``r = x * c`` (see :func:`product`) with ``x`` equal to ``z`` wherever ``c`` is non-zero:
+    ``z`` itself, or a stand-in for it (``b.stand_ins``); otherwise None."""
+    factors = b.products.get(r)
+    return factors if factors is not None and b.stand_ins.get(factors[0], factors[0]) == z else None
+
+
 def divide_relevance(b: GraphBuilder, r: str, z: str, eps: float) -> str:
     """``r / stab(z)``. When ``r = z * c`` (a join's share of its input ``z``, or of a stand-in that equals ``z``
     wherever ``c`` is non-zero, see ``RelevancePass.join_stand_in``), this is ``c * |z| / (|z| + eps)``:
     ``z / stab(z) = |z| / (|z| + eps)`` exactly (the signs cancel, and ``z = 0`` gives 0), a ratio of forward values
     that takes three passes instead of the product, the stabilizer's four and the quotient."""
-    factors = b.products.get(r)
-    if eps <= 0 or factors is None or b.stand_ins.get(factors[0], factors[0]) != z:
+    factors = factors_of(b, r, z)
+    if eps <= 0 or factors is None:
         return safe_divide(b, r, z, eps)
     magnitude = b.op("Abs", [factors[0]], "abs_z")  # z, or its stand-in where c is non-zero (b.stand_ins)
-    ratio = b.op("Div", [magnitude, b.op("Add", [magnitude, b.const(eps)], "stab")], "ratio")
-    return b.op("Mul", [factors[1], ratio], "s")
+    return b.op("Mul", [factors[1], shrink(b, magnitude, eps)], "s")
 
 
 def add(b: GraphBuilder, *terms: str) -> str:

@@ -17,7 +17,15 @@ import onnx
 from onnxlrp.errors import UnsupportedOpError
 from onnxlrp.graph import data_input_indices
 from onnxlrp.layers import Window
-from onnxlrp.rules import STABILIZER, divide_behind_relu, divide_relevance, mul, product, times_relative
+from onnxlrp.rules import (
+    STABILIZER,
+    divide_behind_relu,
+    divide_relevance,
+    factors_of,
+    mul,
+    product,
+    times_relative,
+)
 
 
 @dataclass
@@ -384,8 +392,8 @@ def max_pool(ctx, node, r_out):
         r_in = scatter_windows(b, routed, wd, channels, kernel)
         return {0: ctx.keep_in_range(times_relative(b, mul(b, x, r_in), rlrp_pool_factor(wd, channels)), r)}
     route = route_to_winners(b, x, wd, channels)
-    factors = b.products.get(r)
-    if factors is None or factors[0] != y:
+    factors = factors_of(b, r, y)
+    if factors is None:
         return {0: route(r)}
     # r = y * c, and the winner's input is y: the routed relevance is x * route(c) (drop_unread keeps one of the two)
     r_in = route(r)

@@ -24,6 +24,12 @@ What it measures, in this order:
 5. With ``--profile``: onnxruntime's per-node profile of the compiled session, grouped by op type, by the
    ``lrp/<scope>/<hint>`` name of the emitted node (the forward part has no ``lrp/`` prefix) and by rule part.
 
+With ``--provider cuda`` (written for a GPU session, not yet run on one): Zennit runs on the GPU as well (torch
+CUDA, each timed call synchronized), the memory children report the growth of the GPU's used memory after a CUDA
+context exists, and ``--profile`` lists the nodes that onnxruntime placed on another provider than CUDA (CPU
+fallbacks add copies). ``--io-binding`` keeps inputs and outputs on the device (for either provider), so that only
+the graph is timed.
+
 Everything goes to ``--json`` with machine information (CPU model, cores, versions, date).
 """
 
@@ -231,19 +237,52 @@ def median(values: list[float]) -> float:
 
 # ---------------------------------------------------------------- timing
 
-def interleaved(sessions: dict, feed: dict, warmup: int, repeats: int) -> dict:
+DEVICES = {"cpu": "cpu", "cuda": "cuda"}  # --provider -> onnxruntime OrtValue device
+
+
+class Runner:
+    """One session's timed call. Plain ``run`` takes numpy inputs and returns numpy outputs (host-device copies
+    included, as most callers use it). With ``io_binding``, the inputs are placed on the provider's device once and
+    the outputs stay there (``run_with_iobinding``, which waits for the device), so that only the graph is timed;
+    :meth:`outputs` copies the last run's outputs to the host afterwards."""
+
+    def __init__(self, sess, feed: dict, provider: str, io_binding: bool):
+        self.sess, self.feed, self.binding = sess, feed, None
+        if io_binding:
+            import onnxruntime as ort
+
+            device = DEVICES[provider]
+            self.binding = sess.io_binding()
+            for name, value in feed.items():
+                self.binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, device, 0))
+            for out in sess.get_outputs():
+                self.binding.bind_output(out.name, device)
+        self.last = None
+
+    def __call__(self) -> None:
+        if self.binding is None:
+            self.last = self.sess.run(None, self.feed)
+        else:
+            self.sess.run_with_iobinding(self.binding)
+
+    def outputs(self) -> list[np.ndarray]:
+        return self.last if self.binding is None else self.binding.copy_outputs_to_cpu()
+
+
+def interleaved(sessions: dict, feed: dict, warmup: int, repeats: int, provider: str = "cpu",
+                io_binding: bool = False) -> dict:
     """Warm up all, then run them in turn (source, compiled, [variants], source, ...); per-run wall times in s."""
-    outputs = {}
+    runners = {key: Runner(sess, feed, provider, io_binding) for key, sess in sessions.items()}
     for _ in range(warmup):
-        for key, sess in sessions.items():
-            outputs[key] = sess.run(None, feed)
+        for run in runners.values():
+            run()
     times = {key: [] for key in sessions}
     for _ in range(repeats):
-        for key, sess in sessions.items():
+        for key, run in runners.items():
             t = time.perf_counter()
-            outputs[key] = sess.run(None, feed)
+            run()
             times[key].append(time.perf_counter() - t)
-    return {"times": times, "outputs": outputs}
+    return {"times": times, "outputs": {key: run.outputs() for key, run in runners.items()}}
 
 
 # ---------------------------------------------------------------- children: memory and Zennit
@@ -267,12 +306,42 @@ def load_average() -> list[float] | None:
         return None
 
 
+def gpu_used_mib() -> float | None:
+    """Memory in use on GPU 0 (all processes), from ``nvidia-smi``; None where it cannot be read."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+                             capture_output=True, text=True, timeout=60).stdout
+        return float(out.split()[0])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
+def start_cuda_context(threads: int, spin: bool) -> None:
+    """Create and run a one-node CUDA session, so that the CUDA context is not counted as the model's memory."""
+    import onnxruntime as ort
+
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
+    tiny = onnx.helper.make_model(onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "ctx", [x],
+                                                         [y]), opset_imports=[onnx.helper.make_opsetid("", 17)])
+    tiny.ir_version = 9
+    sess = ort.InferenceSession(tiny.SerializeToString(), session_options(threads, spin),
+                                providers=providers_for("cuda"))
+    sess.run(None, {"x": np.ones(1, np.float32)})
+
+
 def child_memory(args) -> dict:
-    """In a fresh process: peak-RSS growth around session creation + runs."""
+    """In a fresh process: peak-RSS growth around session creation + runs. With ``--provider cuda``, the peak is
+    the growth of the GPU's used memory instead (onnxruntime's CUDA arena keeps what it allocated, so the value
+    after the runs is the session's peak), measured after a CUDA context exists; the host RSS is kept as
+    ``host_peak_delta_mib``."""
     import onnxruntime  # noqa: F401
 
     model_input = np.load(args.child_input)
     feed = {args.child_input_name: model_input}
+    if args.provider == "cuda":
+        start_cuda_context(args.threads, args.spin == "on")
+    gpu_base = gpu_used_mib() if args.provider == "cuda" else None
     base = peak_rss_mib()
     t = time.perf_counter()
     sess = make_session(Path(args.child_model), args.threads, args.provider, args.spin == "on")
@@ -281,8 +350,14 @@ def child_memory(args) -> dict:
     for _ in range(args.child_runs):
         sess.run(None, feed)
     peak = peak_rss_mib()
-    return {"baseline_mib": base, "after_create_mib": after_create, "peak_mib": peak, "create_s": created,
-            "peak_delta_mib": peak - base, "create_delta_mib": after_create - base, "runs": args.child_runs}
+    result = {"baseline_mib": base, "after_create_mib": after_create, "peak_mib": peak, "create_s": created,
+              "peak_delta_mib": peak - base, "create_delta_mib": after_create - base, "runs": args.child_runs}
+    if gpu_base is not None:
+        gpu_peak = gpu_used_mib()
+        if gpu_peak is not None:
+            result.update(host_peak_delta_mib=peak - base, gpu_baseline_mib=gpu_base, gpu_peak_mib=gpu_peak,
+                          peak_delta_mib=gpu_peak - gpu_base)
+    return result
 
 
 def child_zennit(args) -> dict:
@@ -293,10 +368,12 @@ def child_zennit(args) -> dict:
     archs.import_zennit()
     from zennit.attribution import Gradient
 
+    device = torch.device("cuda" if args.provider == "cuda" else "cpu")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)  # time finished work, not launches
     model = onnx.load(args.child_model)
-    module = archs.zennit_ready(archs.torch_model(args.model, model))
+    module = archs.zennit_ready(archs.torch_model(args.model, model)).to(device)
     del model
-    x = torch.from_numpy(np.load(args.child_input))
+    x = torch.from_numpy(np.load(args.child_input)).to(device)
     composite = archs.zennit_composite(args.rule, tuple(x.shape))
     if composite is None:
         return {"skipped": f"Zennit has no counterpart of {args.rule!r}"}
@@ -306,8 +383,10 @@ def child_zennit(args) -> dict:
             logits = module(x)
         forward = []
         for _ in range(args.repeats):
+            sync()
             t = time.perf_counter()
             module(x)
+            sync()
             forward.append(time.perf_counter() - t)
     target = logits.argmax(1)
 
@@ -315,7 +394,7 @@ def child_zennit(args) -> dict:
         return torch.nn.functional.one_hot(target, out.shape[1]).to(out) * out
 
     ours = make_session(Path(args.child_compiled), args.threads, args.provider, args.spin == "on")
-    feed = {args.child_input_name: x.numpy()}
+    feed = {args.child_input_name: x.cpu().numpy()}
     base = peak_rss_mib()
     times, ours_times = [], []
     with Gradient(model=module, composite=composite) as attributor:
@@ -328,16 +407,18 @@ def child_zennit(args) -> dict:
             ours.run(None, feed)
             ours_times.append(time.perf_counter() - t)
             time.sleep(SETTLE_S)
+            sync()
             t = time.perf_counter()
             _, relevance = attributor(x, attr_output)
+            sync()
             times.append(time.perf_counter() - t)
-    out = {"torch_threads": torch.get_num_threads(), "times": times, "median_s": median(times),
-           "ours_times": ours_times, "ours_median_s": median(ours_times),
+    out = {"torch_threads": torch.get_num_threads(), "torch_device": str(device), "times": times,
+           "median_s": median(times), "ours_times": ours_times, "ours_median_s": median(ours_times),
            "ratio_zennit_over_ours": median(times) / median(ours_times), "torch_forward_times": forward,
            "torch_forward_median_s": median(forward), "attribution_rss_growth_mib": peak_rss_mib() - base}
     if args.child_relevance:
         ours = np.load(args.child_relevance).reshape(len(x), -1).astype(np.float64)
-        theirs = relevance.detach().numpy().reshape(len(x), -1).astype(np.float64)
+        theirs = relevance.detach().cpu().numpy().reshape(len(x), -1).astype(np.float64)
         err = np.linalg.norm(ours - theirs, axis=1) / np.maximum(np.linalg.norm(theirs, axis=1), 1e-300)
         out["relevance_rel_l2_vs_ours"] = float(err.max())
     return out
@@ -364,8 +445,8 @@ def run_child(kind: str, args, model_path: Path, input_path: Path, input_name: s
 HINT_SUFFIX = re.compile(r"(_nchwc|_node|_token|_\d+)$")
 PARTS = (  # (rule part, hints of the nodes emitted for it); first match wins
     ("stabilizer (GreaterOrEqual/Where/Add)", {"eps", "stab", "g", "gate"}),
-    ("divide R / z", {"s", "ratio", "abs_z"}),
-    ("transposed product W^T g (Conv/ConvTranspose/MatMul)", {"WTg"}),
+    ("divide R / z", {"s", "ratio", "abs_z", "v_over_eps"}),
+    ("transposed product W^T g (Conv/ConvTranspose/MatMul)", {"WTg", "zero_inserted"}),
     ("modified forward z' (Conv/MatMul, pos/neg, flat ones)", {"z", "z_pos", "z_pm", "ones", "low", "high"}),
     ("x+/x- split", {"x_pos", "x_neg"}),
     ("products and sums (Mul/Sum)", {"prod", "sum", "R", "coef", "cofactors", "Cast"}),
@@ -425,6 +506,7 @@ def profile(path: Path, feed: dict, args, runs: int, workdir: Path) -> dict:
     del graph
     by_op, by_hint, by_part, by_side, by_scope = (defaultdict(float) for _ in range(5))
     by_node: dict[tuple[str, str], float] = defaultdict(float)
+    placement: dict[str, set] = defaultdict(set)  # provider -> names of the nodes it ran
     total_runs = 0
     for e in events:
         if e.get("cat") == "Session" and e.get("name") == "model_run":
@@ -433,6 +515,7 @@ def profile(path: Path, feed: dict, args, runs: int, workdir: Path) -> dict:
             continue
         name = e["name"][: -len("_kernel_time")]
         op = e.get("args", {}).get("op_name", "?")
+        placement[e.get("args", {}).get("provider", "?")].add(f"{name} ({op})")
         dur = e.get("dur", 0) / 1e6
         hint = node_group(name, op)
         side = "forward" if hint == "forward" else "lrp"
@@ -454,6 +537,9 @@ def profile(path: Path, feed: dict, args, runs: int, workdir: Path) -> dict:
             "kernel_ms_per_run": round(total / n * 1e3, 3),
             "by_side": table(by_side), "by_op_type": table(by_op), "by_hint": table(by_hint, 40),
             "by_rule_part": table(by_part), "by_forward_op_explained": table(by_scope),
+            "nodes_by_provider": {provider: len(nodes) for provider, nodes in placement.items()},
+            "off_primary_provider": sorted(n for provider, nodes in placement.items()
+                                           if provider != sess.get_providers()[0] for n in nodes)[:50],
             "top_nodes": [[f"{k[0]} ({k[1]})", v1, v2] for (k, v1, v2) in
                           ((k, round(v / n * 1e3, 3), round(100 * v / total, 1))
                            for k, v in sorted(by_node.items(), key=lambda kv: -kv[1])[:25])]}
@@ -469,6 +555,9 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--provider", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="intra-op threads (ORT and torch)")
+    p.add_argument("--io-binding", action="store_true",
+                   help="inputs placed on the provider's device once and outputs left there (onnxruntime IO "
+                        "binding): times the graph without host-device copies")
     p.add_argument("--repeats", type=int, default=10, help="timed runs of each session (and of Zennit)")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs of each before timing")
     p.add_argument("--compile-repeats", type=int, default=1, help="compile this many times, report the median")
@@ -615,7 +704,7 @@ def main(argv=None) -> dict:
         sessions = {"source": source, "compiled": explainer}
         for key, path in variants.items():
             sessions[f"variant:{key}"] = make_session(Path(path), args.threads, args.provider, args.spin == "on")
-        run = interleaved(sessions, feed, args.warmup, args.repeats)
+        run = interleaved(sessions, feed, args.warmup, args.repeats, args.provider, args.io_binding)
         src_out, cmp_out = run["outputs"]["source"], run["outputs"]["compiled"]
         names = [o.name for o in explainer.get_outputs()]
         got = dict(zip(names, cmp_out, strict=True))
@@ -663,6 +752,10 @@ def main(argv=None) -> dict:
         if args.profile:
             result["profile"] = {"compiled": profile(cmp_path, feed, args, args.profile, work),
                                  "source": profile(src_path, feed, args, args.profile, work)}
+            placed = result["profile"]["compiled"]["nodes_by_provider"]
+            say(f"nodes by provider (compiled): {placed}")
+            if result["profile"]["compiled"]["off_primary_provider"]:
+                say(f"  not on {result['provider_used']}: {result['profile']['compiled']['off_primary_provider']}")
             say("profile (compiled, by rule part):")
             for k, ms, pct in result["profile"]["compiled"]["by_rule_part"]:
                 say(f"  {pct:5.1f} %  {ms:9.2f} ms  {k}")
@@ -680,7 +773,8 @@ def main(argv=None) -> dict:
             if mem_src.get("peak_delta_mib", 0) > 0 and "peak_delta_mib" in mem_cmp:
                 ratio = mem_cmp["peak_delta_mib"] / mem_src["peak_delta_mib"]
                 result["memory"]["ratio"] = ratio
-                say(f"peak memory (peak-RSS growth) source {mem_src['peak_delta_mib']:.0f} MiB, compiled "
+                kind = "GPU memory growth" if "gpu_peak_mib" in mem_cmp else "peak-RSS growth"
+                say(f"peak memory ({kind}) source {mem_src['peak_delta_mib']:.0f} MiB, compiled "
                     f"{mem_cmp['peak_delta_mib']:.0f} MiB: ratio {ratio:.2f}")
             else:
                 say(f"memory children failed: {mem_src} {mem_cmp}")

@@ -224,6 +224,18 @@ def test_cheaper_forms_behind_relu_are_equivalent(rule):
     assert_close_relative(relevance, ref.lrp(layers, x, ref_name, **ref_params), 1e-5)
 
 
+def run_elementwise(emit, values: np.ndarray) -> tuple[set[str], np.ndarray]:
+    """The op types that ``emit(builder, input_name)`` adds to an empty graph, and its output for ``values``."""
+    graph = onnx.helper.make_graph([], "elementwise", [onnx.helper.make_tensor_value_info(
+        "v", onnx.TensorProto.FLOAT, [values.size])], [])
+    b = GraphBuilder(graph)
+    out = emit(b, "v")
+    b.commit()
+    graph.output.append(onnx.helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, [values.size]))
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=10)
+    return {n.op_type for n in model.graph.node}, session(model).run(None, {"v": values})[0]
+
+
 @pytest.mark.parametrize("eps", [1e-6, 0.01, 1.0, 100.0])
 def test_stabilizer_is_zennits_bit_for_bit(eps):
     """``stab(z) = z + eps * sign(z)`` with ``sign(0) = +1``, computed the way Zennit does (``x + ((x == 0) +
@@ -235,16 +247,8 @@ def test_stabilizer_is_zennits_bit_for_bit(eps):
                   np.inf, -np.inf], dtype=np.float32)
     spread = np.random.default_rng(0).normal(size=1000) * 10.0 ** np.arange(-20, 20, 0.04)
     z = np.concatenate([z, spread.astype(np.float32)])
-    graph = onnx.helper.make_graph([], "stab", [onnx.helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT,
-                                                                                    [z.size])], [])
-    b = GraphBuilder(graph)
-    out = stabilize(b, "z", eps)
-    b.commit()
-    graph.output.append(onnx.helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, [z.size]))
-    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=10)
-    ops = {n.op_type for n in model.graph.node}
+    ops, got = run_elementwise(lambda b, name: stabilize(b, name, eps), z)
     assert ("Clip" in ops) == (eps <= 1) and ("Where" in ops) == (eps > 1)
-    got = session(model).run(None, {"z": z})[0]
     expected = z + ((z == 0).astype(np.float32) + np.sign(z)) * np.float32(eps)
     np.testing.assert_array_equal(got, expected)
 
@@ -259,16 +263,8 @@ def test_ratio_of_forward_values_is_a_softsign(eps):
     v = np.array([0.0, tiny, 2 * tiny, 1e-30, eps / 3, eps, 3 * eps, 0.5, 1.0, 3e6, 1e30], dtype=np.float32)
     spread = np.abs(np.random.default_rng(0).normal(size=1000)) * 10.0 ** np.arange(-20, 20, 0.04)
     v = np.concatenate([v, spread.astype(np.float32)])
-    graph = onnx.helper.make_graph([], "ratio", [onnx.helper.make_tensor_value_info("v", onnx.TensorProto.FLOAT,
-                                                                                     [v.size])], [])
-    b = GraphBuilder(graph)
-    out = shrink(b, "v", eps)
-    b.commit()
-    graph.output.append(onnx.helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, [v.size]))
-    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=10)
-    ops = {n.op_type for n in model.graph.node}
+    ops, got = run_elementwise(lambda b, name: shrink(b, name, eps), v)
     assert ops == ({"Add", "Div"} if eps < 1e-12 else {"Mul", "Softsign"})
-    got = session(model).run(None, {"v": v})[0]
     v64 = v.astype(np.float64)
     expected = v64 / (v64 + np.float64(np.float32(eps)))
     # atol: ratios below the smallest normal float32 (tiny / 100) keep only an absolute precision

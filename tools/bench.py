@@ -237,9 +237,6 @@ def median(values: list[float]) -> float:
 
 # ---------------------------------------------------------------- timing
 
-DEVICES = {"cpu": "cpu", "cuda": "cuda"}  # --provider -> onnxruntime OrtValue device
-
-
 class Runner:
     """One session's timed call. Plain ``run`` takes numpy inputs and returns numpy outputs (host-device copies
     included, as most callers use it). With ``io_binding``, the inputs are placed on the provider's device once and
@@ -251,7 +248,7 @@ class Runner:
         if io_binding:
             import onnxruntime as ort
 
-            device = DEVICES[provider]
+            device = provider  # --provider's names ("cpu", "cuda") are onnxruntime's OrtValue device names
             self.binding = sess.io_binding()
             for name, value in feed.items():
                 self.binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, device, 0))

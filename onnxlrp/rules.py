@@ -8,6 +8,7 @@ at compile time; only activation-dependent work is emitted as ONNX ops.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -451,8 +452,12 @@ RULES: dict[str, type[Rule]] = {cls.name: cls for cls in (LRP0, Epsilon, Gamma, 
                                                           ZBox, RLRP)}
 
 
+NON_NEGATIVE = ("epsilon", "gamma", "stabilizer")  # a negative stabilizer or gamma can flip a denominator's sign
+
+
 def make_rule(name: str, **params) -> Rule:
-    """Instantiate a rule by name, with a one-line error listing valid names and parameters."""
+    """Instantiate a rule by name, with a one-line error listing valid names and parameters, or saying which value
+    is not a finite number (or is negative where only ``>= 0`` makes sense)."""
     cls = RULES.get(name)
     if cls is None:
         raise OnnxlrpError(f"unknown rule {name!r}; valid rules: {', '.join(RULES)}")
@@ -461,4 +466,9 @@ def make_rule(name: str, **params) -> Rule:
     if unknown:
         valid = ", ".join(sorted(fields)) or "none"
         raise OnnxlrpError(f"rule {name!r} has no parameter {', '.join(sorted(unknown))}; valid: {valid}")
+    for key, value in params.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise OnnxlrpError(f"rule {name!r}: {key} must be a finite number (got {value!r})")
+        if key in NON_NEGATIVE and value < 0:
+            raise OnnxlrpError(f"rule {name!r}: {key} must be >= 0 (got {value})")
     return cls(**params)

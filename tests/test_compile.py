@@ -119,6 +119,10 @@ def test_cli_compile_default_output_name_and_no_warnings(tmp_path):
     (["compile", "model.onnx", "--rule", "nope"], 1, "unknown rule 'nope'; valid rules and composites: lrp0"),
     (["compile", "model.onnx", "--rule", "epsilon", "--gamma", "2"], 1, "does not use --gamma"),
     (["compile", "model.onnx", "--rule", "alpha-beta", "--alpha", "3", "--beta", "1"], 1, "alpha - beta = 1"),
+    (["compile", "model.onnx", "--rule", "epsilon", "--epsilon", "-0.01"], 1, "epsilon must be >= 0 (got -0.01)"),
+    (["compile", "model.onnx", "--rule", "epsilon", "--epsilon", "nan"], 1, "epsilon must be a finite number"),
+    (["compile", "model.onnx", "--rule", "gamma", "--gamma", "-1"], 1, "gamma must be >= 0 (got -1.0)"),
+    (["compile", "model.onnx", "--rule", "zbox", "--low", "-inf"], 1, "low must be a finite number"),
     (["compile", "unsupported.onnx"], 2, "2 node(s) on the relevance path have no rule"),
     (["inspect", "unsupported.onnx"], 2, "custom (Weird, domain my.domain"),
 ])

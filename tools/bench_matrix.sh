@@ -3,7 +3,7 @@
 # script existed, with one warm-up run instead of two at batch 16, where the second run still page-faults).
 #   tools/bench_matrix.sh TAG [bench.py options...]     e.g.  tools/bench_matrix.sh v11 --provider cuda
 # Writes tools/bench_results/TAG-MODEL-bBATCH-RULE.json for each cell, then prints the summary table.
-# About 45 minutes on the 2-core CPU machine of docs/speed.md.
+# About 20 minutes on the 2-core CPU machine of docs/speed.md (v11: 19 minutes).
 set -euo pipefail
 tag=${1:?usage: tools/bench_matrix.sh TAG [bench.py options...]}
 shift

@@ -1,6 +1,6 @@
 #!/bin/bash
-# The benchmark matrix behind the figures in the README and docs/speed.md (session 5: TAG=v10, run before this
-# script existed, with one warm-up run instead of two at batch 16, where the second run still page-faults).
+# The benchmark matrix behind the figures in the README and docs/speed.md (session 5: TAG=v11; v10 ran the same
+# cells before this script existed, with one warm-up run instead of two at batch 16, whose second run page-faults).
 #   tools/bench_matrix.sh TAG [bench.py options...]     e.g.  tools/bench_matrix.sh v11 --provider cuda
 # Writes tools/bench_results/TAG-MODEL-bBATCH-RULE.json for each cell, then prints the summary table.
 # About 20 minutes on the 2-core CPU machine of docs/speed.md (v11: 19 minutes).

@@ -72,7 +72,7 @@ def divide_behind_relu(b: GraphBuilder, r: str, y: str, eps: float) -> str:
     path keeps one Mul instead of a Mul and a Div (the product ``y * c`` is then dropped unread)."""
     factors = factors_of(b, r, y)
     if factors is None:
-        return b.op("Div", [r, b.op("Add", [y, b.const(eps)], "stab")], "s")
+        return divide_signed(b, r, y, eps, 1.0)
     return b.op("Mul", [factors[1], shrink(b, y, eps)], "s")
 
 

@@ -16,11 +16,13 @@ What it measures, in this order:
 3. Peak memory of each session, each in its own child process: the growth of the peak RSS (``VmHWM``, what
    ``ru_maxrss`` reports for a process that was not forked from a big one) from just before the session is
    created (numpy, onnxruntime imported, input allocated) to after its runs; and the ratio.
-4. When torch and zennit import and ``--model`` is a built-in architecture: Zennit's time for the same weights,
-   input and the matching composite (float32, BatchNorm merged beforehand, ``torch.set_num_threads(T)``, the
-   composite registered once, median of the same number of repeats), in a child process where the compiled
-   session runs interleaved with it (same machine load), and the ratio Zennit / ours. The relative L2 distance
-   between Zennit's relevance and ours is reported as a check that both computed the same thing.
+4. When torch and zennit import and ``--model`` is a built-in architecture, in a child process where the compiled
+   session takes turns with each (same machine load), on the same weights and input (float32, BatchNorm merged
+   beforehand, ``torch.set_num_threads(T)``, medians of the same number of repeats):
+   - torch's plain gradient ``x * dy_c/dx`` (autograd with frozen weights: the price of one backward pass in
+     PyTorch, the cheapest attribution it has, for any rule), and the ratio gradient / ours;
+   - Zennit's attribution with the matching composite (registered once), and the ratio Zennit / ours. The
+     relative L2 distance between Zennit's relevance and ours checks that both computed the same thing.
 5. With ``--profile``: onnxruntime's per-node profile of the compiled session, grouped by op type, by the
    ``lrp/<scope>/<hint>`` name of the emitted node (the forward part has no ``lrp/`` prefix) and by rule part.
 
@@ -358,11 +360,12 @@ def child_memory(args) -> dict:
 
 
 def child_zennit(args) -> dict:
-    """In a fresh process: Zennit's attribution time (and torch's plain forward) for the same weights and input."""
+    """In a fresh process: torch's plain forward, its plain gradient x * dy_c/dx (autograd, the cheapest backward
+    attribution in PyTorch) and Zennit's attribution, each timed interleaved with ours on the same input."""
     import torch
 
     torch.set_num_threads(args.threads)
-    archs.import_zennit()
+    archs.import_zennit()  # the torch models' residual joins are zennit.layer.Sum
     from zennit.attribution import Gradient
 
     device = torch.device("cuda" if args.provider == "cuda" else "cpu")
@@ -370,53 +373,66 @@ def child_zennit(args) -> dict:
     model = onnx.load(args.child_model)
     module = archs.zennit_ready(archs.torch_model(args.model, model)).to(device)
     del model
+    for p in module.parameters():
+        p.requires_grad_(False)  # input gradients only, as an explanation needs
     x = torch.from_numpy(np.load(args.child_input)).to(device)
-    composite = archs.zennit_composite(args.rule, tuple(x.shape))
-    if composite is None:
-        return {"skipped": f"Zennit has no counterpart of {args.rule!r}"}
+    ours = make_session(Path(args.child_compiled), args.threads, args.provider, args.spin == "on")
+    feed = {args.child_input_name: x.cpu().numpy()}
+
+    def timed(fn) -> float:
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - t
+
+    def alternate(fn) -> tuple[list, list]:
+        """Times of ``fn`` and of ours, taking turns, so that both see the same machine load."""
+        for _ in range(args.warmup):
+            ours.run(None, feed)
+            fn()
+        theirs_t, ours_t = [], []
+        for _ in range(args.repeats):
+            time.sleep(SETTLE_S)
+            ours_t.append(timed(lambda: ours.run(None, feed)))
+            time.sleep(SETTLE_S)
+            theirs_t.append(timed(fn))
+        return theirs_t, ours_t
 
     with torch.no_grad():
-        for _ in range(args.warmup):
-            logits = module(x)
-        forward = []
-        for _ in range(args.repeats):
-            sync()
-            t = time.perf_counter()
-            module(x)
-            sync()
-            forward.append(time.perf_counter() - t)
-    target = logits.argmax(1)
+        target = module(x).argmax(1)
+        forward = [timed(lambda: module(x)) for _ in range(args.warmup + args.repeats)][args.warmup:]
+
+    def plain_gradient():
+        xg = x.clone().requires_grad_(True)
+        module(xg).gather(1, target[:, None]).sum().backward()
+        return xg.grad * xg
+
+    grad_times, grad_ours = alternate(plain_gradient)
+    out = {"torch_threads": torch.get_num_threads(), "torch_device": str(device), "torch_forward_times": forward,
+           "torch_forward_median_s": median(forward), "gradient_times": grad_times,
+           "gradient_median_s": median(grad_times), "gradient_ours_median_s": median(grad_ours),
+           "ratio_gradient_over_ours": median(grad_times) / median(grad_ours),
+           "ratio_gradient_over_torch_forward": median(grad_times) / median(forward)}
+
+    composite = archs.zennit_composite(args.rule, tuple(x.shape))
+    if composite is None:
+        return {**out, "skipped": f"Zennit has no counterpart of {args.rule!r}"}
 
     def attr_output(out):
         return torch.nn.functional.one_hot(target, out.shape[1]).to(out) * out
 
-    ours = make_session(Path(args.child_compiled), args.threads, args.provider, args.spin == "on")
-    feed = {args.child_input_name: x.cpu().numpy()}
     base = peak_rss_mib()
-    times, ours_times = [], []
     with Gradient(model=module, composite=composite) as attributor:
-        for _ in range(args.warmup):
-            ours.run(None, feed)
-            _, relevance = attributor(x, attr_output)
-        for _ in range(args.repeats):  # interleaved with ours, so that both see the same machine load
-            time.sleep(SETTLE_S)
-            t = time.perf_counter()
-            ours.run(None, feed)
-            ours_times.append(time.perf_counter() - t)
-            time.sleep(SETTLE_S)
-            sync()
-            t = time.perf_counter()
-            _, relevance = attributor(x, attr_output)
-            sync()
-            times.append(time.perf_counter() - t)
-    out = {"torch_threads": torch.get_num_threads(), "torch_device": str(device), "times": times,
-           "median_s": median(times), "ours_times": ours_times, "ours_median_s": median(ours_times),
-           "ratio_zennit_over_ours": median(times) / median(ours_times), "torch_forward_times": forward,
-           "torch_forward_median_s": median(forward), "attribution_rss_growth_mib": peak_rss_mib() - base}
+        relevance = attributor(x, attr_output)[1]
+        times, ours_times = alternate(lambda: attributor(x, attr_output))
+    out.update({"times": times, "median_s": median(times), "ours_times": ours_times,
+                "ours_median_s": median(ours_times), "ratio_zennit_over_ours": median(times) / median(ours_times),
+                "attribution_rss_growth_mib": peak_rss_mib() - base})
     if args.child_relevance:
-        ours = np.load(args.child_relevance).reshape(len(x), -1).astype(np.float64)
+        ours_r = np.load(args.child_relevance).reshape(len(x), -1).astype(np.float64)
         theirs = relevance.detach().cpu().numpy().reshape(len(x), -1).astype(np.float64)
-        err = np.linalg.norm(ours - theirs, axis=1) / np.maximum(np.linalg.norm(theirs, axis=1), 1e-300)
+        err = np.linalg.norm(ours_r - theirs, axis=1) / np.maximum(np.linalg.norm(theirs, axis=1), 1e-300)
         out["relevance_rel_l2_vs_ours"] = float(err.max())
     return out
 
@@ -563,7 +579,7 @@ def parse_args(argv=None):
                    help="onnxruntime intra-op thread spinning (its default: on)")
     p.add_argument("--seed", type=int, default=0, help="weight seed of the built-in architectures")
     p.add_argument("--no-memory", action="store_true", help="skip the memory children")
-    p.add_argument("--no-zennit", action="store_true", help="skip the Zennit comparison")
+    p.add_argument("--no-zennit", action="store_true", help="skip the torch comparisons (plain gradient, Zennit)")
     p.add_argument("--profile", type=int, default=0, metavar="RUNS",
                    help="also profile RUNS runs of the compiled (and source) session per node")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where built and compiled models are kept")
@@ -588,9 +604,9 @@ def parse_args(argv=None):
 def summarize(results: Path) -> str:
     """A markdown table of the JSON results: every ``*.json`` in a folder, or the files a glob pattern matches."""
     rows = ["| model | batch | rule | forward ms | explain ms | explain/forward (median) | pairs | min/min "
-            "| multiply-add floor | peak MiB src / cmp | mem ratio | compile s (CPU s) | Zennit ms | Zennit/ours "
-            "| load |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "| multiply-add floor | peak MiB src / cmp | mem ratio | compile s (CPU s) | torch gradient/ours "
+            "| Zennit ms | Zennit/ours | load |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     files = results.glob("*.json") if results.is_dir() else map(Path, glob.glob(str(results)))
     for f in sorted(files):
         d = json.loads(f.read_text())
@@ -608,6 +624,7 @@ def summarize(results: Path) -> str:
             + (f"{d['multiply_adds']['ratio']:.2f} | " if "multiply_adds" in d else "- | ")
             + (f"{src_m:.0f} / {cmp_m:.0f} | {mem['ratio']:.2f} | " if "ratio" in mem else "- | - | ")
             + f"{d['compile_s']:.1f} ({d.get('compile_cpu_s', float('nan')):.1f}) | "
+            + (f"{z['ratio_gradient_over_ours']:.2f} | " if "ratio_gradient_over_ours" in z else "- | ")
             + (f"{z['median_s'] * 1e3:.0f} | {z['ratio_zennit_over_ours']:.1f} | " if "median_s" in z else "- | - | ")
             + f"{(d.get('load_average_start') or ['?'])[0]} |")
         for key, v in d.get("variants", {}).items():
@@ -616,7 +633,7 @@ def summarize(results: Path) -> str:
                         f"**{v['ratio_explain_forward']:.2f}** | {v['ratio_of_pairs_median']:.2f} | "
                         f"{v['min_s'] / t['source_min_s']:.2f} | | "
                         + (f"- / {vm['peak_delta_mib']:.0f} | {vm['ratio']:.2f} | " if "ratio" in vm else "- | - | ")
-                        + "| | | |")
+                        + "| | | | |")
     return "\n".join(rows)
 
 
@@ -776,17 +793,20 @@ def main(argv=None) -> dict:
             else:
                 say(f"memory children failed: {mem_src} {mem_cmp}")
 
-        if not args.no_zennit and args.model in archs.ARCHS and args.rule != "rlrp":
+        if not args.no_zennit and args.model in archs.ARCHS:
             z = run_child("zennit", args, src_path, input_path, input_name, relevance_path=rel_path,
                           compiled_path=cmp_path)
             result["zennit"] = z
+            if "gradient_median_s" in z:
+                say(f"torch forward {z['torch_forward_median_s'] * 1e3:.1f} ms; torch plain gradient "
+                    f"{z['gradient_median_s'] * 1e3:.1f} ms vs ours {z['gradient_ours_median_s'] * 1e3:.1f} ms "
+                    f"(interleaved): gradient/ours = {z['ratio_gradient_over_ours']:.2f}")
             if "median_s" in z:
-                say(f"zennit {z['median_s'] * 1e3:.1f} ms vs ours {z['ours_median_s'] * 1e3:.1f} ms (interleaved; "
-                    f"torch forward {z['torch_forward_median_s'] * 1e3:.1f} ms): zennit/ours = "
-                    f"{z['ratio_zennit_over_ours']:.2f}   [relevance rel. L2 vs ours "
+                say(f"zennit {z['median_s'] * 1e3:.1f} ms vs ours {z['ours_median_s'] * 1e3:.1f} ms (interleaved): "
+                    f"zennit/ours = {z['ratio_zennit_over_ours']:.2f}   [relevance rel. L2 vs ours "
                     f"{z.get('relevance_rel_l2_vs_ours', float('nan')):.1e}]")
             else:
-                say(f"zennit: {z}")
+                say(f"zennit: {z.get('skipped') or z}")
     finally:
         for f in work.iterdir():
             f.unlink()

@@ -3,7 +3,8 @@
 # cells before this script existed, with one warm-up run instead of two at batch 16, whose second run page-faults).
 #   tools/bench_matrix.sh TAG [bench.py options...]     e.g.  tools/bench_matrix.sh v11 --provider cuda
 # Writes tools/bench_results/TAG-MODEL-bBATCH-RULE.json for each cell, then prints the summary table.
-# About 20 minutes on the 2-core CPU machine of docs/speed.md (v11: 19 minutes).
+# About 20 minutes on the 2-core CPU machine of docs/speed.md (v11: 19 minutes; the torch child for `epsilon`
+# and `rlrp`, added in session 6, adds a few minutes).
 set -euo pipefail
 tag=${1:?usage: tools/bench_matrix.sh TAG [bench.py options...]}
 shift
@@ -11,7 +12,8 @@ cd "$(dirname "$0")/.."
 out=tools/bench_results
 run() { python tools/bench.py --threads "${THREADS:-2}" "$@"; }
 for rule in epsilon rlrp epsilon-plus-flat epsilon-gamma-box epsilon-alpha2-beta1 cmp; do
-  zennit=--no-zennit; [ "$rule" = epsilon-plus-flat ] && zennit=
+  zennit=--no-zennit  # the torch child (plain gradient, Zennit where it has the rule) for three rules
+  case $rule in epsilon | rlrp | epsilon-plus-flat) zennit= ;; esac
   run --model resnet50 --rule $rule --batch 1 --repeats 15 --warmup 2 --compile-repeats 3 $zennit "$@" \
       --json $out/$tag-resnet50-b1-$rule.json
   run --model vgg16 --rule $rule --batch 1 --repeats 9 --warmup 2 --compile-repeats 3 $zennit "$@" \

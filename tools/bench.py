@@ -216,10 +216,16 @@ def providers_for(name: str) -> list[str]:
 
 
 def make_session(path: Path, threads: int, provider: str, spin: bool, profile_prefix: str | None = None):
+    """A session on ``provider``. For "cuda", stops when onnxruntime fell back to its CPU provider (it does so with
+    only a log line when a CUDA library is missing), so that no CPU figure is ever reported as a GPU one."""
     import onnxruntime as ort
 
-    return ort.InferenceSession(str(path), session_options(threads, spin, profile_prefix),
+    sess = ort.InferenceSession(str(path), session_options(threads, spin, profile_prefix),
                                 providers=providers_for(provider))
+    if provider == "cuda" and sess.get_providers()[0] != "CUDAExecutionProvider":
+        raise SystemExit(f"{path}: onnxruntime did not start its CUDA provider (its log above says why); no GPU "
+                         "figure was measured")
+    return sess
 
 
 def make_input(model: onnx.ModelProto, batch: int, seed: int) -> tuple[str, np.ndarray]:
@@ -647,6 +653,10 @@ def main(argv=None) -> dict:
         print(summarize(args.summarize))
         return {}
     share_thread_pool(args.threads, args.spin == "on")
+    if args.provider == "cuda":
+        import onnxruntime as ort
+
+        ort.preload_dlls()  # the CUDA and cuDNN libraries of the nvidia-* pip packages, where they are installed
     if args.child:
         result = child_memory(args) if args.child == "memory" else child_zennit(args)
         print(json.dumps(result))

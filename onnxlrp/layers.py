@@ -13,6 +13,8 @@ import numpy as np
 
 from .builder import GraphBuilder
 
+FEW_CHANNELS = 8  # a transposed product into fewer channels stays a ConvTranspose (see Linear.transpose)
+
 
 def window_cover_count(size: int, kernel: int, stride: int, pad_begin: int, dilation: int, out_size: int):
     """Per input index along one axis: how many output windows contain it (Card(J) along that axis)."""
@@ -140,10 +142,17 @@ class Linear:
             return b.op("MatMul", [g, self.weight_name(b, weight.T, tag + "_T")], "WTg")
         wd = self.window
         strided = any(s != 1 for s in wd.strides)
-        # a strided transposed product becomes a stride-1 Conv over zero-inserted g only for depthwise weights
-        # (one input channel per group), whose Conv costs little at the larger size: onnxruntime's grouped
-        # ConvTranspose runs one small GEMM per channel (MobileNetV2's 96-channel 112x112 one: 5.2 against 2.1 ms)
-        flipped = None if strided and weight.shape[1] != 1 else flipped_conv(weight, wd, self.group)
+        # Most transposed products run faster as a stride-1 Conv with the flipped kernel than as a ConvTranspose.
+        # Two exceptions stay ConvTranspose:
+        # - a strided product, unless its weights are depthwise (one input channel per group): those become a Conv
+        #   over zero-inserted g, because onnxruntime's grouped ConvTranspose runs one small GEMM per channel
+        #   (MobileNetV2's 96-channel 112x112 one: 5.2 against 2.1 ms);
+        # - a product into fewer than FEW_CHANNELS channels (an RGB or grey input layer): onnxruntime blocks a Conv
+        #   only for 8 or 16 output channels and otherwise builds an im2col buffer of kernel x Cout rows
+        #   (VGG16's first layer: 21 against 8.7 ms).
+        into_few_channels = self.group == 1 and weight.shape[1] < FEW_CHANNELS
+        flipped = None if into_few_channels or (strided and weight.shape[1] != 1) else \
+            flipped_conv(weight, wd, self.group)
         if flipped is None:
             return wd.conv_transpose(b, g, self.weight_name(b, weight, tag), self.group, "WTg")
         kernel, pads = flipped

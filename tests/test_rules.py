@@ -95,16 +95,38 @@ def test_join_operand_behind_a_relu_is_read_through_its_stand_in(rule, params):
 
 
 def test_strided_depthwise_transposed_products_are_convolutions():
-    """A strided depthwise convolution's transposed product is a stride-1 Conv over zero-inserted relevance (no
+    """A strided depthwise convolution's transposed product is a stride-1 Conv over zero-inserted relevance (not a
     ConvTranspose), and the relevance equals the float64 reference, for an even and an uneven geometry."""
     rng = np.random.default_rng(25)
     layers, shape = ZOO["depthwise_strided"](rng)
     model = ns.to_onnx(layers, shape)
     ops = [n.op_type for n in onnxlrp.compile(model, "epsilon").graph.node if n.name.startswith("lrp/")]
-    assert ops.count("Resize") == 2 and "ConvTranspose" not in ops
+    assert ops.count("Resize") == 2 and ops.count("ConvTranspose") == 1  # the input layer's, into 2 channels
     x = rng.normal(size=shape)
     relevance, _ = compiled_from_spec(layers, shape, "epsilon", x, epsilon=0.01)
     assert_close_relative(relevance, ref.lrp(layers, x, "epsilon", eps=0.01), 1e-5)
+
+
+@pytest.mark.parametrize("rule", ["epsilon", "epsilon-gamma-box", "epsilon-alpha2-beta1"])
+def test_transposed_products_into_few_channels_are_conv_transposes(rule):
+    """Into fewer than 8 channels (an RGB input layer) a stride-1 transposed product stays a ConvTranspose of the
+    model's weights (onnxruntime would run the flipped-kernel Conv over a large im2col buffer); into 16 channels it
+    is a Conv with the flipped kernel. The relevance equals the float64 reference either way."""
+    rng = np.random.default_rng(26)
+    layers = [ns.conv(rng, 3, 16, 3, pad=1), Relu(), ns.conv(rng, 16, 16, 3, pad=1), Relu(), Flatten(),
+              ns.dense(rng, 16 * 5 * 5, 4)]
+    shape = (2, 3, 5, 5)
+    model = ns.to_onnx(layers, shape)
+    first, second = (n.name for n in model.graph.node if n.op_type == "Conv")
+    products = {n.name: n.op_type for n in onnxlrp.compile(model, rule).graph.node if "/WTg" in n.name}
+    assert {op for name, op in products.items() if f"/{first}/" in name} == {"ConvTranspose"}
+    assert {op for name, op in products.items() if f"/{second}/" in name} == {"Conv"}
+    x = rng.uniform(0.0, 1.0, size=shape)
+    relevance, _ = compiled_from_spec(layers, shape, rule, x)
+    reference = {"epsilon": ["epsilon"] * 3, "epsilon-gamma-box": [("zbox", {"low": 0.0, "high": 1.0}), "gamma",
+                                                                    "epsilon"],
+                 "epsilon-alpha2-beta1": ["alphabeta", "alphabeta", "epsilon"]}[rule]
+    assert_close_relative(relevance, ref.lrp(layers, x, reference), 1e-5)
 
 
 def test_target_input_selects_the_class():

@@ -83,7 +83,7 @@ def shrink(b: GraphBuilder, v: str, eps: float) -> str:
     than an Add and a Div. ``v / eps`` overflows only for ``v > 3.4e38 * eps``; below ``eps = 1e-12`` (where that
     bound could matter) the ratio stays an Add and a Div."""
     if eps < 1e-12:
-        return b.op("Div", [v, b.op("Add", [v, b.const(eps)], "stab")], "ratio")
+        return divide_signed(b, v, v, eps, 1.0)
     return b.op("Softsign", [b.op("Mul", [v, b.const(1.0 / eps, "inv_eps")], "v_over_eps")], "ratio")
 
 

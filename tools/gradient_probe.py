@@ -40,6 +40,7 @@ def masks_for_ratios(model: onnx.ModelProto, mask: str) -> int:
             readers.setdefault(name, []).append(node)
     replaced: dict[int, list] = {}  # id(product Mul) -> its replacement nodes
     dropped: set[int] = set()
+    count = 0
     for ratio in graph.node:
         scale = producer.get(ratio.input[0]) if ratio.op_type == "Softsign" else None
         if scale is None or scale.op_type != "Mul" or len(readers[scale.output[0]]) != 1:
@@ -60,6 +61,7 @@ def masks_for_ratios(model: onnx.ModelProto, mask: str) -> int:
         else:
             ratio.op_type, ratio.input[0] = "Sign", v[0]
             dropped.add(id(scale))
+        count += 1
     nodes = []
     for node in graph.node:
         if id(node) in replaced:
@@ -68,8 +70,9 @@ def masks_for_ratios(model: onnx.ModelProto, mask: str) -> int:
             nodes.append(node)
     del graph.node[:]
     graph.node.extend(nodes)
-    graph.initializer.append(numpy_helper.from_array(np.zeros((), np.float32), ZERO))
-    return len(replaced) if mask == "where" else len(dropped)
+    if mask == "where":
+        graph.initializer.append(numpy_helper.from_array(np.zeros((), np.float32), ZERO))
+    return count
 
 
 def main(argv=None) -> None:

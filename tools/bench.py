@@ -70,9 +70,8 @@ EXTERNAL_DATA_BYTES = 1 << 30  # save models above 1 GiB with external data (pro
 
 # ---------------------------------------------------------------- arithmetic
 
-def multiply_adds(model: onnx.ModelProto, batch: int) -> int:
-    """Multiply-accumulates of the Conv, ConvTranspose, MatMul and Gemm nodes at this batch size: the arithmetic
-    that no element-wise rewrite can remove. Shapes come from ONNX shape inference with the batch fixed."""
+def inferred(model: onnx.ModelProto, batch: int) -> tuple[onnx.ModelProto, dict[str, list[int]]]:
+    """``model`` after ONNX shape inference with the batch fixed, and every tensor's shape."""
     fixed = onnx.ModelProto()
     fixed.CopyFrom(model)
     defaults = {t.name for t in fixed.graph.initializer}  # optional inputs (the compiled model's target)
@@ -82,12 +81,18 @@ def multiply_adds(model: onnx.ModelProto, batch: int) -> int:
             continue
         if dims and not dims[0].HasField("dim_value"):
             dims[0].dim_value = batch
-    inferred = onnx.shape_inference.infer_shapes(fixed, data_prop=True)
+    done = onnx.shape_inference.infer_shapes(fixed, data_prop=True)
     shapes = {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim]
-              for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
-    shapes |= {t.name: list(t.dims) for t in inferred.graph.initializer}
+              for vi in list(done.graph.value_info) + list(done.graph.input) + list(done.graph.output)}
+    return done, shapes | {t.name: list(t.dims) for t in done.graph.initializer}
+
+
+def multiply_adds(model: onnx.ModelProto, batch: int) -> int:
+    """Multiply-accumulates of the Conv, ConvTranspose, MatMul and Gemm nodes at this batch size: the arithmetic
+    that no element-wise rewrite can remove. Shapes come from ONNX shape inference with the batch fixed."""
+    model, shapes = inferred(model, batch)
     total = 0
-    for node in inferred.graph.node:
+    for node in model.graph.node:
         if node.op_type in ("Conv", "ConvTranspose"):
             w = shapes[node.input[1]]
             # Conv: each output element reads Cin/g * k inputs; ConvTranspose: each input element feeds Cout/g * k
@@ -99,6 +104,13 @@ def multiply_adds(model: onnx.ModelProto, batch: int) -> int:
                 else a[-1]
             total += int(np.prod(shapes[node.output[0]])) * inner
     return total
+
+
+def relu_outputs_mib(model: onnx.ModelProto, batch: int) -> float:
+    """MiB of the source model's Relu outputs at this batch size (float32): what any backward pass through its
+    ReLUs reads, and so keeps alive from the forward pass, unless it recomputes them."""
+    model, shapes = inferred(model, batch)
+    return sum(4 * int(np.prod(shapes[n.output[0]])) for n in model.graph.node if n.op_type == "Relu") / 2 ** 20
 
 
 # ---------------------------------------------------------------- machine
@@ -697,6 +709,8 @@ def main(argv=None) -> dict:
     result["multiply_adds"] = macs
     say(f"multiply-adds {macs['source'] / 1e9:.2f} G -> {macs['compiled'] / 1e9:.2f} G: the arithmetic floor of "
         f"explain/forward is {macs['ratio']:.2f}")
+    result["relu_outputs_mib"] = relu_outputs_mib(model, args.batch)
+    say(f"Relu outputs of the source (kept for any backward pass): {result['relu_outputs_mib']:.0f} MiB")
     if args.save_compiled:
         args.save_compiled.parent.mkdir(parents=True, exist_ok=True)
         save(compiled, args.save_compiled)

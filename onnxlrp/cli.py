@@ -42,6 +42,9 @@ def rule_options(fn):
         click.option("--beta", type=float, help="Beta of the alpha-beta rule (default 1)."),
         click.option("--low", type=float, help="Lowest input value for z-box (default 0)."),
         click.option("--high", type=float, help="Highest input value for z-box (default 1)."),
+        click.option("--stabilizer", type=float,
+                     help="Stabilizer of z+, alpha-beta, gamma, flat, w^2, z-box and of the Norm rule at joins and "
+                          "average pools (default 1e-6)."),
         click.option("--flat-layers", type=int, default=1, show_default=True,
                      help="How many linear layers from the input get the flat rule in *-flat composites and cmp."),
         click.option("--opset", type=int, help="Upgrade the model to this opset first (at least 13)."),
@@ -57,8 +60,9 @@ def rule_options(fn):
 
 
 def compile_kwargs(kw: dict) -> dict:
-    params = {k: kw.pop(k) for k in ("epsilon", "gamma", "alpha", "beta", "low", "high") if kw.get(k) is not None}
-    for k in ("epsilon", "gamma", "alpha", "beta", "low", "high"):
+    names = ("epsilon", "gamma", "alpha", "beta", "low", "high", "stabilizer")
+    params = {k: kw.pop(k) for k in names if kw.get(k) is not None}
+    for k in names:
         kw.pop(k, None)
     return dict(rule=kw.pop("rule"), composite=kw.pop("composite"), flat_layers=kw.pop("flat_layers"),
                 opset=kw.pop("opset"), output=kw.pop("output_name"), node_output=kw.pop("node_output"),
@@ -103,6 +107,10 @@ def inspect_command(model, **kw):
     plan = inspect_model(model, **compile_kwargs(kw))
     click.echo(f"explained tensor: {escape_terminal(plan.explained)}")
     click.echo(f"relevance inputs: {', '.join(escape_terminal(i) for i in plan.inputs)}")
+    click.echo(f"family: {plan.family}")
+    if plan.unused_parameters and not plan.unsupported:
+        click.echo(f"note: no node of this model uses --{', --'.join(plan.unused_parameters)} (e.g. a first-layer "
+                   "z-box on a model whose first layer is not a convolution)")
     for node, rule in plan.rules.items():
         click.echo(f"  {escape_terminal(node)}: {rule}")
     if plan.unsupported:
@@ -116,11 +124,16 @@ def inspect_command(model, **kw):
 def rules_command():
     """List the rules and composites."""
     from .composites import COMPOSITES
+    from .node_rules import DEFAULTS, NODE_RULES
     from .rules import RULES
 
     click.echo("rules (applied to every Conv/Gemm/MatMul):")
     for name in RULES:
         click.echo(f"  {name:28s} {COMPOSITES[name].description}")
+    click.echo("rules for joins and pools (in a TOML composite; defaults: "
+               + ", ".join(f"{kind} -> {cls.name}" for kind, cls in DEFAULTS.items()) + "):")
+    for name, cls in NODE_RULES.items():
+        click.echo(f"  {name:28s} {cls.summary}")
     click.echo("composites:")
     for name, comp in COMPOSITES.items():
         if name not in RULES:

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
 from onnx import helper
 
 from onnxlrp.passes.canonicalize import canonicalize
+from onnxlrp.passes.families import ClassicFamily, Family
 from onnxlrp.passes.relevance import RelevancePass, rule_table
+from onnxlrp.passes.rlrp import RLRPFamily
 
 from . import __version__
-from .composites import Composite, LinearNode, get_composite, load_composite
+from .composites import Composite, get_composite, load_composite
 from .errors import OnnxlrpError
 from .loading import clamp_ir_version, load_model
 
@@ -23,12 +25,15 @@ PARAMETER_NAMES = ("epsilon", "gamma", "alpha", "beta", "low", "high", "stabiliz
 
 @dataclass
 class Plan:
-    """What ``inspect`` shows: the rule per linear node and every node on the path that has no rule."""
+    """What ``inspect`` shows: the family, the rule per rule-bearing node, every node on the path that has no rule,
+    and the given rule parameters that no node of this model uses."""
 
     rules: dict[str, str]
     unsupported: list[str]
     explained: str
     inputs: list[str]
+    family: str = "classic"
+    unused_parameters: list[str] = field(default_factory=list)
 
 
 def read_model(model_or_path) -> tuple[onnx.ModelProto, str]:
@@ -43,6 +48,14 @@ def choose_composite(rule: str, composite: str | Path | None) -> Composite:
     return load_composite(composite) if composite else get_composite(rule)
 
 
+def family_of(composite: Composite, params: dict, flat_layers: int) -> Family:
+    """The propagation family of a composite: R-LRP, or the classic rules (never chosen by the composite's name)."""
+    if composite.family == "rlrp":
+        composite.check_parameters(params)
+        return RLRPFamily()
+    return ClassicFamily(composite, params, flat_layers)
+
+
 def _pass(model: onnx.ModelProto, composite: Composite, *, params: dict, flat_layers: int, output, node_output,
           opset, input_shapes, precision=None) -> RelevancePass:
     unknown = set(params) - set(PARAMETER_NAMES)
@@ -51,14 +64,10 @@ def _pass(model: onnx.ModelProto, composite: Composite, *, params: dict, flat_la
     params = {k: float(v) for k, v in params.items() if v is not None}
     if flat_layers < 1:
         raise OnnxlrpError("--flat-layers must be at least 1")
+    family = family_of(composite, params, flat_layers)
+    composite.check_parameters(params)
     canonical, shapes = canonicalize(model, opset=opset, input_shapes=input_shapes, precision=precision)
-
-    def plan_rules(order):
-        layers = [LinearNode(node.name, node.op_type, i, depth) for i, (node, depth) in enumerate(order)]
-        return composite.plan(layers, params, flat_layers)
-
-    return RelevancePass(canonical, shapes, plan_rules, rlrp=composite.name == "rlrp", output=output,
-                         node_output=node_output)
+    return RelevancePass(canonical, shapes, family, output=output, node_output=node_output)
 
 
 def compile(model_or_path, rule: str = "epsilon", *, composite: str | Path | None = None, output: str | None = None,
@@ -104,8 +113,8 @@ def inspect(model_or_path, rule: str = "epsilon", *, composite=None, output=None
     rp = _pass(model, choose_composite(rule, composite), params=params, flat_layers=flat_layers, output=output,
                node_output=node_output, opset=opset, input_shapes=input_shapes, precision=precision)
     problems = rp.unsupported()
-    rules = {} if problems else rule_table(rp.plan_rules(rp.linear_order()))
-    return Plan(rules, problems, rp.target, rp.sources)
+    plan = {} if problems else rp.family.plan(rp.plan_nodes())
+    return Plan(rule_table(plan), problems, rp.target, rp.sources, rp.family.name, rp.family.parameters_unused(plan))
 
 
 def is_compiled(model: onnx.ModelProto) -> bool:

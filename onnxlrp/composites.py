@@ -1,4 +1,14 @@
-"""Composites: which rule each linear layer gets, by selectors; first match wins (Zennit's names and defaults)."""
+"""Composites: which rule each rule-bearing node gets, by selectors; first match wins (Zennit's names and defaults).
+
+Rule-bearing nodes are linear layers (Conv, Gemm, MatMul with a constant weight), joins (Add/Sum/Sub of several
+relevance-carrying tensors) and pools (average and max). An entry applies to a node when its selectors match and
+its rule is one for the node's kind (:attr:`onnxlrp.rules.Rule.kinds`). A linear layer that no entry selects is an
+error; a join or pool gets its kind's default (:data:`onnxlrp.node_rules.DEFAULTS`: Norm, winner-take-all) with the
+composite's parameters (``--stabilizer`` reaches joins and pools, as Zennit passes it to its Norm rule).
+
+A composite is propagated by a family: ``classic``, or ``rlrp`` when every entry's rule is ``rlrp`` (R-LRP is a
+whole-sweep method and cannot be mixed per layer, see :mod:`onnxlrp.passes.rlrp`).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import OnnxlrpError
+from .node_rules import DEFAULTS, NODE_RULES
 from .rules import RULES, Rule, make_rule
+
+ALL_RULES: dict[str, type[Rule]] = {**RULES, **NODE_RULES}
 
 CONV = ("Conv",)
 DENSE = ("Gemm", "MatMul")
@@ -16,16 +29,6 @@ DENSE = ("Gemm", "MatMul")
 # Command-line parameter -> the rule field it sets.
 PARAMETERS = {"epsilon": "epsilon", "gamma": "gamma", "alpha": "alpha", "beta": "beta", "low": "low",
               "high": "high", "stabilizer": "stabilizer"}
-
-
-@dataclass(frozen=True)
-class LinearNode:
-    """What selectors see of a linear layer."""
-
-    name: str
-    op_type: str
-    index: int  # position among the linear layers, topological order
-    depth: int  # linear layers on the longest input path up to and including this one (first layer: 1)
 
 
 @dataclass
@@ -39,16 +42,21 @@ class Entry:
     name: str | None = None
     position: tuple[int, int] | None = None
 
-    def matches(self, layer: LinearNode, n_layers: int, flat_layers: int) -> bool:
-        if self.ops is not None and layer.op_type not in self.ops:
+    def matches(self, node, n_of_kind: int, flat_layers: int) -> bool:
+        """Whether the selectors select ``node`` (a :class:`onnxlrp.passes.families.PlanNode`): its op type, whether
+        it lies within the first ``flat_layers`` linear layers from the input (``first``), a regex on its name, and
+        its position among the ``n_of_kind`` nodes of its kind (negative positions count from the end)."""
+        if node.kind not in ALL_RULES[self.rule].kinds:
             return False
-        if self.first is not None and (layer.depth <= flat_layers) != self.first:
+        if self.ops is not None and node.op_type not in self.ops:
             return False
-        if self.name is not None and not re.search(self.name, layer.name):
+        if self.first is not None and (node.depth <= flat_layers) != self.first:
+            return False
+        if self.name is not None and not re.search(self.name, node.name):
             return False
         if self.position is not None:
-            lo, hi = (p + n_layers if p < 0 else p for p in self.position)
-            if not lo <= layer.index <= hi:
+            lo, hi = (p + n_of_kind if p < 0 else p for p in self.position)
+            if not lo <= node.index <= hi:
                 return False
         return True
 
@@ -58,28 +66,49 @@ class Composite:
     name: str
     entries: list[Entry]
     description: str = ""
+    family: str = "classic"  # or "rlrp": see the module docstring
 
-    def plan(self, layers: list[LinearNode], params: dict, flat_layers: int = 1) -> dict[str, Rule]:
-        """Rule per linear layer name. ``params`` (epsilon, gamma, ...) go to every rule that has the field."""
-        used: set[str] = set()
-        rules: dict[str, Rule] = {}
-        for layer in layers:
-            entry = next((e for e in self.entries if e.matches(layer, len(layers), flat_layers)), None)
-            if entry is None:
-                raise OnnxlrpError(f"composite {self.name!r} has no entry for node {layer.name!r} ({layer.op_type})")
-            fields = RULES[entry.rule].__dataclass_fields__
-            given = {k: v for k, v in params.items() if PARAMETERS[k] in fields}
-            used |= set(given)
-            rules[layer.name] = make_rule(entry.rule, **{**entry.params, **{PARAMETERS[k]: v for k, v in
-                                                                            given.items()}})
-        unused = sorted(set(params) - used)
-        if unused and layers:
+    def rule_classes(self) -> list[type[Rule]]:
+        """The rules this composite can give: its entries' and, for the classic family, the kinds' defaults."""
+        classes = [ALL_RULES[e.rule] for e in self.entries]
+        return classes + list(DEFAULTS.values()) if self.family == "classic" else classes
+
+    def check_parameters(self, params: dict) -> None:
+        """Refuse parameters that none of the composite's rules has (``--gamma`` with ``epsilon``), whatever the
+        model: a parameter used only on some models (``--low``/``--high`` of a first-convolution z-box, on an MLP)
+        is accepted (``inspect`` says which parameters a model leaves unused)."""
+        if self.family == "rlrp":
+            unused = sorted(params)
+        else:
+            fields = {f for cls in self.rule_classes() for f in cls.__dataclass_fields__}
+            unused = sorted(p for p in params if PARAMETERS[p] not in fields)
+        if unused:
             raise OnnxlrpError(f"{self.name!r} does not use --{', --'.join(unused)}")
+
+    def field_of(self, param: str) -> str:
+        return PARAMETERS[param]
+
+    def plan(self, nodes: list, params: dict, flat_layers: int = 1) -> dict[str, Rule]:
+        """Rule per rule-bearing node name (``nodes``: :class:`onnxlrp.passes.families.PlanNode`, topological
+        order). ``params`` (epsilon, gamma, ...) go to every rule that has the field."""
+        self.check_parameters(params)
+        per_kind: dict[str, int] = {}
+        for node in nodes:
+            per_kind[node.kind] = per_kind.get(node.kind, 0) + 1
+        rules: dict[str, Rule] = {}
+        for node in nodes:
+            entry = next((e for e in self.entries if e.matches(node, per_kind[node.kind], flat_layers)), None)
+            if entry is None and node.kind == "linear":
+                raise OnnxlrpError(f"composite {self.name!r} has no entry for node {node.name!r} ({node.op_type})")
+            name, fixed = (entry.rule, entry.params) if entry else (DEFAULTS[node.kind].name, {})
+            fields = ALL_RULES[name].__dataclass_fields__
+            given = {PARAMETERS[k]: v for k, v in params.items() if PARAMETERS[k] in fields}
+            rules[node.name] = make_rule(name, ALL_RULES, **{**fixed, **given})
         return rules
 
 
 def _single(rule: str) -> Composite:
-    return Composite(rule, [Entry(rule)], RULES[rule].summary)
+    return Composite(rule, [Entry(rule)], RULES[rule].summary, family="rlrp" if rule == "rlrp" else "classic")
 
 
 COMPOSITES: dict[str, Composite] = {name: _single(name) for name in RULES}
@@ -134,14 +163,22 @@ def load_composite(path: str | Path) -> Composite:
     for i, table in enumerate(layers):
         table = dict(table)
         rule = table.pop("rule", None)
-        if rule not in RULES:
-            raise OnnxlrpError(f"{path}: layer {i + 1}: unknown rule {rule!r}; valid rules: {', '.join(RULES)}")
+        if rule not in ALL_RULES:
+            raise OnnxlrpError(f"{path}: layer {i + 1}: unknown rule {rule!r}; valid rules: {', '.join(ALL_RULES)}")
         ops = table.pop("op", None)
         position = table.pop("position", None)
         entry = Entry(rule, ops=(ops,) if isinstance(ops, str) else tuple(ops) if ops else None,
                       first=table.pop("first", None), name=table.pop("name", None),
                       position=tuple(position) if position else None)
         entry.params = table
-        make_rule(rule, **entry.params)  # validates parameter names now, with a clear message
+        make_rule(rule, ALL_RULES, **entry.params)  # validates parameter names now, with a clear message
         entries.append(entry)
-    return Composite(str(data.get("name", path.stem)), entries, f"composite from {path.name}")
+    relative = [i for i, e in enumerate(entries) if e.rule == "rlrp"]
+    if relative and len(relative) < len(entries):
+        other = next(i for i, e in enumerate(entries) if e.rule != "rlrp")
+        raise OnnxlrpError(f"{path}: layer {relative[0] + 1} is rlrp and layer {other + 1} is {entries[other].rule}: "
+                           "R-LRP cannot be mixed per layer (its joins give each branch the full relevance and its "
+                           "forks normalize them, Eq. 13; a layer under another rule breaks that); use rule = "
+                           "\"rlrp\" in every [[layer]] table, or --rule rlrp")
+    return Composite(str(data.get("name", path.stem)), entries, f"composite from {path.name}",
+                     family="rlrp" if relative else "classic")

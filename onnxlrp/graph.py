@@ -2,7 +2,8 @@
 
 The data-flow view has one vertex per tensor name. An edge ``a -> b`` means a node reads ``a`` through a
 *data* input and writes ``b``. Shape and index inputs (a Reshape's shape, a Slice's starts, ...) and ops whose
-output is shape arithmetic (Shape, Size) carry no relevance, so they have no data edges.
+output is shape arithmetic (Shape, Size) carry no relevance, so they have no data edges: which inputs carry data is
+a fact of each op type in the op registry (:mod:`onnxlrp.passes.ops`).
 """
 
 from __future__ import annotations
@@ -12,41 +13,7 @@ from dataclasses import dataclass
 import networkx as nx
 import onnx
 
-# For ops whose inputs are not all data, the indices of the inputs that carry relevance.
-DATA_INPUTS: dict[str, tuple[int, ...]] = {
-    "Reshape": (0,),
-    "Expand": (0,),
-    "Tile": (0,),
-    "Slice": (0,),
-    "Pad": (0,),
-    "Squeeze": (0,),
-    "Unsqueeze": (0,),
-    "Split": (0,),
-    "Resize": (0,),
-    "Upsample": (0,),
-    "Clip": (0,),
-    "ReduceMean": (0,),
-    "ReduceSum": (0,),
-    "ReduceMax": (0,),
-    "Gather": (0,),
-    "Dropout": (0,),
-    "Conv": (0,),
-    "ConvTranspose": (0,),
-    "BatchNormalization": (0,),
-    "InstanceNormalization": (0,),
-    "LayerNormalization": (0,),
-    "Shape": (),
-    "Size": (),
-    "ConstantOfShape": (),
-    "Constant": (),
-    "EyeLike": (),
-    "RandomNormalLike": (),
-    "RandomUniformLike": (),
-}
-
-# Ops that produce no relevance-carrying output however they are fed.
-NON_DIFFERENTIABLE = {"Shape", "Size", "ArgMax", "ArgMin", "Equal", "Greater", "Less", "GreaterOrEqual",
-                      "LessOrEqual", "Not", "And", "Or", "Xor", "NonZero", "IsNaN", "IsInf", "TopK"}
+from onnxlrp.passes.ops import data_input_indices
 
 
 def subgraphs(node: onnx.NodeProto):
@@ -68,15 +35,6 @@ def implicit_inputs(node: onnx.NodeProto) -> set[str]:
             names |= {n for n in inner.input if n and n not in local}
             names |= {n for n in implicit_inputs(inner) if n not in local}
     return names
-
-
-def data_input_indices(node: onnx.NodeProto) -> tuple[int, ...]:
-    """Indices of ``node``'s inputs through which relevance flows."""
-    if node.op_type in NON_DIFFERENTIABLE:
-        return ()
-    fixed = DATA_INPUTS.get(node.op_type)
-    indices = range(len(node.input)) if fixed is None else fixed
-    return tuple(i for i in indices if i < len(node.input) and node.input[i])
 
 
 @dataclass

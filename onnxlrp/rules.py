@@ -169,10 +169,18 @@ def add(b: GraphBuilder, *terms: str) -> str:
 
 @dataclass(frozen=True)
 class Rule:
-    """A relevance rule for linear layers: ``relevance(layer, R) -> R_in`` emitted into the graph."""
+    """A relevance rule: for linear layers ``relevance(layer, R) -> R_in`` emitted into the graph; rules for other
+    node kinds (:mod:`onnxlrp.node_rules`) have a method per kind instead.
+
+    ``kinds``: the node kinds a composite may give the rule to. ``multiplies_by_input``: the relevance it sends back
+    is the layer input times a cofactor, so it vanishes wherever the input does (the engine then lets a Relu's output
+    stand in for a stabilized denominator upstream, :meth:`RelevancePass.relu_behind`)."""
 
     name = "rule"
     summary = ""
+    kinds = ("linear",)
+    multiplies_by_input = False
+    preserves_zero = False  # the relevance it sends back vanishes where the input does, if its own vanishes there
 
     def relevance(self, b: GraphBuilder, layer: Linear, r: str) -> str:
         raise NotImplementedError
@@ -187,6 +195,7 @@ class Epsilon(Rule):
     """LRP-epsilon: ``R_in = x * W^T (R / stab(z))`` with ``z = W x + b``, the forward pre-activation reused."""
 
     epsilon: float = 1e-6
+    multiplies_by_input = True
     name = "epsilon"
     summary = "x * W^T (R / (z + eps sign z)); default eps 1e-6"
 
@@ -215,6 +224,7 @@ class ZPlus(Rule):
     """LRP-z+: ``z = W+ x+ + b+ + W- x-``, ``R_in = x+ * W+^T g + x- * W-^T g`` with ``g = R / stab(z)``."""
 
     stabilizer: float = STABILIZER
+    multiplies_by_input = True
     name = "zplus"
     summary = "positive contributions only (alpha=1, beta=0)"
 
@@ -238,6 +248,7 @@ class AlphaBeta(Rule):
     alpha: float = 2.0
     beta: float = 1.0
     stabilizer: float = STABILIZER
+    multiplies_by_input = True
     name = "alpha-beta"
     summary = "alpha * positive - beta * negative parts; default 2, 1"
 
@@ -298,6 +309,7 @@ class Gamma(Rule):
 
     gamma: float = 0.25
     stabilizer: float = STABILIZER
+    multiplies_by_input = True
     name = "gamma"
     summary = "W + gamma W+ favours positive evidence; default 0.25"
 
@@ -414,6 +426,7 @@ class RLRP(Rule):
     layer (Eq. 8, where Card(J) = N^(l+1)) or the kernel size ``P1*P2`` of a convolution (Eq. 10-12). The
     factor map is a compile-time constant; the bias is not an input neuron and takes no part."""
 
+    multiplies_by_input = True
     name = "rlrp"
     summary = "relative LRP (Nyiri & Gibaru): no hyper-parameters, no division except at joins"
 
@@ -421,10 +434,13 @@ class RLRP(Rule):
         return times_relative(b, mul(b, layer.x, layer.transpose(b, r, layer.weight, "W")), rlrp_factor(layer))
 
 
-def times_relative(b: GraphBuilder, r: str, factor: np.ndarray) -> str:
-    """``r * factor / max(factor)`` for a positive compile-time factor. R-LRP is defined up to a positive factor
-    per sample (the output is scaled at the end), so only the factor's shape matters: a uniform factor (dense
-    layers, 1x1 stride-1 convolutions, non-overlapping pools) costs no op, and the constants stay near 1."""
+def times_relative(b: GraphBuilder, r: str, factor: np.ndarray | None) -> str:
+    """``r * factor / max(factor)`` for a positive compile-time factor (``None``: a uniform one). R-LRP is defined
+    up to a positive factor per sample (the output is scaled at the end), so only the factor's shape matters: a
+    uniform factor (dense layers, 1x1 stride-1 convolutions, non-overlapping pools) costs no op, and the constants
+    stay near 1."""
+    if factor is None:
+        return r
     relative = np.asarray(factor, dtype=np.float64) / np.max(factor)
     if np.all(relative == 1):
         return r
@@ -455,12 +471,14 @@ RULES: dict[str, type[Rule]] = {cls.name: cls for cls in (LRP0, Epsilon, Gamma, 
 NON_NEGATIVE = ("epsilon", "gamma", "stabilizer")  # a negative stabilizer or gamma can flip a denominator's sign
 
 
-def make_rule(name: str, **params) -> Rule:
-    """Instantiate a rule by name, with a one-line error listing valid names and parameters, or saying which value
-    is not a finite number (or is negative where only ``>= 0`` makes sense)."""
-    cls = RULES.get(name)
+def make_rule(name: str, classes: dict[str, type[Rule]] | None = None, **params) -> Rule:
+    """Instantiate a rule by name (from ``classes``, default the linear rules), with a one-line error listing valid
+    names and parameters, or saying which value is not a finite number (or is negative where only ``>= 0`` makes
+    sense)."""
+    classes = RULES if classes is None else classes
+    cls = classes.get(name)
     if cls is None:
-        raise OnnxlrpError(f"unknown rule {name!r}; valid rules: {', '.join(RULES)}")
+        raise OnnxlrpError(f"unknown rule {name!r}; valid rules: {', '.join(classes)}")
     fields = set(cls.__dataclass_fields__)
     unknown = set(params) - fields
     if unknown:

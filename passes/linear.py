@@ -8,7 +8,7 @@ import onnx
 
 from onnxlrp.layers import Linear, Window
 
-from .emitters import attr, explicit_pads
+from .ops.helpers import attr, explicit_pads
 
 
 def linear_layer(ctx, node: onnx.NodeProto) -> Linear | None:

@@ -1,9 +1,10 @@
 """The relevance pass: append to a canonical forward graph the ONNX ops of an LRP backward sweep.
 
-The sweep visits the nodes on the relevance path (data paths from the float inputs to the explained tensor) in
-reverse topological order. A tensor's relevance is the sum of what its consumers send back. Under R-LRP, the
-relevance a fork receives from each branch is first rescaled so that its sum equals the relevance that branch got
-at its join (Prop. 14, Eq. 13); see :meth:`RelevancePass.combine`.
+Load -> canonicalize (:mod:`onnxlrp.passes.canonicalize`) -> plan -> family sweep -> save. The sweep visits the nodes
+on the relevance path (data paths from the float inputs to the explained tensor) in reverse topological order; each
+node's backward emitter comes from the op registry (:mod:`onnxlrp.passes.ops`), the rule of each rule-bearing node
+and everything else in which LRP variants differ from the propagation family (:mod:`onnxlrp.passes.families`). A
+tensor's relevance is what the family combines from its readers (classic: their sum; R-LRP: Eq. 13 at forks).
 """
 
 from __future__ import annotations
@@ -16,20 +17,17 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxlrp.builder import GraphBuilder
+from onnxlrp.contract import CLASS_OUTPUT, TARGET_INPUT, relevance_output
 from onnxlrp.errors import OnnxlrpError, UnsupportedOpError
-from onnxlrp.graph import GraphView, data_input_indices
-from onnxlrp.rules import AlphaBeta, Epsilon, Gamma, Rule, ZPlus, product
+from onnxlrp.graph import GraphView
+from onnxlrp.rules import Rule
 
-from .emitters import lookup, unsupported_reason
+from .families import Family, PlanNode
 from .linear import linear_layer
+from .ops import data_input_indices, lookup, spec, unsupported_reason
+from .ops.helpers import path_inputs
 
-TARGET_INPUT = "target"
-RELEVANCE_OUTPUT = "relevance"
-CLASS_OUTPUT = "explained_class"
 FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
-TINY = 1e-30  # far above float32's smallest normal (1.2e-38), far below any relevance worth keeping
-FORK_EPS = 1e-6  # relative stabilizer of Eq. 13's denominator
-RANGE_STEPS = 4  # R-LRP: layers between per-sample rescalings of the relevance (see RelevancePass.keep_in_range)
 
 
 def data_inputs(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
@@ -38,13 +36,11 @@ def data_inputs(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
     return [v for v in graph.input if v.name not in inits and v.type.tensor_type.elem_type in FLOAT_TYPES]
 
 
-SHAPE_ONLY = ("Identity", "Cast", "Reshape", "Flatten", "Squeeze", "Unsqueeze")
-
-
 def explained_tensor(graph: onnx.GraphProto, view: GraphView, output: str | None, node_output: str | None) -> str:
     """The tensor whose target entry is explained: ``node_output``; else the chosen graph output (default: the
     first float tensor output, or the input of a ZipMap that produces an output); and when that value is a
-    Softmax/LogSoftmax, possibly behind Identity/Cast/reshaping ops, the Softmax's input (the logits)."""
+    Softmax/LogSoftmax, possibly behind shape-only ops (Identity, Cast, reshaping), the Softmax's input (the
+    logits)."""
     names = [o.name for o in graph.output]
     if node_output:
         if node_output not in view.producer:
@@ -52,16 +48,16 @@ def explained_tensor(graph: onnx.GraphProto, view: GraphView, output: str | None
         return node_output
     if output is not None and output not in names:
         raise OnnxlrpError(f"--output {output!r} is not a graph output; outputs: {', '.join(names)}")
-    candidates = [output] if output else \
-        [o.name for o in graph.output if o.type.tensor_type.elem_type in FLOAT_TYPES] + names
+    float_outputs = [o.name for o in graph.output if o.type.tensor_type.elem_type in FLOAT_TYPES]
+    candidates = [output] if output else float_outputs + names
     for name in candidates:
         producer = view.producer.get(name)
         if producer is not None and producer.op_type == "ZipMap":
             name = producer.input[0]
-        elif name not in [o.name for o in graph.output if o.type.tensor_type.elem_type in FLOAT_TYPES]:
+        elif name not in float_outputs:
             continue
         t = name
-        while t in view.producer and view.producer[t].op_type in SHAPE_ONLY:
+        while t in view.producer and spec(view.producer[t]).shape_only:
             t = view.producer[t].input[0]
         if t in view.producer and view.producer[t].op_type in ("Softmax", "LogSoftmax"):
             return view.producer[t].input[0]
@@ -71,12 +67,11 @@ def explained_tensor(graph: onnx.GraphProto, view: GraphView, output: str | None
 
 @dataclass
 class RelevancePass:
-    """Emits the backward sweep into ``model`` (modified in place)."""
+    """Emits the backward sweep of ``family`` into ``model`` (modified in place)."""
 
     model: onnx.ModelProto
     shapes: dict[str, list]
-    plan_rules: callable  # (list of Linear, first-layer info) -> {node name: Rule}
-    rlrp: bool
+    family: Family
     output: str | None = None
     node_output: str | None = None
     graph: onnx.GraphProto = field(init=False)
@@ -85,13 +80,14 @@ class RelevancePass:
     constants: dict = field(init=False)
     tensors: set = field(init=False)
     layers: dict = field(init=False)
-    plan: dict = field(init=False)
+    plan: dict = field(init=False, default_factory=dict)
     opset: int = field(init=False)
 
     def __post_init__(self):
         self.graph = self.model.graph
         self.view = GraphView.of(self.graph)
         self.b = GraphBuilder(self.graph)
+        self.algebra = self.family.algebra
         self.constants = {t.name: numpy_helper.to_array(t) for t in self.graph.initializer}
         self.opset = next(i.version for i in self.model.opset_import if i.domain in ("", "ai.onnx"))
         self.sources = [v.name for v in data_inputs(self.graph)]
@@ -116,9 +112,7 @@ class RelevancePass:
                 if layer.transpose_x:
                     layer.x = self.b.op("Transpose", [layer.x], "x_T", perm=[1, 0])
                 self.layers[node.name] = layer
-        self.join_shares: dict[tuple[str, int], str] = {}
-        self.range_steps: dict[str, int] = {}  # R-LRP relevance tensor -> layers since its scale was last reset
-        self.sample_sums: dict[str, str] = {}
+        self.join_shares: dict[tuple[str, int], str] = {}  # (join, input index) -> the relevance it routed there
 
     # ------------------------------------------------------------ analysis
 
@@ -150,19 +144,34 @@ class RelevancePass:
                 return imp.version
         return "?"
 
-    def linear_order(self) -> list[tuple[onnx.NodeProto, int]]:
-        """Linear nodes in topological order with their depth: the number of linear layers on the longest path
-        from an input up to and including the node (the first layer has depth 1)."""
+    def plan_nodes(self) -> list[PlanNode]:
+        """The rule-bearing nodes in topological order: linear layers, joins with several relevance inputs, pools.
+        ``depth`` counts the linear layers on the longest path from an input up to and including the node (the first
+        layer has depth 1); ``index`` is the position among the nodes of the same kind."""
         linear_out = set(self.layer_output.values())
         sub = self.view.flow.subgraph(self.tensors)
         depth_at: dict[str, int] = {}
         for t in nx.topological_sort(sub):
             depth_at[t] = max((depth_at[p] for p in sub.predecessors(t)), default=0) + (t in linear_out)
-        return [(node, depth_at[self.layer_output[node.name]]) for node in self.nodes if node.name in self.layers]
+        counts: dict[str, int] = {}
+        planned = []
+        for node in self.nodes:
+            kind = spec(node).kind
+            if kind is None or (kind == "linear" and node.name not in self.layers) or \
+                    (kind == "join" and len(path_inputs(self, node)) < 2):
+                continue
+            out = self.layer_output[node.name] if kind == "linear" else node.output[0]
+            planned.append(PlanNode(node.name, node.op_type, kind, counts.get(kind, 0), depth_at[out]))
+            counts[kind] = counts.get(kind, 0) + 1
+        return planned
+
+    def rule(self, node: onnx.NodeProto) -> Rule:
+        """The rule the family planned for ``node``."""
+        return self.plan[node.name]
 
     def nonnegative(self, tensor: str) -> bool:
-        """Whether ``tensor`` is >= 0 for every input: a Relu (Clip, Sigmoid, ...) output, or pooled, re-indexed,
-        summed or multiplied non-negative tensors, or a non-negative constant."""
+        """Whether ``tensor`` is >= 0 for every input: by the facts of its producer (:attr:`OpSpec.nonnegative`), or
+        a non-negative constant."""
         if tensor in self._nonneg:
             return self._nonneg[tensor]
         self._nonneg[tensor] = False
@@ -170,35 +179,25 @@ class RelevancePass:
         if node is None:
             value = self.constants.get(tensor)
             result = value is not None and value.size > 0 and bool(np.all(value >= 0))
-        elif node.domain not in ("", "ai.onnx"):
-            result = False
-        elif node.op_type in ("Relu", "Sigmoid", "Softmax", "Abs", "Softplus", "Exp"):
-            result = True
-        elif node.op_type == "Clip":
-            low = node.input[1] if len(node.input) > 1 else ""
-            result = bool(low) and self.nonnegative(low)
-        elif node.op_type in ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "Flatten",
-                              "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Identity", "Dropout", "Slice",
-                              "Split", "ReduceMean", "ReduceMax", "ReduceMin", "Expand", "Tile", "Cast"):
-            result = self.nonnegative(node.input[0]) and (node.op_type != "MaxPool" or tensor == node.output[0])
-        elif node.op_type in ("Add", "Sum", "Mul", "Concat", "Max", "Min", "Div"):  # (Max needs only one: kept simple)
-            result = all(self.nonnegative(i) for i in node.input if i)
-        elif node.op_type == "Pad":
-            value = node.input[2] if len(node.input) > 2 else ""
-            result = self.nonnegative(node.input[0]) and (not value or self.nonnegative(value))
         else:
-            result = False
+            fact = spec(node).nonnegative
+            if fact == "always":
+                result = True
+            elif fact == "first":
+                result = self.nonnegative(node.input[0])
+            elif fact == "all":
+                result = all(self.nonnegative(i) for i in node.input if i)
+            else:
+                result = bool(fact) and fact(self.nonnegative, node, tensor)
         self._nonneg[tensor] = result
         return result
 
     def vanishes_at_zero(self, tensor: str) -> bool:
-        """Classic rules: whether the relevance every reader sends back to ``tensor`` is 0 wherever ``tensor`` is 0.
-        True when each reader on the relevance path is a rule or Norm join that multiplies by its input (epsilon,
-        gamma, z+, alpha-beta, average pooling, a sum of several relevance inputs) or an op with ``f(0) = 0``
-        (Relu, max pooling, re-indexing, a product with a constant) whose outputs have the same property. The
-        explained tensor qualifies (one-hot times its value); flat, w^2 and z^B readers do not."""
-        if self.rlrp:
-            return False
+        """Whether the relevance every reader sends back to ``tensor`` is 0 wherever ``tensor`` is 0. True when each
+        reader on the relevance path has a rule that multiplies by its input (epsilon, gamma, z+, alpha-beta, the
+        Norm rule of joins and average pools), or maps 0 to 0 (Relu, max pooling, re-indexing, a product with a
+        constant: :attr:`OpSpec.zero_preserving`) and its outputs have the same property. The explained tensor
+        qualifies (one-hot times its value); flat, w^2 and z^B readers do not."""
         if tensor in self._vanishes:
             return self._vanishes[tensor]
         self._vanishes[tensor] = False
@@ -214,25 +213,15 @@ class RelevancePass:
         return result
 
     def _reader_vanishes(self, node: onnx.NodeProto, idx: int) -> bool:
-        op = node.op_type
-        if node.name in self.layers:
-            return idx == 0 and isinstance(self.plan.get(node.name), (Epsilon, Gamma, ZPlus, AlphaBeta))
-        downstream = [o for o in node.output if o in self.tensors]
-        if op in ("Add", "Sum", "Sub"):
-            return sum(node.input[i] in self.tensors for i in data_input_indices(node)) > 1
-        if op in ("AveragePool", "GlobalAveragePool", "ReduceMean"):
-            return True
-        if op == "Clip":
-            bounds = [self.constants.get(n) if n else None for n in list(node.input[1:3]) + [""] * 2][:2]
-            if (bounds[0] is not None and bounds[0] > 0) or (bounds[1] is not None and bounds[1] < 0):
-                return False
-        elif op == "Mul" or (op == "Div" and idx == 0):
-            pass  # the other operand is a constant: the output is 0 where this input is
-        elif op not in ("Relu", "LeakyRelu", "PRelu", "Tanh", "Identity", "Dropout", "Neg", "Cast", "MaxPool",
-                        "GlobalMaxPool", "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Concat", "Slice",
-                        "Pad", "Split"):
-            return False
-        return all(self.vanishes_at_zero(o) for o in downstream)
+        rule = self.plan.get(node.name)
+        if rule is not None:
+            if rule.multiplies_by_input:
+                return idx == 0 or "linear" not in rule.kinds
+            preserves = rule.preserves_zero
+        else:
+            fact = spec(node).zero_preserving
+            preserves = fact if isinstance(fact, bool) else fact(self, node, idx)
+        return preserves and all(self.vanishes_at_zero(o) for o in node.output if o in self.tensors)
 
     def relu_behind(self, z: str) -> str | None:
         """``Relu(z)`` (as float32) when the relevance of ``z`` is 0 wherever ``z <= 0``: the only reader of ``z`` is
@@ -240,7 +229,7 @@ class RelevancePass:
         output is 0. The rules may then divide by ``Relu(z) + eps`` instead of ``stab(z)`` (see
         :func:`onnxlrp.rules.divide_behind_relu`): the Relu's own output, which leaves the forward Conv + Relu
         fusable, or one Relu on ``z`` behind a Clip (where ``z > hi`` the Clip's output is not ``z``)."""
-        if self.rlrp:
+        if not self.family.divides_by_outputs:
             return None
         readers = self.view.consumers.get(z, [])
         if len(readers) != 1 or z in {o.name for o in self.graph.output}:
@@ -274,7 +263,7 @@ class RelevancePass:
         outputs = {o.name for o in self.graph.output}
         for k, u in enumerate(node.input):
             producer = self.view.producer.get(u)
-            if (producer is None or producer.op_type not in ("Conv", "BatchNormalization") or u in outputs or
+            if (producer is None or not spec(producer).fusable_producer or u in outputs or
                     len(self.view.consumers.get(u, [])) != 1):
                 continue
             others = [self.value(v) for j, v in enumerate(node.input) if j != k]
@@ -292,7 +281,7 @@ class RelevancePass:
         return (low_value is not None and low_value.size == 1 and low_value.item() == 0 and
                 (not high or (high_value is not None and high_value.size == 1 and high_value.item() > 0)))
 
-    # ------------------------------------------------------------ helpers used by emitters
+    # ------------------------------------------------------------ helpers used by emitters and families
 
     def value(self, name: str) -> str:
         """A forward tensor as float32: relevance is always computed in float32 (float16 models keep their float16
@@ -304,157 +293,31 @@ class RelevancePass:
             self.float32[name] = self.b.op("Cast", [name], "f32", to=TensorProto.FLOAT)
         return self.float32[name]
 
-    def keep_in_range(self, r: str, above: str) -> str:
-        """R-LRP only: ``r`` is the relevance one layer below ``above``. R-LRP is defined up to a positive factor
-        per sample, and the per-layer factors would leave float32's range in deep networks: once RANGE_STEPS
-        layers have passed since the last rescaling, divide each sample's map by its largest magnitude. A fork
-        takes the count of its join (Eq. 13 gives the block the scale of the join's shares, see :meth:`combine`)."""
-        if not self.rlrp:
-            return r
-        steps = self.range_steps.get(above, 0) + 1
-        if steps >= RANGE_STEPS:
-            b = self.b
-            flat = b.op("Flatten", [r], "flat", axis=1)
-            peak = self.reduce("ReduceMax", b.op("Abs", [flat], "abs"), [1])
-            scaled = b.op("Div", [flat, b.op("Max", [peak, b.const(TINY, "tiny")], "peak")], "scaled")
-            r, steps = b.op("Reshape", [scaled, b.op("Shape", [r])], "R"), 0
-        self.range_steps[r] = steps
-        return r
-
-    def reduce(self, op: str, x: str, axes: list[int], keepdims: int = 1) -> str:
-        """A Reduce* op in the attribute (opset < 18) or input (opset >= 18) form."""
+    def reduce(self, op: str, x: str, axes: list[int], keepdims: int = 1, hint: str | None = None) -> str:
+        """A Reduce* op in the attribute (opset < 18) or input (opset >= 18) form (ReduceSum: input from 13)."""
         b = self.b
         if op == "ReduceSum" or self.opset >= 18:
-            return b.op(op, [x, b.const(axes, "axes", np.int64)], op, keepdims=keepdims)
-        return b.op(op, [x], op, axes=axes, keepdims=keepdims)
+            return b.op(op, [x, b.const(axes, "axes", np.int64)], hint or op, keepdims=keepdims)
+        return b.op(op, [x], hint or op, axes=axes, keepdims=keepdims)
 
-    def sample_sum(self, r: str) -> str:
-        """Per-sample sum, shape [batch, 1], emitted once per tensor (R-LRP joins share one tensor)."""
-        if r not in self.sample_sums:
-            self.sample_sums[r] = self.reduce("ReduceSum", self.b.op("Flatten", [r], "flat", axis=1), [1])
-        return self.sample_sums[r]
+    def add_relevance(self, terms: list[str]) -> str:
+        """The algebra's ``plus`` of relevance terms."""
+        return terms[0] if len(terms) == 1 else self.b.op(self.algebra.plus_op, terms, "R")
 
-    def record_join_share(self, node: onnx.NodeProto, index: int, share: str) -> None:
-        """Remember the relevance a join routed to input ``index`` (the reference sum of Eq. 13)."""
-        if self.rlrp:
-            self.join_shares[(node.name, index)] = share
-
-    # ------------------------------------------------------------ R-LRP forks
-
-    def fork_assignments(self) -> dict[tuple[str, int], tuple[str, list[int]]]:
-        """For every consumer edge (node, input index) of a fork: its join and the join input slots it reaches.
-
-        A join is an Add/Sum/Sub/Concat with several relevance inputs; its fork is the immediate dominator of its
-        output. Each consumer edge of a fork belongs to the first join (topological order) that has this fork and
-        that the edge reaches. Also fills ``fork_joins`` (fork -> its joins, innermost first) and ``join_reach``
-        ((inner join, outer join) -> the outer join's slots that the inner join's output reaches).
-        """
-        joins = [n for n in self.nodes if n.op_type in ("Add", "Sum", "Sub", "Concat")
-                 and sum(n.input[i] in self.tensors for i in data_input_indices(n)) > 1]
-        forks = self.view.forks_of_joins(self.tensors, self.sources, joins)
-        sub = self.view.flow.subgraph(self.tensors)
-
-        def slots_reached(node: onnx.NodeProto, join: onnx.NodeProto) -> list[int]:
-            reach = set()
-            for out in node.output:
-                if out in sub:
-                    reach |= nx.descendants(sub, out) | {out}
-            return [k for k in data_input_indices(join) if join.input[k] in reach]
-
-        assigned: dict[tuple[str, int], tuple[str, list[int]]] = {}
-        self.fork_joins: dict[str, list[str]] = {}
-        self.join_reach: dict[tuple[str, str], list[int]] = {}
-        for join in joins:
-            fork = forks.get(join.name)
-            if fork is None or fork.startswith("\0"):
-                continue
-            for inner_name in self.fork_joins.get(fork, []):
-                inner = next(n for n in joins if n.name == inner_name)
-                if not any(key[0] == inner_name for key in self.join_reach):
-                    slots = slots_reached(inner, join)
-                    if slots:
-                        self.join_reach[(inner_name, join.name)] = slots
-            self.fork_joins.setdefault(fork, []).append(join.name)
-            for consumer, idx in self.view.consumers.get(fork, []):
-                if (consumer.name, idx) in assigned or consumer not in self.nodes:
-                    continue
-                slots = [idx] if consumer is join else slots_reached(consumer, join)
-                if slots:
-                    assigned[(consumer.name, idx)] = (join.name, slots)
-        return assigned
-
-    def combine(self, tensor: str, parts: list[tuple[str, int, str]], assigned) -> str:
-        """Sum the relevance a tensor receives.
-
-        Under R-LRP a fork applies Eq. 13 per join, innermost join first: each branch contribution ``c`` of join
-        ``J`` becomes ``c * S / stab(sum(c))`` where ``S`` is the summed relevance that branch received at ``J``
-        (``stab(s) = s + sign(s) * (1e-6 * sum|c| + 1e-30)``, ``sign(0) = +1``), except a branch that is the join's
-        own share (an identity shortcut), whose factor is exactly 1 without the stabilizer; the sum of these is the
-        block's contribution, which is in turn one branch of the next join around it with the same fork (nested
-        blocks).
-        The block has the scale of the join's shares, whatever the branches did to theirs (see
-        :meth:`keep_in_range`).
-        """
+    def zeros_like(self, tensor: str) -> str:
+        """The algebra's zero in ``tensor``'s shape (relevance of an output nothing reads)."""
         b = self.b
-        if not self.rlrp or tensor not in self.fork_joins:
-            total = self.sum_relevance([r for _, _, r in parts])
-            self.range_steps.setdefault(total, max(self.range_steps.get(r, 0) for _, _, r in parts))
-            return total
-        groups: dict[str, list[tuple[str, list[int]]]] = {}
-        free = []
-        for node_name, idx, r in parts:
-            if (node_name, idx) in assigned:
-                join, slots = assigned[(node_name, idx)]
-                groups.setdefault(join, []).append((r, slots))
-            else:
-                free.append(r)
-        for join in self.fork_joins[tensor]:
-            members = groups.pop(join, [])
-            if not members:
-                continue
-            # an identity shortcut brings back the join's own share: its sum is S, Eq. 13's factor is 1
-            terms = [r if len(slots) == 1 and self.join_shares[(join, slots[0])] == r else
-                     self.rescale_branch(r, self.join_reference(join, slots)) for r, slots in members]
-            block = terms[0] if len(terms) == 1 else b.op("Sum", terms, "block")
-            # the block sums to the join's shares: it has their scale, whatever happened inside the branches
-            self.range_steps[block] = max(self.range_steps.get(self.join_shares[(join, k)], 0)
-                                          for _, slots in members for k in slots)
-            outer = next(((j, s) for (i, j), s in self.join_reach.items() if i == join), None)
-            if outer is not None:
-                groups.setdefault(outer[0], []).append((block, outer[1]))
-            else:
-                free.append(block)
-        total = self.sum_relevance(free)
-        self.range_steps.setdefault(total, max(self.range_steps.get(r, 0) for r in free))
-        return total
+        zero = self.algebra.zero
+        value = None if zero == 0 else helper.make_tensor("value", TensorProto.FLOAT, [1], [zero])
+        return b.op("ConstantOfShape", [b.op("Shape", [tensor])], "zeros", value=value)
 
-    def sum_relevance(self, terms: list[str]) -> str:
-        """The sum of the relevance terms a tensor receives. When every term is a product ``x * c_k`` with the same
-        forward value ``x`` (a fork whose readers all multiply by their input, see :func:`product`), it is
-        ``x * sum_k c_k``: one product instead of one per reader (classic rules only; R-LRP rescales each term)."""
-        if len(terms) == 1:
-            return terms[0]
-        factors = [self.b.products.get(t) for t in terms]
-        if not self.rlrp and all(factors) and len({x for x, _ in factors}) == 1:
-            return product(self.b, factors[0][0], self.b.op("Sum", [c for _, c in factors], "cofactors"))
-        return self.b.op("Sum", terms, "R")
-
-    def join_reference(self, join: str, slots: list[int]) -> str:
-        """``S``: the per-sample sum of the relevance the join routed to ``slots``."""
-        sums = [self.sample_sum(self.join_shares[(join, k)]) for k in slots]
-        return sums[0] if len(sums) == 1 else self.b.op("Sum", sums, "S")
-
-    def rescale_branch(self, c: str, reference: str) -> str:
+    def pad_with_zero(self, r: str, pads: list[int]) -> str:
+        """``r`` padded with the algebra's zero."""
         b = self.b
-        flat = b.op("Flatten", [c], "flat", axis=1)
-        s = self.reduce("ReduceSum", flat, [1])
-        magnitude = self.reduce("ReduceSum", b.op("Abs", [flat], "abs"), [1])
-        sign = b.op("Where", [b.op("GreaterOrEqual", [s, b.const(0.0, "zero")]), b.const(1.0, "one"),
-                              b.const(-1.0, "minus_one")], "sign")
-        guard = b.op("Add", [b.op("Mul", [magnitude, b.const(FORK_EPS, "fork_eps")]), b.const(TINY, "tiny")])
-        denom = b.op("Add", [s, b.op("Mul", [sign, guard])], "denom")
-        factor = b.op("Div", [reference, denom], "eq13_factor")
-        return b.op("Reshape", [b.op("Mul", [flat, factor]), b.op("Shape", [c])], "R")
+        inputs = [r, b.const(pads, "pads", np.int64)]
+        if self.algebra.zero != 0:
+            inputs.append(b.const(self.algebra.zero, "zero"))
+        return b.op("Pad", inputs, "R")
 
     # ------------------------------------------------------------ the sweep
 
@@ -466,11 +329,11 @@ class RelevancePass:
         if problems:
             raise UnsupportedOpError(f"{len(problems)} node(s) on the relevance path have no rule: "
                                      + "; ".join(problems))
-        order = self.linear_order()
-        self.plan = self.plan_rules(order)
-        for name, layer in self.layers.items():
-            layer.relu_out = self.relu_behind(self.layer_output[name])
-        assigned = self.fork_assignments() if self.rlrp else {}
+        self.plan = self.family.plan(self.plan_nodes())
+        if self.family.divides_by_outputs:
+            for name, layer in self.layers.items():
+                layer.relu_out = self.relu_behind(self.layer_output[name])
+        self.family.prepare(self)
         r0, self.explained_value = self.initial_relevance()
         received: dict[str, list[tuple[str, int, str]]] = {self.target: [("\0target", 0, r0)]}
         relevance: dict[str, str] = {}
@@ -480,25 +343,25 @@ class RelevancePass:
                 parts = received.get(out)
                 if parts and out not in relevance:
                     self.b.scope = f"{node.name}/combine"
-                    relevance[out] = self.combine(out, parts, assigned)
+                    relevance[out] = self.family.combine(self, out, parts)
                 r_out.append(relevance.get(out))
             if all(r is None for r in r_out):
                 continue
             self.b.scope = node.name or node.output[0]
-            emitted = lookup(self, node).emit(self, node, r_out)
-            steps = max(self.range_steps.get(r, 0) for r in r_out if r)
+            emitted = lookup(self, node)(self, node, r_out)
+            self.family.propagated(self, r_out, list(emitted.values()))
             for idx, r in emitted.items():
-                self.range_steps.setdefault(r, steps)  # re-indexing and element-wise ops keep the scale
                 received.setdefault(node.input[idx], []).append((node.name, idx, r))
         self.b.scope = "inputs"
         result = {}
         for name in self.sources:
             parts = received.get(name)
-            result[name] = self.combine(name, parts, assigned) if parts else None
+            result[name] = self.family.combine(self, name, parts) if parts else None
         return result
 
     def initial_relevance(self) -> tuple[str, str]:
-        """One-hot(target) * logit; the target defaults (when not fed, or -1) to the arg-max."""
+        """The family's seed on one-hot(target) and the explained tensor; the target defaults (when not fed, or -1)
+        to the arg-max. Returns the seed and the explained value per sample."""
         b = self.b
         b.scope = "init"
         y = self.value(self.target)
@@ -516,7 +379,7 @@ class RelevancePass:
                    "one_hot", to=TensorProto.FLOAT)
         selected = b.op("Mul", [hit, flat], "selected")
         value = self.reduce("ReduceSum", selected, [1], keepdims=0)
-        return b.op("Reshape", [selected, b.op("Shape", [y])], "R0"), value
+        return b.op("Reshape", [self.family.seed(self, hit, selected), b.op("Shape", [y])], "R0"), value
 
     def elem_type(self, name: str) -> int:
         if not hasattr(self, "_types"):
@@ -526,20 +389,19 @@ class RelevancePass:
         return self._types.get(name, TensorProto.FLOAT)
 
     def finish(self, relevance: dict[str, str]) -> list[str]:
-        """Scale (R-LRP), name and declare the outputs; returns the relevance output names."""
+        """Scale (the family's final step), name and declare the outputs; returns the relevance output names."""
         b = self.b
         b.scope = "outputs"
-        if self.rlrp:
-            relevance = self.rlrp_final_scale(relevance)
+        relevance = self.family.finish(self, relevance)
         single = len(self.sources) == 1
         names = []
         for vi in data_inputs(self.graph):
             r = relevance.get(vi.name)
             if r is None:
-                r = b.op("ConstantOfShape", [b.op("Shape", [vi.name])], "zeros")
+                r = self.zeros_like(vi.name)
             elif vi.type.tensor_type.elem_type != TensorProto.FLOAT:
                 r = b.op("Cast", [r], "R", to=TensorProto.FLOAT)
-            out = RELEVANCE_OUTPUT if single else f"{RELEVANCE_OUTPUT}.{vi.name}"
+            out = relevance_output(vi.name, single)
             b.nodes.append(helper.make_node("Identity", [r], [out], name=b.fresh(out)))
             shape = [d.dim_param or d.dim_value or None for d in vi.type.tensor_type.shape.dim]
             self.graph.output.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, shape))
@@ -560,23 +422,6 @@ class RelevancePass:
         if dims and dims[0].HasField("dim_value"):
             return dims[0].dim_value
         return dims[0].dim_param if dims and dims[0].dim_param else "batch"
-
-    def rlrp_final_scale(self, relevance: dict[str, str]) -> dict[str, str]:
-        """Scale every sample so that ``sum |relevance| = |explained value|`` (all inputs together)."""
-        b = self.b
-        present = {k: v for k, v in relevance.items() if v is not None}
-        if not present:
-            return relevance
-        mass = [self.reduce("ReduceSum", b.op("Abs", [b.op("Flatten", [r], "flat", axis=1)]), [1])
-                for r in present.values()]
-        total = mass[0] if len(mass) == 1 else b.op("Sum", mass, "mass")
-        value = b.op("Unsqueeze", [b.op("Abs", [self.explained_value]), b.const([1], "axes", np.int64)])
-        factor = b.op("Div", [value, b.op("Max", [total, b.const(TINY, "tiny")])], "final_scale")
-        out = dict(relevance)
-        for name, r in present.items():
-            flat = b.op("Flatten", [r], "flat", axis=1)
-            out[name] = b.op("Reshape", [b.op("Mul", [flat, factor]), b.op("Shape", [r])], "R")
-        return out
 
 
 def activation_work_first(nodes: list[onnx.NodeProto], relevance_source: str) -> list[onnx.NodeProto]:

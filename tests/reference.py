@@ -229,9 +229,10 @@ class _Net:
     """Evaluation context: caches unrolled matrices per (layer, input shape)
     and holds the per-layer rule assignment."""
 
-    def __init__(self, rule_map=None):
+    def __init__(self, rule_map=None, norm_eps=EPS):
         self.cache = {}
         self.rule_map = rule_map or {}
+        self.norm_eps = norm_eps  # the stabilizer of the Norm rule at joins and average pools
         self._keep = []  # keep cached layers alive so ids stay unique
 
     def matrix(self, L, in_shape):
@@ -304,9 +305,9 @@ class _Net:
             R_in = RULES[name](M, b, xf, Rf, C=C, in_shape=x.shape, **params)
             return R_in.reshape(x.shape)
         if isinstance(L, (AvgPool, GlobalAvgPool)):
-            # "Norm" rule: epsilon rule, eps = 1e-6, no bias
+            # "Norm" rule: epsilon rule, eps = the Norm stabilizer (Zennit's default 1e-6), no bias
             M, _, C = self.matrix(L, in_shape)
-            return rule_epsilon(M, np.zeros(M.shape[0]), xf, Rf, eps=EPS).reshape(x.shape)
+            return rule_epsilon(M, np.zeros(M.shape[0]), xf, Rf, eps=self.norm_eps).reshape(x.shape)
         if isinstance(L, (MaxPool, GlobalMaxPool)):
             # winner-take-all to the FIRST arg-max (row-major within the window)
             _, windows = self.windows(L, in_shape)
@@ -324,7 +325,7 @@ class _Net:
             # Norm rule at the join: R_k = a_k * R / stab(sum_k a_k)
             branches = sublists(L)
             outs = [self.seq(br, x) for br in branches]
-            g = R / stab(sum(outs), EPS)
+            g = R / stab(sum(outs), self.norm_eps)
             return sum(self.lrp_seq(br, x, a * g) for br, a in zip(branches, outs, strict=True))
         if isinstance(L, Concat):
             R_in = np.zeros_like(x)
@@ -579,7 +580,7 @@ def _rule_map(layers, rule, params):
     return {id(L): (rule_name(n), p) for L, (n, p) in zip(lin, assignment, strict=True)}
 
 
-def lrp(layers, x, rule, target=None, **params):
+def lrp(layers, x, rule, target=None, norm_eps=EPS, **params):
     """Classic LRP relevance at the input, [B, *x.shape[1:]] float64.
 
     rule: a rule name for every Dense/Conv layer, or a list with one entry
@@ -587,10 +588,11 @@ def lrp(layers, x, rule, target=None, **params):
     shortcut; Concat/Sum: branches in order), each a name or (name, params).
     params: defaults passed to every rule (e.g. eps=1e-9, gamma=0.25,
     alpha=2, beta=1, low=..., high=...); per-layer params override them.
+    norm_eps: the stabilizer of Zennit's Norm rule at joins and average pools.
     BatchNorm is folded into the preceding Conv/Dense first."""
     x = np.asarray(x, dtype=np.float64)
     folded = fold_batchnorm(layers)
-    net = _Net(_rule_map(folded, rule, params))
+    net = _Net(_rule_map(folded, rule, params), norm_eps)
     R = initial_relevance(net.seq(folded, x), target)
     return net.lrp_seq(folded, x, R)
 

@@ -110,7 +110,7 @@ def test_cli_compile_default_output_name_and_no_warnings(tmp_path):
     written = tmp_path / "digits.cmp.onnx"
     assert written.exists() and "wrote" in done.stdout
     plan = json.loads({p.key: p.value for p in onnx.load(written).metadata_props}["onnxlrp.plan"])
-    assert [r.split("(")[0] for r in plan.values()] == ["flat", "flat", "epsilon", "epsilon"]
+    assert [r.split("(")[0] for r in plan.values()] == ["flat", "flat", "winner-take-all", "epsilon", "epsilon"]
 
 
 @pytest.mark.parametrize("args,code,text", [

@@ -1,0 +1,125 @@
+"""Propagation families: what the backward sweep propagates, and how.
+
+The sweep (:class:`onnxlrp.passes.relevance.RelevancePass`) visits the nodes on the relevance path in reverse
+topological order and knows no family by name. A family is an object that owns everything in which LRP variants
+differ:
+
+- **the algebra** (:class:`Algebra`): the semiring ``(K, plus, times, 0, 1)`` relevance lives in. A tensor's
+  relevance is the ``plus`` of what its readers send back, re-indexing ops fill with ``0``, broadcasting is undone by
+  a ``plus``-reduction. Classic LRP and R-LRP propagate real numbers with ``+`` and ``x``; a semiring family (boolean
+  ``(or, and)``, counting, max-product) declares its own.
+- **the seed** ``R^(L) = one_hot(target) (x) y`` at the explained tensor ``y`` (:meth:`Family.seed`).
+- **the rule of every rule-bearing node** (:meth:`Family.plan`): linear layers (Conv, Gemm, MatMul with a constant
+  weight), joins (Add, Sum, Sub with several relevance-carrying inputs), average and max pools. Emitters ask the
+  planned rule (``ctx.rule(node)``) and never the family's name.
+- **the per-layer step** (:meth:`Family.after_layer`) applied to what a linear layer or a pool sends back (R-LRP keeps
+  it in float32's range).
+- **how a fork combines its branches** (:meth:`Family.combine`): the relevance a tensor receives from its readers,
+  ``R_x = plus_k R_{x <- k}`` (classic), or R-LRP's Eq. 13 normalization per join.
+- **the final scaling** (:meth:`Family.finish`) of the input relevance.
+
+:class:`ClassicFamily` is the classic rules and composites (Zennit's conventions); :class:`onnxlrp.passes.rlrp.
+RLRPFamily` is R-LRP (Nyiri & Gibaru). A new family subclasses :class:`Family` and overrides what differs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from onnxlrp.rules import Rule, product
+
+
+@dataclass(frozen=True)
+class Algebra:
+    """A commutative semiring ``(K, plus, times, 0, 1)`` and the ONNX ops that compute it on relevance tensors:
+    ``plus_op`` (n-ary, e.g. Sum, Max), ``reduce_op`` (``plus`` along axes, e.g. ReduceSum), ``times_op`` (Mul)."""
+
+    name: str
+    plus_op: str
+    reduce_op: str
+    times_op: str
+    zero: float
+    one: float
+
+
+REAL = Algebra("real", plus_op="Sum", reduce_op="ReduceSum", times_op="Mul", zero=0.0, one=1.0)
+
+
+@dataclass(frozen=True)
+class PlanNode:
+    """What composite selectors see of a rule-bearing node."""
+
+    name: str
+    op_type: str
+    kind: str  # "linear", "join", "average_pool" or "max_pool"
+    index: int  # position among the nodes of its kind, topological order
+    depth: int  # linear layers on the longest input path up to and including this node (first layer: 1)
+
+
+class Family:
+    """The interface the sweep calls; the defaults are those of real-valued LRP without forks or final scaling."""
+
+    name = "family"
+    algebra = REAL
+    divides_by_outputs = False  # its rules divide by layer outputs (a Relu behind them may stand in, see relu_behind)
+
+    def plan(self, nodes: list[PlanNode]) -> dict[str, Rule]:
+        """The rule of every rule-bearing node, by node name."""
+        raise NotImplementedError
+
+    def parameters_unused(self, plan: dict[str, Rule]) -> list[str]:
+        """The rule parameters given by the user that no planned node uses (``inspect`` reports them)."""
+        return []
+
+    def seed(self, ctx, one_hot: str, selected: str) -> str:
+        """The start relevance on the flattened explained tensor ``y``, given ``one_hot(target)`` and ``selected =
+        one_hot(target) * y``: the real families start from ``selected`` (Definition 9 of R-LRP; LRP's usual
+        start), a semiring family from its ``1`` at the target (``one_hot`` in its algebra)."""
+        return selected
+
+    def prepare(self, ctx) -> None:
+        """Analysis before the sweep (R-LRP: its forks and joins)."""
+
+    def after_layer(self, ctx, r_in: str, r_out: str) -> str:
+        """What a linear layer or pool sends back, ``r_in``, one layer below ``r_out``."""
+        return r_in
+
+    def propagated(self, ctx, r_out: list[str | None], r_in: list[str]) -> None:
+        """Called after each node's emitter (bookkeeping, e.g. R-LRP's range steps)."""
+
+    def combine(self, ctx, tensor: str, parts: list[tuple[str, int, str]]) -> str:
+        """The relevance of ``tensor`` from ``parts`` = [(reader node, input index, relevance)]."""
+        return ctx.add_relevance([r for _, _, r in parts])
+
+    def finish(self, ctx, relevance: dict[str, str | None]) -> dict[str, str | None]:
+        """The input relevance as the compiled model outputs it."""
+        return relevance
+
+
+class ClassicFamily(Family):
+    """Classic LRP: the rule of each node from a composite (one rule everywhere is a one-entry composite), real
+    numbers, relevance summed at forks: ``R_x = sum_k R_{x <- k}``, no final scaling."""
+
+    name = "classic"
+    divides_by_outputs = True
+
+    def __init__(self, composite, params: dict, flat_layers: int = 1):
+        self.composite, self.params, self.flat_layers = composite, params, flat_layers
+
+    def plan(self, nodes):
+        return self.composite.plan(nodes, self.params, self.flat_layers)
+
+    def parameters_unused(self, plan):
+        used = {field for rule in plan.values() for field in rule.__dataclass_fields__}
+        return sorted(p for p in self.params if self.composite.field_of(p) not in used)
+
+    def combine(self, ctx, tensor, parts):
+        """When every term is a product ``x * c_k`` with the same forward value ``x`` (a fork whose readers all
+        multiply by their input, see :func:`onnxlrp.rules.product`), the sum is ``x * sum_k c_k``: one product
+        instead of one per reader."""
+        terms = [r for _, _, r in parts]
+        factors = [ctx.b.products.get(t) for t in terms]
+        if len(terms) > 1 and all(factors) and len({x for x, _ in factors}) == 1:
+            b = ctx.b
+            return product(b, factors[0][0], b.op(self.algebra.plus_op, [c for _, c in factors], "cofactors"))
+        return ctx.add_relevance(terms)

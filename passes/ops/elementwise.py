@@ -1,0 +1,96 @@
+"""Element-wise ops: activations that pass relevance, arithmetic with constants, joins of branches, and the facts of
+ops that carry no relevance at all."""
+
+from __future__ import annotations
+
+from .helpers import path_inputs, unbroadcast
+from .registry import backward, declare
+
+# ---------------------------------------------------------------- ops whose output carries no relevance
+
+declare("Shape", "Size", "ArgMax", "ArgMin", "Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Not", "And",
+        "Or", "Xor", "NonZero", "IsNaN", "IsInf", "TopK", "ConstantOfShape", "Constant", "EyeLike", data_inputs=())
+declare("RandomNormalLike", "RandomUniformLike", data_inputs=(), foldable=False)
+declare("RandomNormal", "RandomUniform", "Multinomial", "If", "Loop", "Scan", foldable=False)
+declare("Softmax", nonnegative="always")
+declare("Exp", nonnegative="always")
+declare("Max", "Min", nonnegative="all")
+declare("LpPool", nonnegative="first")
+declare("ReduceMax", "ReduceMin", data_inputs=(0,), nonnegative="first")
+declare("ReduceSum", data_inputs=(0,))
+declare("Expand", "Tile", data_inputs=(0,), nonnegative="first")
+declare("Gather", "Resize", "Upsample", "ConvTranspose", data_inputs=(0,))
+declare("InstanceNormalization", "LayerNormalization", data_inputs=(0,))
+
+
+# ---------------------------------------------------------------- pass-through ops
+
+def clip_nonnegative(is_nonneg, node, tensor) -> bool:
+    """A Clip is ``>= 0`` when its lower bound is."""
+    low = node.input[1] if len(node.input) > 1 else ""
+    return bool(low) and is_nonneg(low)
+
+
+def clip_preserves_zero(ctx, node, index) -> bool:
+    """A Clip maps 0 to 0 unless its bounds exclude 0."""
+    bounds = [ctx.constants.get(n) if n else None for n in list(node.input[1:3]) + [""] * 2][:2]
+    return not ((bounds[0] is not None and bounds[0] > 0) or (bounds[1] is not None and bounds[1] < 0))
+
+
+def pass_through(ctx, node, r_out):
+    """Activations and element-wise maps: relevance passes unchanged (Zennit's Pass rule). A BatchNormalization
+    after a linear layer is folded into that layer's rule; any other is a per-channel affine map and passes."""
+    return {0: r_out[0]}
+
+
+backward("Relu", "Abs", nonnegative="always", zero_preserving=True)(pass_through)
+backward("Sigmoid", "Softplus", nonnegative="always")(pass_through)
+backward("Clip", data_inputs=(0,), nonnegative=clip_nonnegative, zero_preserving=clip_preserves_zero)(pass_through)
+backward("LeakyRelu", "PRelu", "Tanh", "Neg", zero_preserving=True)(pass_through)
+backward("Identity", "Cast", shape_only=True, nonnegative="first", zero_preserving=True)(pass_through)
+backward("Dropout", data_inputs=(0,), nonnegative="first", zero_preserving=True)(pass_through)
+backward("BatchNormalization", data_inputs=(0,), fusable_producer=True)(pass_through)
+backward("Elu", "Selu", "Celu", "Gelu", "Softsign", "HardSigmoid", "HardSwish", "Mish", "ThresholdedRelu", "LRN",
+         "Erf")(pass_through)
+
+
+# ---------------------------------------------------------------- element-wise arithmetic and joins
+
+def check_arith(ctx, node):
+    on_path = path_inputs(ctx, node)
+    if node.op_type in ("Mul", "Div") and len(on_path) > 1:
+        return "a product of two relevance-carrying tensors has no LRP rule"
+    if node.op_type == "Div" and on_path == [1]:
+        return "division by a relevance-carrying tensor has no LRP rule"
+    return None
+
+
+def scaled_preserves_zero(ctx, node, index) -> bool:
+    """A product with a constant, or a division of the data input by one, maps 0 to 0."""
+    return node.op_type == "Mul" or index == 0
+
+
+def add(ctx, node, r_out):
+    """With one relevance input (the others constant) relevance maps back unchanged. With several, the node joins
+    branches and the rule the family planned for it splits ``R`` (classic: Zennit's Norm rule; R-LRP: Prop. 14).
+    A Sub's second operand enters negated."""
+    r = r_out[0]
+    on_path = path_inputs(ctx, node)
+    if len(on_path) == 1:
+        i = on_path[0]
+        return {i: unbroadcast(ctx, r, node.input[i], node.output[0])}
+    shares = ctx.rule(node).join(ctx, node, r, on_path)
+    out = {i: unbroadcast(ctx, v, node.input[i], node.output[0]) for i, v in shares.items()}
+    ctx.join_shares.update({(node.name, i): v for i, v in out.items()})
+    return out
+
+
+backward("Add", "Sum", join=True, kind="join", nonnegative="all", check=check_arith)(add)
+backward("Sub", join=True, kind="join", check=check_arith)(add)
+
+
+@backward("Mul", "Div", nonnegative="all", zero_preserving=scaled_preserves_zero, check=check_arith)
+def scale(ctx, node, r_out):
+    """A product with (or a division by) a constant: relevance maps back unchanged (Zennit's Pass rule)."""
+    (i,) = path_inputs(ctx, node)
+    return {i: unbroadcast(ctx, r_out[0], node.input[i], node.output[0])}

@@ -42,16 +42,19 @@ class GraphView:
     """Producers, consumers and the tensor-level data-flow DiGraph of one ONNX graph."""
 
     graph: onnx.GraphProto
+    nodes: list[onnx.NodeProto]  # the graph's nodes, or an analysis list with virtual nodes (passes/patterns.py)
     flow: nx.DiGraph
     producer: dict[str, onnx.NodeProto]
     consumers: dict[str, list[tuple[onnx.NodeProto, int]]]
 
     @classmethod
-    def of(cls, graph: onnx.GraphProto) -> GraphView:
+    def of(cls, graph: onnx.GraphProto, nodes: list[onnx.NodeProto] | None = None) -> GraphView:
+        """The view of ``graph``, or of ``nodes`` (topologically sorted) standing for its nodes."""
+        nodes = list(graph.node) if nodes is None else nodes
         flow = nx.DiGraph()
         producer: dict[str, onnx.NodeProto] = {}
         consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
-        for node in graph.node:
+        for node in nodes:
             for out in node.output:
                 if out:
                     producer[out] = node
@@ -64,7 +67,7 @@ class GraphView:
                 for out in node.output:
                     if out:
                         flow.add_edge(name, out)
-        return cls(graph, flow, producer, consumers)
+        return cls(graph, nodes, flow, producer, consumers)
 
     def relevance_tensors(self, sources: list[str], target: str) -> set[str]:
         """Tensors on some data path from a source to ``target`` (both included)."""
@@ -80,7 +83,7 @@ class GraphView:
     def relevance_nodes(self, tensors: set[str]) -> list[onnx.NodeProto]:
         """Nodes (topological order) that read a relevance tensor through a data input and write one."""
         nodes = []
-        for node in self.graph.node:
+        for node in self.nodes:
             reads = {node.input[i] for i in data_input_indices(node)} | implicit_inputs(node)
             if any(o in tensors for o in node.output) and reads & tensors:
                 nodes.append(node)

@@ -26,6 +26,7 @@ from .families import Family, PlanNode
 from .linear import linear_layer
 from .ops import data_input_indices, lookup, spec, unsupported_reason
 from .ops.helpers import path_inputs
+from .patterns import find_matches, fused_node_list
 
 FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
 
@@ -85,10 +86,11 @@ class RelevancePass:
 
     def __post_init__(self):
         self.graph = self.model.graph
-        self.view = GraphView.of(self.graph)
+        self.constants = {t.name: numpy_helper.to_array(t) for t in self.graph.initializer}
+        self.matches = find_matches(self.graph, self.constants, self.shapes)
+        self.view = GraphView.of(self.graph, fused_node_list(self.graph, self.matches))
         self.b = GraphBuilder(self.graph)
         self.algebra = self.family.algebra
-        self.constants = {t.name: numpy_helper.to_array(t) for t in self.graph.initializer}
         self.opset = next(i.version for i in self.model.opset_import if i.domain in ("", "ai.onnx"))
         self.sources = [v.name for v in data_inputs(self.graph)]
         if not self.sources:

@@ -50,6 +50,7 @@ backward("LeakyRelu", "PRelu", "Tanh", "Neg", zero_preserving=True)(pass_through
 backward("Identity", "Cast", shape_only=True, nonnegative="first", zero_preserving=True)(pass_through)
 backward("Dropout", data_inputs=(0,), nonnegative="first", zero_preserving=True)(pass_through)
 backward("BatchNormalization", data_inputs=(0,), fusable_producer=True)(pass_through)
+backward("ElementwiseActivation", fused=True, data_inputs=(0,), zero_preserving=True)(pass_through)
 backward("Elu", "Selu", "Celu", "Gelu", "Softsign", "HardSigmoid", "HardSwish", "Mish", "ThresholdedRelu", "LRN",
          "Erf")(pass_through)
 

@@ -52,6 +52,8 @@ class OpSpec:
 
 DEFAULT = OpSpec()
 OPS: dict[str, OpSpec] = {}
+FUSED_DOMAIN = "onnxlrp.fused"  # virtual nodes that stand for a recognized subgraph (onnxlrp.passes.patterns)
+FUSED: dict[str, OpSpec] = {}
 
 
 def declare(*op_types: str, **facts) -> None:
@@ -60,11 +62,12 @@ def declare(*op_types: str, **facts) -> None:
         OPS[op] = OpSpec(**facts)
 
 
-def backward(*op_types: str, **facts):
-    """Register an emitter ``fn(ctx, node, r_out) -> {input index: relevance}`` with the facts of ``op_types``."""
+def backward(*op_types: str, fused: bool = False, **facts):
+    """Register an emitter ``fn(ctx, node, r_out) -> {input index: relevance}`` with the facts of ``op_types``
+    (``fused``: virtual node types of :mod:`onnxlrp.passes.patterns`, domain :data:`FUSED_DOMAIN`)."""
     def register(fn):
         for op in op_types:
-            OPS[op] = OpSpec(emit=fn, **facts)
+            (FUSED if fused else OPS)[op] = OpSpec(emit=fn, **facts)
         return fn
     return register
 
@@ -75,6 +78,8 @@ def is_default_domain(node: onnx.NodeProto) -> bool:
 
 def spec(node: onnx.NodeProto) -> OpSpec:
     """The facts of ``node``'s op type (the defaults for other domains and unregistered ops)."""
+    if node.domain == FUSED_DOMAIN:
+        return FUSED.get(node.op_type, DEFAULT)
     return OPS.get(node.op_type, DEFAULT) if is_default_domain(node) else DEFAULT
 
 

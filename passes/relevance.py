@@ -22,6 +22,7 @@ from onnxlrp.errors import OnnxlrpError, UnsupportedOpError
 from onnxlrp.graph import GraphView
 from onnxlrp.rules import Rule
 
+from . import signal_patterns  # noqa: F401  (registers its recognizers)
 from .families import Family, PlanNode
 from .linear import linear_layer
 from .ops import data_input_indices, lookup, spec, unsupported_reason

@@ -52,7 +52,14 @@ backward("Dropout", data_inputs=(0,), nonnegative="first", zero_preserving=True)
 backward("BatchNormalization", data_inputs=(0,), fusable_producer=True)(pass_through)
 backward("ElementwiseActivation", fused=True, data_inputs=(0,), zero_preserving=True)(pass_through)
 backward("Elu", "Selu", "Celu", "Gelu", "Softsign", "HardSigmoid", "HardSwish", "Mish", "ThresholdedRelu", "LRN",
-         "Erf")(pass_through)
+         "Erf", "Log", "Sqrt")(pass_through)
+
+
+def check_power(ctx, node):
+    return None if node.input[1] in ctx.constants else "a power with a relevance-carrying exponent has no LRP rule"
+
+
+backward("Pow", data_inputs=(0,), check=check_power)(pass_through)
 
 
 # ---------------------------------------------------------------- element-wise arithmetic and joins

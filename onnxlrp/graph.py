@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import networkx as nx
 import onnx
 
+from onnxlrp.scopes import implicit_inputs, subgraphs  # noqa: F401 - subgraphs: re-exported
+
 # For ops whose inputs are not all data, the indices of the inputs that carry relevance.
 DATA_INPUTS: dict[str, tuple[int, ...]] = {
     "Reshape": (0,),
@@ -47,27 +49,6 @@ DATA_INPUTS: dict[str, tuple[int, ...]] = {
 # Ops that produce no relevance-carrying output however they are fed.
 NON_DIFFERENTIABLE = {"Shape", "Size", "ArgMax", "ArgMin", "Equal", "Greater", "Less", "GreaterOrEqual",
                       "LessOrEqual", "Not", "And", "Or", "Xor", "NonZero", "IsNaN", "IsInf", "TopK"}
-
-
-def subgraphs(node: onnx.NodeProto):
-    for a in node.attribute:
-        if a.type == onnx.AttributeProto.GRAPH:
-            yield a.g
-        elif a.type == onnx.AttributeProto.GRAPHS:
-            yield from a.graphs
-
-
-def implicit_inputs(node: onnx.NodeProto) -> set[str]:
-    """Outer-scope tensors that the subgraphs of ``node`` (If, Loop, Scan) read."""
-    names: set[str] = set()
-    for g in subgraphs(node):
-        local = {v.name for v in g.input} | {t.name for t in g.initializer}
-        for inner in g.node:
-            local |= set(inner.output)
-        for inner in g.node:
-            names |= {n for n in inner.input if n and n not in local}
-            names |= {n for n in implicit_inputs(inner) if n not in local}
-    return names
 
 
 def data_input_indices(node: onnx.NodeProto) -> tuple[int, ...]:

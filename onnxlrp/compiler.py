@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from onnxlrp.passes.relevance import RelevancePass, rule_table
 from . import __version__
 from .composites import Composite, LinearNode, get_composite, load_composite
 from .errors import OnnxlrpError
-from .loading import clamp_ir_version, load_model
+from .io import clamp_ir_version, read_model
 
 PARAMETER_NAMES = ("epsilon", "gamma", "alpha", "beta", "low", "high", "stabilizer")
 
@@ -29,14 +28,6 @@ class Plan:
     unsupported: list[str]
     explained: str
     inputs: list[str]
-
-
-def read_model(model_or_path) -> tuple[onnx.ModelProto, str]:
-    """The model and the sha256 of its serialized bytes."""
-    if isinstance(model_or_path, onnx.ModelProto):
-        return model_or_path, hashlib.sha256(model_or_path.SerializeToString()).hexdigest()
-    model = load_model(model_or_path)
-    return model, hashlib.sha256(Path(model_or_path).read_bytes()).hexdigest()
 
 
 def choose_composite(rule: str, composite: str | Path | None) -> Composite:

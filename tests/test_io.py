@@ -6,6 +6,9 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import netspec as ns
@@ -276,3 +279,46 @@ def test_outer_names_include_nested_reads_and_returned_outer_tensors() -> None:
     assert outer_names(body) == {"b"}
     assert outer_names(else_branch) == {"a", "b"}
     assert implicit_inputs(node) == {"a", "b"}
+
+
+_EXPLAIN_CHILD = textwrap.dedent(
+    """
+    import sys, time
+    sys.path.insert(0, {repo!r})
+    import onnxlrp.heatmap
+    from onnxlrp.apps import run_explain
+
+    def stalled(path, relevance, **kwargs):
+        open(path, "wb").write(b"partial png")
+        print("writing", flush=True)
+        time.sleep(60)
+
+    onnxlrp.heatmap.save_heatmap = stalled
+    run_explain({model!r}, [{samples!r}], out_dir=sys.argv[1])
+    print("done", flush=True)
+    """
+)
+
+
+def test_sigterm_during_explain_leaves_no_file_and_ends_the_process(tmp_path: Path) -> None:
+    """SIGTERM while explain writes its first heatmap: the writer's guard removes the temp file and hands the
+    signal to explain's guard, which unwinds the run and hands it to the default handler."""
+    repo = Path(__file__).resolve().parents[1]
+    script = tmp_path / "child.py"
+    script.write_text(_EXPLAIN_CHILD.format(repo=str(repo), model=str(repo / "models" / "digits_cnn.onnx"),
+                                            samples=str(repo / "models" / "samples" / "digit_0.png")))
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(script), str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        lines = iter(proc.stdout.readline, "")
+        assert next(line for line in lines if line.strip() in ("writing", "done")).strip() == "writing"
+        assert [p.name for p in out.iterdir() if p.name.startswith(".digit_0.png.")]  # the temp file exists
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert rc == -signal.SIGTERM
+    assert os.listdir(out) == []

@@ -15,6 +15,7 @@ from .compiler import is_compiled
 from .contract import CLASS_OUTPUT, RELEVANCE_OUTPUT, TARGET_INPUT, is_relevance_output
 from .errors import OnnxlrpError
 from .io import EXTERNAL_DATA_THRESHOLD, read_model, save_model_atomic
+from .io.wire import serialized_size
 from .messages import first_line
 
 LARGE_MODEL_BYTES = EXTERNAL_DATA_THRESHOLD  # larger models cannot be passed to onnxruntime as bytes
@@ -47,7 +48,7 @@ def make_session(model: onnx.ModelProto, providers: list[str] | None = None, thr
     if providers is None:
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda_usable() else ["CPUExecutionProvider"]
     try:
-        if model.ByteSize() < LARGE_MODEL_BYTES:
+        if serialized_size(model) < LARGE_MODEL_BYTES:
             return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
         with tempfile.TemporaryDirectory(prefix="onnxlrp-") as folder:  # past 2 GB: weights as external data
             path = save_model_atomic(model, Path(folder) / "model.onnx")

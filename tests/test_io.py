@@ -24,7 +24,7 @@ from test_loading import CANARY, _bomb_model, _tensor_model, canary_model, one_l
 
 import onnxlrp
 from onnxlrp.errors import OnnxlrpError
-from onnxlrp.io import digest, read_model, sigterm_guard, write_atomic
+from onnxlrp.io import digest, read_model, sigterm_guard, wire, write_atomic
 from onnxlrp.scopes import implicit_inputs, outer_names
 
 # ----------------------------------------------------------------------------------------------
@@ -189,20 +189,24 @@ def rich_model() -> onnx.ModelProto:
     return model
 
 
-@pytest.mark.parametrize("whole_message_bytes", [0, 1000, 200_000])
+@pytest.mark.parametrize("everything_streamed", [False, True], ids=["bulk-streamed", "all-streamed"])
 def test_streamed_digest_equals_the_sha256_of_the_serialization(monkeypatch: pytest.MonkeyPatch,
-                                                                whole_message_bytes: int) -> None:
-    """Messages above the threshold are hashed field by field (0: every message, down to the tensors; 200 kB: the
-    model, graph and the 300 kB initializer, whose raw_data goes to the hash on its own); the reference is
-    protobuf's own serializer."""
+                                                                everything_streamed: bool) -> None:
+    """The model, its graph, the tensors and the nodes holding tensors or subgraphs are written field by field (the
+    300 kB raw_data goes to the hash on its own); with ``everything_streamed`` so are the small messages (value
+    infos, types, opsets...), which are otherwise serialized whole. The reference is protobuf's own serializer."""
     model = rich_model()
     assert len(UnknownFieldSet(model)) == len(UnknownFieldSet(model.graph.initializer[0])) == 5
-    reference = hashlib.sha256(model.SerializeToString()).hexdigest()
-    monkeypatch.setattr(digest, "WHOLE_MESSAGE_BYTES", whole_message_bytes)
-    assert digest.model_digest(model) == reference
-    monkeypatch.setattr(digest, "WHOLE_MESSAGE_BYTES", 1000)
+    reference = model.SerializeToString()
+    if everything_streamed:
+        monkeypatch.setattr(wire, "streamed", lambda msg: True)
+    pieces = list(wire.serialized_pieces(model))
+    assert b"".join(pieces) == reference
+    assert model.graph.initializer[0].raw_data in pieces  # handed over on its own
+    assert wire.serialized_size(model) == len(reference)
+    assert digest.model_digest(model) == hashlib.sha256(reference).hexdigest()
     model.graph.initializer[0].raw_data = model.graph.initializer[0].raw_data[:-1] + b"\x01"  # one byte changed
-    assert digest.model_digest(model) != reference
+    assert digest.model_digest(model) != hashlib.sha256(reference).hexdigest()
 
 
 def test_in_memory_digest_is_the_digest_of_the_saved_file(tmp_path: Path) -> None:

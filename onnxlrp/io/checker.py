@@ -21,6 +21,7 @@ from onnxlrp.messages import first_line, reason
 from onnxlrp.naming import escape_terminal
 
 from .tensors import is_external
+from .wire import serialized_size
 
 __all__ = ["ISOLATE_TIMEOUT_S", "child_main", "copy_fields", "native_check"]
 
@@ -51,7 +52,7 @@ def _light_copy(model: ModelProto) -> ModelProto:
     copy_fields(model.graph, graph, {"initializer"})
     inputs = {vi.name for vi in model.graph.input}
     for t in model.graph.initializer:
-        if t.ByteSize() <= _LIGHT_MIN_TENSOR_BYTES and not is_external(t):
+        if serialized_size(t) <= _LIGHT_MIN_TENSOR_BYTES and not is_external(t):
             graph.initializer.add().CopyFrom(t)
         elif t.name not in inputs:
             vi = graph.input.add()

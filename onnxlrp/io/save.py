@@ -14,6 +14,7 @@ from .atomic import write_all, write_files_atomic
 from .checker import copy_fields
 from .parse import PROTOBUF_MAX_BYTES
 from .tensors import TYPED_FIELDS, is_external
+from .wire import serialized_size
 
 __all__ = ["EXTERNAL_DATA_THRESHOLD", "ORT_MAX_IR_VERSION", "clamp_ir_version", "save_model_atomic"]
 
@@ -52,7 +53,7 @@ def _externalize(model: ModelProto, data_fd: int, location: str) -> ModelProto:
         out = skeleton.graph.initializer.add()
         if is_external(t):
             raise OnnxlrpError(f"cannot save: initializer {quote(t.name)} still refers to external data")
-        if t.ByteSize() < _EXTERNAL_MIN_TENSOR_BYTES or t.data_type == TensorProto.STRING:
+        if serialized_size(t) < _EXTERNAL_MIN_TENSOR_BYTES or t.data_type == TensorProto.STRING:
             out.CopyFrom(t)
             continue
         raw = t.raw_data if t.HasField("raw_data") else numpy_helper.from_array(numpy_helper.to_array(t)).raw_data
@@ -103,7 +104,7 @@ def save_model_atomic(model: ModelProto, path: str | os.PathLike[str]) -> Path:
         except (ValueError, TypeError, AttributeError, RuntimeError) as err:  # serialization failures
             raise OnnxlrpError(f"cannot write {shown}: {first_line(err)}") from None
 
-    if model.ByteSize() <= EXTERNAL_DATA_THRESHOLD:
+    if serialized_size(model) <= EXTERNAL_DATA_THRESHOLD:
         return write_files_atomic([(path, lambda tmp: _write_file(tmp, serialize(model)))])[-1]
 
     data_path = path.with_name(path.name + ".data")

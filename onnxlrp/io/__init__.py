@@ -15,7 +15,8 @@ Modules, by concern:
 - :mod:`.bombs`: ops whose constant inputs ask for huge tensors;
 - :mod:`.structure`: names, producers, cycles, topological order, operator domains;
 - :mod:`.checker`: onnx's checker and shape inference, in a child process with ``isolate``;
-- :mod:`.digest`: the source sha256, streamed;
+- :mod:`.digest`: the source sha256, streamed; :mod:`.wire`: a model's serialized size and its serialization
+  piece by piece (also past protobuf's 2 GiB);
 - :mod:`.atomic`: the one atomic writer and the one SIGTERM guard;
 - :mod:`.save`: saving a model atomically, with external data past 2 GiB.
 

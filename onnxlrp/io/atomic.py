@@ -11,9 +11,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import secrets
 import signal
 import stat
-import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -130,11 +130,28 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _new_temp(target: Path, pending: list[tuple[str, Path]]) -> int:
+    """Create a hidden temp file ``.NAME.XXXXXXXX.tmp`` (mode 0o600) next to ``target`` and return its descriptor.
+
+    Its name is added to ``pending`` *before* the file exists, so that a SIGTERM arriving at any moment finds it
+    there (``tempfile.mkstemp`` would leave a window between creating the file and handing back its name).
+    """
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = os.path.join(target.parent, f".{target.name}.{secrets.token_hex(4)}.tmp")
+        pending.append((tmp, target))
+        try:
+            return os.open(tmp, flags, 0o600)
+        except FileExistsError:
+            pending.pop()
+    raise FileExistsError(errno.EEXIST, "no unused temporary file name", os.fspath(target.parent))
+
+
 def write_files_atomic(files: Sequence[tuple[str | os.PathLike[str], Writer]]) -> list[Path]:
     """Write several files so that each destination is either untouched or holds its complete new content.
 
     For each ``(path, write)`` in turn, ``write(tmp)`` fills a hidden temp file in ``path``'s folder
-    (``.NAME.XXXX.tmp``), which is then fsynced.  Only when all are written are they renamed over their
+    (``.NAME.XXXXXXXX.tmp``), which is then fsynced.  Only when all are written are they renamed over their
     destinations (``os.replace``), in the order given; an existing file keeps its permission bits, a new one gets
     ``0o666`` minus the umask.
 
@@ -155,8 +172,8 @@ def write_files_atomic(files: Sequence[tuple[str | os.PathLike[str], Writer]]) -
             try:
                 for target, (_, write) in zip(targets, files, strict=True):
                     current = target
-                    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-                    pending.append((tmp, target))
+                    fd = _new_temp(target, pending)
+                    tmp = pending[-1][0]
                     try:
                         write(Path(tmp))
                         os.fsync(fd)

@@ -218,11 +218,11 @@ def test_open_spatial_dims_ask_for_input_shape(tmp_path, capsys):
 def test_models_past_the_protobuf_limit_go_through_external_data(tmp_path, monkeypatch):
     """Models over 2 GB: compile never serializes the whole model, the Explainer and the CLI use external data.
     The thresholds are lowered so that a small model takes the same code paths."""
-    import onnxlrp.loading
+    import onnxlrp.io.save
     import onnxlrp.runtime
 
     monkeypatch.setattr(onnxlrp.runtime, "LARGE_MODEL_BYTES", 0)
-    monkeypatch.setattr(onnxlrp.loading, "EXTERNAL_DATA_THRESHOLD", 0)
+    monkeypatch.setattr(onnxlrp.io.save, "EXTERNAL_DATA_THRESHOLD", 0)
     monkeypatch.setattr("onnxlrp.passes.canonicalize.LIGHT_INITIALIZER_BYTES", 0)
     x = digits(2)
     result = onnxlrp.Explainer(str(DIGITS), rule="epsilon")(x)

@@ -163,7 +163,8 @@ class RelevancePass:
             if kind is None or (kind == "linear" and node.name not in self.layers) or \
                     (kind == "join" and len(path_inputs(self, node)) < 2):
                 continue
-            out = self.layer_output[node.name] if kind == "linear" else node.output[0]
+            out = self.layer_output[node.name] if kind == "linear" else \
+                next(o for o in node.output if o in self.tensors)
             planned.append(PlanNode(node.name, node.op_type, kind, counts.get(kind, 0), depth_at[out]))
             counts[kind] = counts.get(kind, 0) + 1
         return planned
@@ -421,7 +422,14 @@ class RelevancePass:
         return names
 
     def batch_dim(self):
-        dims = data_inputs(self.graph)[0].type.tensor_type.shape.dim
+        """The batch dim of ``target`` and ``explained_class``: the explained tensor's first axis (its value or its
+        symbolic name), which is not always the data input's (a time-major sequence model reads ``[T, B, ...]``)."""
+        declared = {vi.name: vi for vi in list(self.graph.value_info) + list(self.graph.output) +
+                    list(self.graph.input)}
+        info = declared.get(self.target)
+        dims = info.type.tensor_type.shape.dim if info is not None else []
+        if not dims:
+            dims = data_inputs(self.graph)[0].type.tensor_type.shape.dim
         if dims and dims[0].HasField("dim_value"):
             return dims[0].dim_value
         return dims[0].dim_param if dims and dims[0].dim_param else "batch"

@@ -19,7 +19,7 @@ declare("LpPool", nonnegative="first")
 declare("ReduceMax", "ReduceMin", data_inputs=(0,), nonnegative="first")
 declare("ReduceSum", data_inputs=(0,))
 declare("Expand", "Tile", data_inputs=(0,), nonnegative="first")
-declare("Gather", "Resize", "Upsample", "ConvTranspose", data_inputs=(0,))
+declare("Resize", "Upsample", "ConvTranspose", data_inputs=(0,))
 declare("InstanceNormalization", "LayerNormalization", data_inputs=(0,))
 
 

@@ -213,3 +213,39 @@ def pad(ctx, node, r_out):
     ends = [-int(p) if p > 0 else np.iinfo(np.int64).max for p in pads[rank:]]
     return {0: b.op("Slice", [r_out[0], b.const(pads[:rank], "start", np.int64), b.const(ends, "end", np.int64),
                               b.const(list(range(rank)), "axes", np.int64)], "R")}
+
+
+def check_gather(ctx, node):
+    shape = ctx.shapes.get(node.input[0])
+    if node.input[1] not in ctx.constants:
+        return "needs constant indices"
+    axis = attr(node, "axis", 0)
+    if shape is None or shape[axis % len(shape)] is None:
+        return "needs a static size along the gathered axis"
+    if axis % len(shape) == 0:
+        return "a gather along the batch axis mixes samples"
+    return None
+
+
+@backward("Gather", data_inputs=(0,), nonnegative="first", zero_preserving=True, check=check_gather)
+def gather(ctx, node, r_out):
+    """Constant indices along one axis (``x[:, -1]`` of a sequence): each input element gets the relevance of the
+    outputs that copy it (:func:`copy_back`), the others 0."""
+    b = ctx.b
+    shape = ctx.shapes[node.input[0]]
+    rank = len(shape)
+    axis = attr(node, "axis", 0) % rank
+    indices = np.asarray(ctx.constants[node.input[1]], dtype=np.int64)
+    sources = np.where(indices < 0, indices + shape[axis], indices).reshape(-1)
+    r = r_out[0]
+    if indices.ndim == 0:
+        r = b.op("Unsqueeze", [r, b.const([axis], "axes", np.int64)], "R")
+    elif indices.ndim > 1:  # the output has indices.shape in place of the axis: one axis of len(sources) again
+        x_shape = b.op("Shape", [node.input[0]])
+        target = b.op("Concat", [b.op("Slice", [x_shape, b.const([0], "start", np.int64),
+                                                b.const([axis], "end", np.int64)]),
+                                 b.const([len(sources)], "size", np.int64),
+                                 b.op("Slice", [x_shape, b.const([axis + 1], "start", np.int64),
+                                                b.const([rank], "end", np.int64)])], "shape", axis=0)
+        r = b.op("Reshape", [r, target], "R")
+    return {0: copy_back(ctx, r, {axis: copy_matrix(sources, shape[axis])}, rank)}

@@ -2,10 +2,10 @@
 pass of an ONNX model, and the linear maps of its nodes as explicit sparse matrices and pooling windows.
 
 Forward. The model is copied to float64 (initializers, Constant/ConstantOfShape values, Cast targets, declared
-types) and run by onnx's ReferenceEvaluator, which keeps every intermediate tensor. Two of its kernels are replaced
+types) and run by onnx's ReferenceEvaluator, which keeps every intermediate tensor. Three of its kernels are replaced
 by the ONNX spec's formulas: onnx 1.23's LRN sums over the batch axis instead of the channels (its loop runs over
-``x.shape[0]``), and its opset-6/7 BatchNormalization runs in training mode (batch statistics) when ``is_test`` is
-absent.
+``x.shape[0]``), its opset-6/7 BatchNormalization runs in training mode (batch statistics) when ``is_test`` is
+absent, and its MaxPool misreads asymmetric pads.
 
 Matrices. A per-sample tensor ``(channels, *spatial)`` is flattened in C order; ``M [n_out, n_in]`` holds the
 weight joining input ``i`` to output ``j`` and ``C`` is 1 wherever they are joined (a padding tap joins nothing).
@@ -47,6 +47,32 @@ class BatchNormalization(OpRun):
         return (s * (x - mean.reshape(shape)) + bias.reshape(shape),)
 
 
+class MaxPool(OpRun):
+    """ONNX MaxPool (output Y): padding is -inf; with ceil_mode a last window that would start in the end padding is
+    dropped, as onnxruntime and PyTorch do. (onnx 1.23's kernel misreads asymmetric pads: [0, 0, 1, 1] on a 4x4
+    input gives 3x5.)"""
+
+    op_domain = ""
+
+    def _run(self, x, auto_pad="NOTSET", ceil_mode=0, dilations=None, kernel_shape=None, pads=None, storage_order=0,
+             strides=None):
+        rank, spatial = len(kernel_shape), x.shape[2:]
+        strides, dilations = strides or [1] * rank, dilations or [1] * rank
+        pads = resolve_pads(auto_pad, pads, spatial, kernel_shape, strides, dilations)
+        extent = [(k - 1) * d + 1 for k, d in zip(kernel_shape, dilations, strict=True)]
+        out = []
+        for a in range(rank):
+            span = spatial[a] + pads[a] + pads[rank + a] - extent[a]
+            o = (-(-span // strides[a]) if ceil_mode else span // strides[a]) + 1
+            out.append(o - 1 if ceil_mode and (o - 1) * strides[a] >= spatial[a] + pads[a] else o)
+        end = [max(pads[rank + a], (out[a] - 1) * strides[a] + extent[a] - spatial[a] - pads[a]) for a in range(rank)]
+        padded = np.pad(x, [(0, 0), (0, 0)] + [(pads[a], end[a]) for a in range(rank)], constant_values=-np.inf)
+        windows = np.lib.stride_tricks.sliding_window_view(padded, extent, axis=tuple(range(2, 2 + rank)))
+        index = (slice(None), slice(None), *[slice(0, (o - 1) * s + 1, s) for o, s in zip(out, strides, strict=True)],
+                 *[slice(None, None, d) for d in dilations])
+        return (windows[index].max(axis=tuple(range(-rank, 0))),)
+
+
 def float64_model(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy with every float32 initializer, Constant/ConstantOfShape value, Cast target and declared type in
     float64."""
@@ -79,17 +105,22 @@ def attr(node: onnx.NodeProto, name: str, default=None):
 # ---------------------------------------------------------------- linear maps as matrices
 
 def explicit_pads(node, in_spatial, kernel, strides, dilations) -> list[int]:
-    """Begin and end pads of a Conv or pool, ``auto_pad`` resolved as the ONNX spec defines it."""
-    auto, rank = attr(node, "auto_pad", "NOTSET"), len(kernel)
-    if auto in ("NOTSET", ""):
-        return list(attr(node, "pads", [0] * 2 * rank))
-    if auto == "VALID":
+    """Begin and end pads of a Conv or pool node, ``auto_pad`` resolved."""
+    return resolve_pads(attr(node, "auto_pad", "NOTSET"), attr(node, "pads"), in_spatial, kernel, strides, dilations)
+
+
+def resolve_pads(auto_pad, pads, in_spatial, kernel, strides, dilations) -> list[int]:
+    """Begin and end pads as the ONNX spec defines ``auto_pad``: SAME_UPPER puts the odd pad at the end."""
+    rank = len(kernel)
+    if auto_pad in ("NOTSET", "", None):
+        return list(pads) if pads else [0] * 2 * rank
+    if auto_pad == "VALID":
         return [0] * 2 * rank
     begin, end = [], []
     for a in range(rank):
         out = -(-in_spatial[a] // strides[a])
         total = max((out - 1) * strides[a] + dilations[a] * (kernel[a] - 1) + 1 - in_spatial[a], 0)
-        begin.append(total // 2 if auto == "SAME_UPPER" else total - total // 2)
+        begin.append(total // 2 if auto_pad == "SAME_UPPER" else total - total // 2)
         end.append(total - begin[-1])
     return begin + end
 
@@ -181,5 +212,5 @@ def node_windows(node, in_shape, out_shape, axes=None) -> Windows:
 
 
 def evaluator(model64: onnx.ModelProto) -> ReferenceEvaluator:
-    """onnx's ReferenceEvaluator with the spec-exact LRN and inference-mode BatchNormalization."""
-    return ReferenceEvaluator(model64, new_ops=[LRN, BatchNormalization])
+    """onnx's ReferenceEvaluator with the spec-exact LRN, inference-mode BatchNormalization and MaxPool."""
+    return ReferenceEvaluator(model64, new_ops=[LRN, BatchNormalization, MaxPool])

@@ -138,12 +138,12 @@ class GraphReference:
 
         depends = {self.input}
         for node in self.nodes:
-            if any(i in depends for i in node.input):
+            if any(i in depends for i in data_inputs(node)):
                 depends |= {o for o in node.output if is_float(o)}
         reaches = {self.explained}
         for node in reversed(self.nodes):
             if any(o in reaches for o in node.output):
-                reaches |= {i for i in node.input if i in depends}
+                reaches |= {i for i in data_inputs(node) if i in depends}
         self.path = depends & reaches
         self.path_nodes = [n for n in self.nodes if any(o in self.path for o in n.output)]
         self.layers: dict[str, Layer] = {}  # name of the node that writes z -> layer
@@ -415,6 +415,12 @@ class GraphReference:
         for s in range(len(x)):
             np.add.at(out[s], winner[s], rf[s])
         return out.reshape(x.shape)
+
+
+def data_inputs(node) -> list[str]:
+    """The inputs whose values reach the output: all but CastLike's second, which gives only the element type (the
+    dynamo exporter's zero bias ``Expand(CastLike(0, x), ...)`` is a constant)."""
+    return list(node.input[:1]) if node.op_type == "CastLike" else list(node.input)
 
 
 def rlrp_linear(m, c, x: np.ndarray, z: np.ndarray, fan_in: float) -> np.ndarray:

@@ -100,7 +100,10 @@ class GraphReference:
 
     def __init__(self, model: onnx.ModelProto, explained: str, input_name: str | None = None,
                  float32_forward: bool = False):
-        self.model = model if float32_forward else float64_model(model)
+        self.model = onnx.ModelProto() if float32_forward else float64_model(model)
+        if float32_forward:
+            self.model.CopyFrom(model)
+        name_nodes(self.model.graph)
         self.input_dtype = np.float32 if float32_forward else np.float64
         self.check_tolerance = 1e-4 if float32_forward else 1e-9  # of max |value|: M x + b against the forward
         graph = self.model.graph
@@ -415,6 +418,17 @@ class GraphReference:
         for s in range(len(x)):
             np.add.at(out[s], winner[s], rf[s])
         return out.reshape(x.shape)
+
+
+def name_nodes(graph: onnx.GraphProto) -> None:
+    """Every node gets a unique name (a plan names linear nodes): its own, or ``{op_type}_{index}``."""
+    seen: set[str] = set()
+    for i, node in enumerate(graph.node):
+        name = node.name or f"{node.op_type}_{i}"
+        while name in seen:
+            name = f"{name}_{i}"
+        node.name = name
+        seen.add(name)
 
 
 def data_inputs(node) -> list[str]:

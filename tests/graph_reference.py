@@ -209,7 +209,7 @@ class GraphReference:
     def matrices(self, layer: Layer, values: dict):
         """``(M, b, C, fan_in)`` of a layer; checks ``M x + b`` against the forward value of ``z``."""
         x, z = values[layer.x], values[layer.z]
-        key = (layer.z, x.shape[1:])
+        key = ("layer", layer.z, x.shape[1:])
         if key not in self.cache:
             head = layer.head
             w = values[head.input[1]]
@@ -250,7 +250,7 @@ class GraphReference:
 
     def windows(self, node, values: dict) -> Windows:
         x, y = values[node.input[0]], values[node.output[0]]
-        key = (node.name, x.shape[1:])
+        key = ("windows", node.name, x.shape[1:])
         if key not in self.cache:
             axes = attr(node, "axes")
             if axes is None and len(node.input) > 1 and node.input[1]:
@@ -446,8 +446,9 @@ def rlrp_linear(m, c, x: np.ndarray, z: np.ndarray, fan_in: float) -> np.ndarray
 def rescale(c: np.ndarray, total: np.ndarray) -> np.ndarray:
     """Eq. 13: ``c * S / stab(sum c)`` per sample, ``stab(s) = s + sign(s) 1e-6 sum|c|``, sign(0) = +1; an all-zero
     branch gives 0. README's stabilizer also adds 1e-30, an absolute floor for the compiled graph's range-kept
-    float32 values; the reference keeps R-LRP's unscaled magnitudes (1e-32 and below in the tests' MobileNetV2), so
-    it leaves out that floor, which is not invariant under R-LRP's per-sample factor."""
+    float32 values; the reference keeps R-LRP's unscaled magnitudes (near 1e-30 at the fork of the inverted-residual
+    net in test_graph_reference.py), so it leaves out that floor, which is not invariant under R-LRP's per-sample
+    factor."""
     flat = c.reshape(len(c), -1)
     s, magnitude = flat.sum(1), np.abs(flat).sum(1)
     denominator = s + np.where(s >= 0, 1.0, -1.0) * FORK_EPS * magnitude

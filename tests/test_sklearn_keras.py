@@ -24,13 +24,8 @@ from onnx import TensorProto, helper, numpy_helper
 import onnxlrp
 
 RULES = zm.RULES
-GAMMA_CRASH = pytest.mark.xfail(
-    strict=True, raises=TypeError,
-    reason="compiler bug: Gamma.stacked takes len(layer.x_shape), which is None for a dense layer behind a Reshape "
-           "whose shape is computed (Shape -> Gather -> Concat); see test_gamma_on_a_dense_layer_behind_a_computed_"
-           "reshape")
 # the coverage rules, and two composites' rules alone on every layer
-KERAS_RULES = (*RULES, "epsilon-alpha2-beta1", "zplus", pytest.param("gamma", marks=GAMMA_CRASH))
+KERAS_RULES = (*RULES, "epsilon-alpha2-beta1", "zplus", "gamma")
 
 # ================================================================ scikit-learn MLPClassifier via skl2onnx
 
@@ -268,7 +263,6 @@ def test_keras_tf2onnx_conservation(rule, params):
     check_keras_like(model, keras_sample(), logits, rule, **params)
 
 
-@GAMMA_CRASH
 def test_gamma_on_a_dense_layer_behind_a_computed_reshape():
     """The smallest graph of the Keras exports' pattern: Relu -> Reshape(x, Concat(Shape(x)[0], -1)) -> MatMul.
     Shape inference leaves the MatMul's input shape open; epsilon compiles, gamma raises "object of type 'NoneType'

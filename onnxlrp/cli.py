@@ -13,6 +13,7 @@ import click
 
 from . import __version__
 from .errors import OnnxlrpError
+from .messages import explained_line
 from .naming import escape_terminal
 
 DEBUG = {"on": False}
@@ -48,7 +49,9 @@ def rule_options(fn):
         click.option("--flat-layers", type=int, default=1, show_default=True,
                      help="How many linear layers from the input get the flat rule in *-flat composites and cmp."),
         click.option("--opset", type=int, help="Upgrade the model to this opset first (at least 13)."),
-        click.option("--output", "output_name", help="Graph output to explain (default: the first float output)."),
+        click.option("--output", "output_name",
+                     help="Graph output to explain (default: the class scores: an output made by a Softmax or "
+                          "Sigmoid, else the largest [batch, K] one, else the first float output)."),
         click.option("--node-output", help="Intermediate tensor to explain instead of a graph output."),
         click.option("--input-shape", multiple=True, help="NAME=D1,D2,... fixes open input dims (repeatable)."),
         click.option("--precision", type=click.Choice(["fp32", "fp16"]),
@@ -95,6 +98,8 @@ def compile_command(model, out, isolate, **kw):
     written = save_model_atomic(compiled, target)
     click.echo(f"wrote {escape_terminal(str(written))} ({label}; outputs: "
                f"{', '.join(escape_terminal(o.name) for o in compiled.graph.output)})")
+    meta = {p.key: p.value for p in compiled.metadata_props}
+    click.echo(explained_line(meta["onnxlrp.explained"], meta["onnxlrp.explained_why"]))
 
 
 @cli.command("inspect")
@@ -105,7 +110,7 @@ def inspect_command(model, **kw):
     from .compiler import inspect as inspect_model
 
     plan = inspect_model(model, **compile_kwargs(kw))
-    click.echo(f"explained tensor: {escape_terminal(plan.explained)}")
+    click.echo(explained_line(plan.explained, plan.explained_why))
     click.echo(f"relevance inputs: {', '.join(escape_terminal(i) for i in plan.inputs)}")
     click.echo(f"family: {plan.family}")
     if plan.unused_parameters and not plan.unsupported:

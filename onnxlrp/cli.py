@@ -17,6 +17,8 @@ from .messages import explained_line
 from .naming import escape_terminal
 
 DEBUG = {"on": False}
+PREPROCESS_HELP = ("'none' (pixels/255), 'imagenet' (mean/std), 'caffe' (BGR in 0-255 minus the ImageNet mean), or a "
+                   "TOML file with scale, mean, std and channels = \"rgb\" or \"bgr\".")
 
 
 def parse_input_shapes(values: tuple[str, ...]) -> dict[str, list[int]] | None:
@@ -150,8 +152,7 @@ def rules_command():
 @click.argument("images", nargs=-1, required=True)
 @rule_options
 @click.option("--target", default="predicted", show_default=True, help="Class index, or 'predicted'.")
-@click.option("--preprocess", default="none", show_default=True,
-              help="'none' (pixels/255), 'imagenet' (mean/std), or a TOML file with scale, mean, std.")
+@click.option("--preprocess", default="none", show_default=True, help=PREPROCESS_HELP)
 @click.option("-o", "--out-dir", default="onnxlrp-explain", show_default=True)
 @click.option("--overlay/--no-overlay", default=True, show_default=True, help="Blend the heatmap over the image.")
 @click.option("--batch-size", type=int, default=32, show_default=True)
@@ -172,7 +173,7 @@ def explain_command(model, images, target, preprocess, out_dir, overlay, batch_s
 @click.option("--abs", "absolute", is_flag=True, help="Rank by |relevance| instead of signed relevance.")
 @click.option("--pixel", is_flag=True, help="Rank pixels by relevance summed over channels.")
 @click.option("--limit", type=int, help="Use only the first N samples.")
-@click.option("--preprocess", default="none", show_default=True)
+@click.option("--preprocess", default="none", show_default=True, help=PREPROCESS_HELP)
 @click.option("-o", "--out-dir", default="onnxlrp-evaluate", show_default=True)
 @click.option("--batch-size", type=int, default=128, show_default=True)
 @click.option("--masks", help="A .npz with object 'masks' [N,H,W] or 'boxes' [N,4] (x0,y0,x1,y1): adds the "

@@ -12,11 +12,15 @@ import onnx
 import pytest
 import reference as ref
 from helpers import assert_close_relative, session
+from netspec import Flatten, Relu
 from onnx import TensorProto, helper, numpy_helper
 from onnxlrp.passes.relevance import MAX_SUMMARY_CHARS
+from PIL import Image
 from spec_zoo import ZOO
 
 import onnxlrp
+from onnxlrp import apps
+from onnxlrp.cli import main
 from onnxlrp.errors import OnnxlrpError, UnsupportedOpError
 
 
@@ -253,3 +257,117 @@ def test_unsupported_error_counts_what_does_not_fit():
     shown = message.count(" x1 (")
     assert 3 <= shown < 100 and f"; and {100 - shown} more op type(s), {100 - shown} node(s)" in message
     assert len(message) < 600
+
+
+# ---------------------------------------------------------------------------------------------- images: layout, BGR
+
+def image_cnn(channels: int, side: int, seed: int):
+    """An NCHW CNN (netspec) on ``[N, channels, side, side]`` images: Conv, Relu, strided Conv, Relu, Dense."""
+    rng = np.random.default_rng(seed)
+    layers = [ns.conv(rng, channels, 4, 3, pad=1), Relu(), ns.conv(rng, 4, 4, 3, stride=2, pad=1), Relu(), Flatten(),
+              ns.dense(rng, 4 * (side // 2) ** 2, 5)]
+    return layers, ns.to_onnx(layers, (1, channels, side, side))
+
+
+def as_nhwc(model: onnx.ModelProto, name: str = "image") -> onnx.ModelProto:
+    """``model`` behind ``Transpose(perm=[0, 3, 1, 2])`` of an NHWC input, as tf2onnx and keras2onnx write it."""
+    nhwc = onnx.ModelProto()
+    nhwc.CopyFrom(model)
+    (vi,) = nhwc.graph.input
+    batch, c, h, w = [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
+    nhwc.graph.node.insert(0, helper.make_node("Transpose", [name], [vi.name], name="to_nchw", perm=[0, 3, 1, 2]))
+    del nhwc.graph.input[:]
+    nhwc.graph.input.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [batch, h, w, c]))
+    onnx.checker.check_model(nhwc)
+    return nhwc
+
+
+def image_file(path, channels: int, side: int, seed: int):
+    """A random PNG of ``side x side`` pixels; returns it as float64 ``[C, H, W]`` in [0, 1]."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (side, side, channels), dtype=np.uint8)
+    Image.fromarray(pixels[:, :, 0] if channels == 1 else pixels).save(path)
+    return pixels.transpose(2, 0, 1) / 255.0
+
+
+@pytest.mark.parametrize("channels,side", [(3, 6), (1, 48)])
+def test_explain_nhwc_model_feeds_nhwc_and_writes_its_layout(tmp_path, capsys, channels, side):
+    """A Keras-style NHWC model (input [N, side, side, C], a Transpose before the first Conv; [N, 48, 48, 1] was
+    refused as "48 channels") gives the NCHW model's relevance, in [H, W, C], and the same heatmap."""
+    layers, nchw = image_cnn(channels, side, seed=66 + channels)
+    onnx.save(nchw, tmp_path / "nchw.onnx")
+    onnx.save(as_nhwc(nchw), tmp_path / "nhwc.onnx")
+    x = image_file(tmp_path / "img.png", channels, side, seed=67)
+    maps = {}
+    for name in ("nchw", "nhwc"):
+        out = tmp_path / f"out_{name}"
+        assert main(["explain", str(tmp_path / f"{name}.onnx"), str(tmp_path / "img.png"), "--rule", "epsilon",
+                     "-o", str(out)]) == 0
+        maps[name] = np.load(out / "img.npy"), np.asarray(Image.open(out / "img.png"))
+        printed = capsys.readouterr().out
+        if name == "nhwc":
+            assert ("input 'image': NHWC (its first Conv 'n_Conv_4' reads axis 3 as channels, through a Transpose); "
+                    "images are fed as NHWC, each .npy holds the relevance as [H, W, C]") in printed.splitlines()
+        else:
+            assert "input 'x': NCHW (its first Conv 'n_Conv_4' reads axis 1 as channels, directly)" in printed
+    expected = ref.lrp(layers, x[None], "epsilon")[0]
+    assert maps["nchw"][0].shape == (channels, side, side) and maps["nhwc"][0].shape == (side, side, channels)
+    assert_close_relative(maps["nchw"][0], expected, 1e-5)
+    assert_close_relative(maps["nhwc"][0].transpose(2, 0, 1), expected, 1e-5)
+    assert np.abs(maps["nhwc"][1].astype(int) - maps["nchw"][1]).max() <= 1  # the same heatmap
+
+
+def test_layout_from_the_first_conv_when_the_shape_is_ambiguous():
+    """[N, 3, 8, 1]: 1 or 3 channels on both axes 1 and 3; the first Conv decides (through the Transpose: NHWC
+    with 1 channel; read directly: NCHW with 3), and without a Conv the shape says NCHW, ONNX's convention."""
+    from onnxlrp.apps.layout import image_layout
+
+    _, gray = image_cnn(1, 8, seed=70)
+    nhwc = as_nhwc(gray)
+    nhwc.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 3  # [N, 3, 8, 1]: an NHWC image 3 pixels high
+    layout = image_layout(nhwc.graph, "image", (3, 8, 1), "m.onnx")
+    assert (layout.name, layout.channels, layout.height, layout.width) == ("NHWC", 1, 3, 8)
+    _, rgb = image_cnn(3, 8, seed=71)
+    layout = image_layout(rgb.graph, "x", (3, 8, 1), "m.onnx")
+    assert (layout.name, layout.channels, layout.height, layout.width) == ("NCHW", 3, 8, 1)
+    dense_only = helper.make_graph([helper.make_node("Flatten", ["x"], ["f"])], "g", [], [])
+    layout = image_layout(dense_only, "x", (3, 8, 1), "m.onnx")
+    assert layout.name == "NCHW" and "NCHW is ONNX's convention" in layout.why
+    with pytest.raises(OnnxlrpError, match=r"^m.onnx: input 'x' has shape \[N, 48, 48, 5\]: neither axis 1"):
+        image_layout(dense_only, "x", (48, 48, 5), "m.onnx")
+
+
+def test_caffe_and_bgr_preprocessing_numbers(tmp_path):
+    """caffe: RGB in [0, 1] -> BGR, times 255, minus the ImageNet mean in B, G, R order, no std (Keras' "caffe"
+    mode); a TOML file's channels = "bgr" reverses the channels before its scale, mean and std (given in B, G, R)."""
+    rgb = np.array([[1.0, 0.2], [0.5, 0.4], [0.0, 0.6]], np.float32).reshape(1, 3, 1, 2)  # pixels (R, G, B)
+    caffe = apps.make_preprocess("caffe", 3)(rgb).reshape(3, 2)
+    np.testing.assert_allclose(caffe, [[0.0 - 103.939, 0.6 * 255 - 103.939], [0.5 * 255 - 116.779,
+                                       0.4 * 255 - 116.779], [255 - 123.68, 0.2 * 255 - 123.68]], rtol=1e-6)
+    toml = tmp_path / "bgr.toml"
+    toml.write_text('channels = "bgr"\nscale = 2.0\nmean = [0.1, 0.2, 0.3]\nstd = [0.5, 0.5, 0.25]\n')
+    bgr = apps.make_preprocess(str(toml), 3)(rgb).reshape(3, 2)
+    np.testing.assert_allclose(bgr, [[(0.0 - 0.1) / 0.5, (1.2 - 0.1) / 0.5], [(1.0 - 0.2) / 0.5, (0.8 - 0.2) / 0.5],
+                                     [(2.0 - 0.3) / 0.25, (0.4 - 0.3) / 0.25]], rtol=1e-6)
+    toml.write_text('channels = "grb"\n')
+    with pytest.raises(OnnxlrpError, match="channels must be \"rgb\" or \"bgr\", not 'grb'"):
+        apps.make_preprocess(str(toml), 3)
+    with pytest.raises(OnnxlrpError, match="--preprocess caffe needs a 3-channel"):
+        apps.make_preprocess("caffe", 1)
+
+
+def test_explain_tf2onnx_keras_model_with_caffe_preprocessing(tmp_path, capsys):
+    """A Keras CNN through tf2onnx (NHWC [N, 12, 12, 3]) explained with --preprocess caffe: the .npy equals the
+    compiled model's relevance for the BGR, mean-subtracted NHWC input computed here by hand."""
+    from test_sklearn_keras import tf2onnx_cnn_bytes
+
+    (tmp_path / "keras.onnx").write_bytes(tf2onnx_cnn_bytes(True))
+    x = image_file(tmp_path / "img.png", 3, 12, seed=72)
+    out = tmp_path / "out"
+    assert main(["explain", str(tmp_path / "keras.onnx"), str(tmp_path / "img.png"), "--preprocess", "caffe",
+                 "--rule", "epsilon", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "input 'image': NHWC (its first Conv" in printed and "through a Transpose" in printed
+    bgr = (x[::-1] * 255 - np.array([103.939, 116.779, 123.68]).reshape(3, 1, 1)).transpose(1, 2, 0)[None]
+    result = onnxlrp.Explainer(str(tmp_path / "keras.onnx"), rule="epsilon")(bgr.astype(np.float32))
+    assert_close_relative(np.load(out / "img.npy"), result.relevance[0], 1e-5)
+    assert f"class {int(result.explained_class[0])} " in printed

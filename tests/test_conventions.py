@@ -371,3 +371,20 @@ def test_explain_tf2onnx_keras_model_with_caffe_preprocessing(tmp_path, capsys):
     result = onnxlrp.Explainer(str(tmp_path / "keras.onnx"), rule="epsilon")(bgr.astype(np.float32))
     assert_close_relative(np.load(out / "img.npy"), result.relevance[0], 1e-5)
     assert f"class {int(result.explained_class[0])} " in printed
+
+
+def test_explain_asks_for_open_image_dims_in_the_inputs_order(tmp_path, capsys):
+    _, model = image_cnn(3, 6, seed=73)
+    for dim in model.graph.input[0].type.tensor_type.shape.dim[2:]:
+        dim.Clear()
+        dim.dim_param = "side"
+    onnx.save(model, tmp_path / "open.onnx")
+    image_file(tmp_path / "img.png", 3, 6, seed=74)
+    args = ["explain", str(tmp_path / "open.onnx"), str(tmp_path / "img.png"), "-o", str(tmp_path / "out")]
+    assert main(args) == 1
+    assert capsys.readouterr().err == (
+        f"error: {tmp_path / 'open.onnx'}: input 'x' has shape [?, 3, ?, ?]; every axis but the batch (axis 0) must "
+        "be fixed: give them with --input-shape x=-1,3,N,N (N = your size; -1 keeps the batch dynamic)\n")
+    assert not (tmp_path / "out").exists()
+    assert main([*args, "--input-shape", "x=-1,3,6,6"]) == 0
+    assert np.load(tmp_path / "out" / "img.npy").shape == (3, 6, 6)

@@ -71,8 +71,10 @@ def input_shape(model: onnx.ModelProto, shown_as=None, input_shapes=None) -> tup
         dims = [d if d is not None else (f if f > 0 else None) for d, f in zip(dims, fixed, strict=True)]
     if len(dims) < 2 or any(d is None for d in dims[1:]):
         shape = ", ".join("?" if d is None else str(d) for d in dims)
-        raise OnnxlrpError(f"{shown}: input {name!r} has shape [{shape}]; every axis but the batch must be fixed "
-                           f"(use --input-shape {name}=1,...)")
+        hint = ",".join(["-1"] + ["N" if d is None else str(d) for d in dims[1:]])
+        raise OnnxlrpError(f"{shown}: input {name!r} has shape [{shape}]; every axis but the batch (axis 0) must be "
+                           f"fixed: give them with --input-shape {name}={hint} (N = your size; -1 keeps the batch "
+                           "dynamic)")
     return data_input.name, tuple(dims[1:])
 
 

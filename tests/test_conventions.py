@@ -14,7 +14,7 @@ import reference as ref
 from helpers import assert_close_relative, session
 from netspec import Flatten, Relu
 from onnx import TensorProto, helper, numpy_helper
-from onnxlrp.passes.relevance import MAX_SUMMARY_CHARS
+from onnxlrp.passes.diagnostics import MAX_SUMMARY_CHARS
 from PIL import Image
 from spec_zoo import ZOO
 
@@ -192,7 +192,7 @@ def test_input_shape_hint_when_only_the_batch_is_open():
 
 
 def test_batch_axis_by_name_and_position():
-    from onnxlrp.passes.relevance import batch_axis
+    from onnxlrp.passes.diagnostics import batch_axis
 
     assert batch_axis(["N", 3, "h", "w"])[0] == 0
     assert batch_axis(["seq", "batch_size", 64])[0] == 1

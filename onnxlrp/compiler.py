@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +20,8 @@ from . import __version__
 from .composites import Composite, get_composite, load_composite
 from .errors import OnnxlrpError
 from .io import clamp_ir_version, read_model
+from .io.load import IN_MEMORY
+from .messages import show
 
 PARAMETER_NAMES = ("epsilon", "gamma", "alpha", "beta", "low", "high", "stabilizer")
 
@@ -33,6 +37,21 @@ class Plan:
     inputs: list[str]
     family: str = "classic"
     unused_parameters: list[str] = field(default_factory=list)
+    explained_why: str = ""  # what the explained tensor is and why it was chosen
+
+
+@contextmanager
+def naming_the_model(model_or_path):
+    """Prefix the one-line error of everything that reads the model's graph with the model's file (or ``model`` for
+    an in-memory model), unless it names it already."""
+    label = show(model_or_path) if isinstance(model_or_path, (str, os.PathLike)) else IN_MEMORY
+    try:
+        yield
+    except OnnxlrpError as err:
+        text = str(err)
+        if not text.startswith(f"{label}: "):
+            err.args = (f"{label}: {text}",)
+        raise
 
 
 def choose_composite(rule: str, composite: str | Path | None) -> Composite:
@@ -48,7 +67,7 @@ def family_of(composite: Composite, params: dict, flat_layers: int) -> Family:
 
 
 def _pass(model: onnx.ModelProto, composite: Composite, *, params: dict, flat_layers: int, output, node_output,
-          opset, input_shapes, precision=None) -> RelevancePass:
+          opset, input_shapes, precision=None, source=None) -> RelevancePass:
     unknown = set(params) - set(PARAMETER_NAMES)
     if unknown:
         raise OnnxlrpError(f"unknown parameter(s) {', '.join(sorted(unknown))}; valid: {', '.join(PARAMETER_NAMES)}")
@@ -57,8 +76,9 @@ def _pass(model: onnx.ModelProto, composite: Composite, *, params: dict, flat_la
         raise OnnxlrpError("--flat-layers must be at least 1")
     family = family_of(composite, params, flat_layers)
     composite.check_parameters(params)
-    canonical, shapes = canonicalize(model, opset=opset, input_shapes=input_shapes, precision=precision)
-    return RelevancePass(canonical, shapes, family, output=output, node_output=node_output)
+    with naming_the_model(source):
+        canonical, shapes = canonicalize(model, opset=opset, input_shapes=input_shapes, precision=precision)
+        return RelevancePass(canonical, shapes, family, output=output, node_output=node_output)
 
 
 def compile(model_or_path, rule: str = "epsilon", *, composite: str | Path | None = None, output: str | None = None,
@@ -75,9 +95,10 @@ def compile(model_or_path, rule: str = "epsilon", *, composite: str | Path | Non
     model, digest = read_model(model_or_path)
     comp = choose_composite(rule, composite)
     rp = _pass(model, comp, params=params, flat_layers=flat_layers, output=output, node_output=node_output,
-               opset=opset, input_shapes=input_shapes, precision=precision)
-    relevance = rp.run()
-    rp.finish(relevance)
+               opset=opset, input_shapes=input_shapes, precision=precision, source=model_or_path)
+    with naming_the_model(model_or_path):
+        relevance = rp.run()
+        rp.finish(relevance)
     compiled = rp.model
     compiled.producer_name, compiled.producer_version = "onnxlrp", __version__
     meta = {
@@ -85,6 +106,7 @@ def compile(model_or_path, rule: str = "epsilon", *, composite: str | Path | Non
         "onnxlrp.rule": comp.name,
         "onnxlrp.plan": json.dumps(rule_table(rp.plan)),
         "onnxlrp.explained": rp.target,
+        "onnxlrp.explained_why": rp.explained_why,
         "onnxlrp.source_sha256": digest,
     }
     kept = [p for p in compiled.metadata_props if not p.key.startswith("onnxlrp.")]
@@ -102,10 +124,13 @@ def inspect(model_or_path, rule: str = "epsilon", *, composite=None, output=None
     """The rule plan and the unsupported nodes on the relevance path, without emitting anything."""
     model, _ = read_model(model_or_path)
     rp = _pass(model, choose_composite(rule, composite), params=params, flat_layers=flat_layers, output=output,
-               node_output=node_output, opset=opset, input_shapes=input_shapes, precision=precision)
-    problems = rp.unsupported()
-    plan = {} if problems else rp.family.plan(rp.plan_nodes())
-    return Plan(rule_table(plan), problems, rp.target, rp.sources, rp.family.name, rp.family.parameters_unused(plan))
+               node_output=node_output, opset=opset, input_shapes=input_shapes, precision=precision,
+               source=model_or_path)
+    with naming_the_model(model_or_path):
+        problems = rp.unsupported()
+        plan = {} if problems else rp.family.plan(rp.plan_nodes())
+    return Plan(rule_table(plan), problems, rp.target, rp.sources, rp.family.name, rp.family.parameters_unused(plan),
+                rp.explained_why)
 
 
 def is_compiled(model: onnx.ModelProto) -> bool:

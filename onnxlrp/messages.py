@@ -13,7 +13,7 @@ from onnx import NodeProto
 
 from onnxlrp.naming import escape_terminal
 
-__all__ = ["first_line", "gib", "node_label", "prefix", "quote", "reason", "show"]
+__all__ = ["explained_line", "first_line", "gib", "node_label", "prefix", "quote", "reason", "show"]
 
 #: Longest model-provided name shown in a message; longer names are cut and end in "...".
 MAX_NAME_CHARS = 200
@@ -60,3 +60,8 @@ def node_label(node: NodeProto) -> str:
     if node.name:
         return f"node {quote(node.name)} ({escape_terminal(node.op_type)[:100]})"
     return f"{escape_terminal(node.op_type)[:100]} node"
+
+
+def explained_line(tensor: str, why: str) -> str:
+    """``explained tensor: NAME, WHAT IT IS (WHY)``, as compile, inspect and explain print it."""
+    return f"explained tensor: {escape_terminal(tensor)}" + (f", {escape_terminal(why)}" if why else "")

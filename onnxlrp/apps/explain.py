@@ -13,10 +13,12 @@ import numpy as np
 
 from onnxlrp.errors import OnnxlrpError
 from onnxlrp.io import read_model, sigterm_guard, write_atomic
-from onnxlrp.messages import show
+from onnxlrp.io.load import IN_MEMORY
+from onnxlrp.messages import explained_line, quote, show
 from onnxlrp.naming import escape_terminal, safe_filename
 
-from .files import check_out_dir, ensure_dir, write_npy
+from .files import PATH_TYPES, check_out_dir, ensure_dir, write_npy
+from .layout import image_layout
 from .models import input_shape, prepare
 from .preprocess import make_preprocess
 
@@ -70,7 +72,8 @@ def _png(relevance: np.ndarray, image: np.ndarray | None, scale: int) -> Callabl
 def run_explain(model, images, *, out_dir, target="predicted", preprocess="none", overlay=True, batch_size=32,
                 rule="rlrp", composite=None, flat_layers=1, opset=None, output=None, node_output=None,
                 input_shapes=None, **params) -> list[dict]:
-    """Explain every image; write ``<out_dir>/<stem>.png`` (heatmap) and ``<stem>.npy`` (relevance [C, H, W]).
+    """Explain every image; write ``<out_dir>/<stem>.png`` (heatmap) and ``<stem>.npy`` (the relevance of the
+    model's input: ``[C, H, W]``, or ``[H, W, C]`` for an NHWC model, :mod:`.layout`).
 
     Every image is decoded once before anything is written, so a bad image stops the run with one error line and
     no output at all.  Returns one dict per image (file, class, score, png, npy).
@@ -85,12 +88,12 @@ def run_explain(model, images, *, out_dir, target="predicted", preprocess="none"
     paths = list_images(images)
     source, _ = read_model(model)
     input_name, chw = input_shape(source, model, input_shapes)
+    shown = show(model) if isinstance(model, PATH_TYPES) else IN_MEMORY
     if len(chw) != 3:
-        raise OnnxlrpError(f"{show(model)}: input {escape_terminal(input_name)!r} is not an image batch "
-                           f"[N, C, H, W] (shape [N, {', '.join(map(str, chw))}])")
-    channels, height, width = chw
-    if channels not in (1, 3):
-        raise OnnxlrpError(f"{show(model)}: input has {channels} channels; images give 1 (gray) or 3 (RGB)")
+        raise OnnxlrpError(f"{shown}: input {escape_terminal(input_name)!r} is not an image batch "
+                           f"[N, C, H, W] or [N, H, W, C] (shape [N, {', '.join(map(str, chw))}])")
+    layout = image_layout(source.graph, input_name, chw, shown)
+    channels, height, width = layout.channels, layout.height, layout.width
     pre = make_preprocess(preprocess, channels)
 
     # check pass: decode every image before writing anything (keeping what fits in the cache)
@@ -112,6 +115,9 @@ def run_explain(model, images, *, out_dir, target="predicted", preprocess="none"
     scale = _upscale(height, width)
     if prepared.was_compiled:
         click.echo(f"{show(model)}: compiled already ({escape_terminal(prepared.rule)}), used as it is")
+    click.echo(explained_line(prepared.explained, prepared.explained_why))
+    click.echo(f"input {quote(input_name)}: {layout.name} ({layout.why}); images are fed as {layout.name}, each .npy "
+               f"holds the relevance as {layout.sample_axes}")
     click.echo(f"explaining {len(paths)} image(s) with {escape_terminal(prepared.rule)} on {explainer.provider}")
     results: list[dict] = []
     show_bar = len(paths) > PROGRESS_MIN_IMAGES and sys.stderr.isatty()
@@ -121,7 +127,7 @@ def run_explain(model, images, *, out_dir, target="predicted", preprocess="none"
             idx = list(range(start, min(start + batch_size, len(paths))))
             raw = np.stack([cache[i] if i in cache else load_image(paths[i], channels=channels, size=(height, width))
                             for i in idx])
-            result = explainer(pre(raw), target=wanted)
+            result = explainer(layout.to_model(pre(raw)), target=wanted)
             classes = np.asarray(result.explained_class).reshape(-1)
             scores = np.asarray(result.outputs[prepared.score]).reshape(len(idx), -1)
             relevance = np.asarray(result.relevance, dtype=np.float32)
@@ -134,7 +140,7 @@ def run_explain(model, images, *, out_dir, target="predicted", preprocess="none"
                 k = int(classes[j])
                 score = float(scores[j, k])
                 png, npy = out / f"{stems[i]}.png", out / f"{stems[i]}.npy"
-                write_atomic(png, _png(relevance[j], raw[j] if overlay else None, scale))
+                write_atomic(png, _png(layout.to_chw(relevance[j]), raw[j] if overlay else None, scale))
                 write_npy(npy, relevance[j])
                 results.append({"file": str(paths[i]), "class": k, "score": score, "png": str(png),
                                 "npy": str(npy)})

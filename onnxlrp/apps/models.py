@@ -15,9 +15,13 @@ from onnxlrp.errors import OnnxlrpError
 from onnxlrp.io import read_model
 from onnxlrp.messages import show
 from onnxlrp.naming import escape_terminal
+from onnxlrp.passes.relevance import SCORE_HEADS
 from onnxlrp.scopes import implicit_inputs
 
 from .files import PATH_TYPES
+
+#: Ops that keep the values of a score head's output on its way to a graph output.
+RESHAPING = ("Identity", "Cast", "Reshape", "Flatten", "Squeeze", "Unsqueeze")
 
 __all__ = ["Forward", "Prepared", "forward_model", "input_shape", "metadata", "prepare"]
 
@@ -33,6 +37,7 @@ class Prepared:
     explained: str  # the tensor whose target entry is explained (e.g. the logits before a Softmax)
     score: str  # the output printed as the score (e.g. the Softmax probabilities), or ``explained``
     was_compiled: bool  # the file given was compiled already
+    explained_why: str = ""  # what the explained tensor is and why it was chosen (compile's metadata)
 
 
 def metadata(model: onnx.ModelProto) -> dict[str, str]:
@@ -66,8 +71,10 @@ def input_shape(model: onnx.ModelProto, shown_as=None, input_shapes=None) -> tup
         dims = [d if d is not None else (f if f > 0 else None) for d, f in zip(dims, fixed, strict=True)]
     if len(dims) < 2 or any(d is None for d in dims[1:]):
         shape = ", ".join("?" if d is None else str(d) for d in dims)
-        raise OnnxlrpError(f"{shown}: input {name!r} has shape [{shape}]; every axis but the batch must be fixed "
-                           f"(use --input-shape {name}=1,...)")
+        hint = ",".join(["-1"] + ["N" if d is None else str(d) for d in dims[1:]])
+        raise OnnxlrpError(f"{shown}: input {name!r} has shape [{shape}]; every axis but the batch (axis 0) must be "
+                           f"fixed: give them with --input-shape {name}={hint} (N = your size; -1 keeps the batch "
+                           "dynamic)")
     return data_input.name, tuple(dims[1:])
 
 
@@ -83,7 +90,9 @@ def prepare(model, *, shown_as=None, rule: str = "rlrp", composite=None, flat_la
         compiled = onnx.ModelProto()
         compiled.CopyFrom(source)  # outputs are added below; the caller's model stays as it is
     else:
-        compiled = compile_model(source, rule, composite=composite, flat_layers=flat_layers, opset=opset,
+        # from the file when there is one: its errors name it, and the metadata records its sha256
+        given = shown_as if isinstance(shown_as, PATH_TYPES) else source
+        compiled = compile_model(given, rule, composite=composite, flat_layers=flat_layers, opset=opset,
                                  output=output, node_output=node_output, input_shapes=input_shapes, **params)
     meta = metadata(compiled)
     graph = compiled.graph
@@ -96,14 +105,30 @@ def prepare(model, *, shown_as=None, rule: str = "rlrp", composite=None, flat_la
     if explained not in outputs:
         graph.output.append(_value_info(graph, explained))
     originals = [n for n in outputs if not is_relevance_output(n) and n != CLASS_OUTPUT]
-    score = explained
-    if explained not in originals:
-        for node in graph.node:
-            if node.op_type in ("Softmax", "LogSoftmax") and node.input and node.input[0] == explained \
-                    and node.output[0] in originals:
-                score = node.output[0]
+    score = explained if explained in originals else _score_output(graph, explained, originals)
+    return Prepared(compiled, meta.get("onnxlrp.rule", rule), input_name, chw, explained, score, was_compiled,
+                    meta.get("onnxlrp.explained_why", ""))
+
+
+def _score_output(graph: onnx.GraphProto, logits: str, originals: list[str]) -> str:
+    """The original output that a Softmax/LogSoftmax/Sigmoid of ``logits`` makes, possibly through shape-only ops
+    (the score printed beside the class), or ``logits`` itself."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    for head in readers.get(logits, []):
+        if head.op_type not in SCORE_HEADS:
+            continue
+        t = head.output[0]
+        while t not in originals:
+            nexts = [n for n in readers.get(t, []) if n.op_type in RESHAPING and n.input[0] == t]
+            if len(nexts) != 1:
                 break
-    return Prepared(compiled, meta.get("onnxlrp.rule", rule), input_name, chw, explained, score, was_compiled)
+            t = nexts[0].output[0]
+        if t in originals:
+            return t
+    return logits
 
 
 def forward_model(compiled: onnx.ModelProto, outputs: Sequence[str]) -> onnx.ModelProto:

@@ -66,10 +66,10 @@ backward("Pow", data_inputs=(0,), check=check_power)(pass_through)
 
 def check_arith(ctx, node):
     on_path = path_inputs(ctx, node)
-    if node.op_type in ("Mul", "Div") and len(on_path) > 1:
+    if node.op_type == "Mul" and len(on_path) > 1:
         return "a product of two relevance-carrying tensors has no LRP rule"
-    if node.op_type == "Div" and on_path == [1]:
-        return "division by a relevance-carrying tensor has no LRP rule"
+    if node.op_type == "Div" and 1 in on_path:
+        return "a division by a relevance-carrying tensor has no LRP rule"
     return None
 
 

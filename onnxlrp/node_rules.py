@@ -6,7 +6,8 @@ selects gets its kind's default rule here, with the composite's parameters that 
 - :class:`Norm` (joins ``z = sum_k u_k`` and average pools ``z = W x``): relevance in proportion to each
   contribution, ``R_k = u_k * R / stab(z)``, for a pool ``R_in = x * W^T (R / stab(z))`` (Zennit's Norm rule, the
   epsilon rule with the stabilizer as epsilon; Zennit's default 1e-6).
-- :class:`WinnerTakesAll` (max pools): each window's relevance goes to its first arg-max, as the gradient routes it.
+- :class:`WinnerTakesAll` (max pools, element-wise Max/Min of branches): each window's relevance goes to its first
+  arg-max, as the gradient routes it; for ``Max(u_0, u_1, ...)`` the operands at one position are the window.
 """
 
 from __future__ import annotations
@@ -51,16 +52,21 @@ class Norm(Rule):
 @dataclass(frozen=True)
 class WinnerTakesAll(Rule):
     """Max pooling: each window's relevance to the first arg-max of the window (the arg-max the gradient picks);
-    overlapping windows add up."""
+    overlapping windows add up. Element-wise Max/Min of several relevance-carrying operands: ``R`` to the first
+    operand that attains the extremum (:class:`onnxlrp.passes.ops.extremum.ExtremumView`)."""
 
     name = "winner-take-all"
-    summary = "max pools: each window's relevance to its first arg-max"
-    kinds = ("max_pool",)
+    summary = "max pools and element-wise Max/Min of branches: each window's relevance to its first arg-max"
+    kinds = ("max_pool", "elementwise_max")
     preserves_zero = True  # routing: an input that is 0 gets relevance only where a window's maximum is 0
 
     def max_pool(self, ctx, view, r: str) -> str:
         return view.route_first(ctx.b, r)
 
+    def elementwise_max(self, ctx, view, r: str) -> dict[int, str]:
+        return view.route_first(ctx.b, r)
+
 
 NODE_RULES: dict[str, type[Rule]] = {cls.name: cls for cls in (Norm, WinnerTakesAll)}
-DEFAULTS: dict[str, type[Rule]] = {"join": Norm, "average_pool": Norm, "max_pool": WinnerTakesAll}
+DEFAULTS: dict[str, type[Rule]] = {"join": Norm, "average_pool": Norm, "max_pool": WinnerTakesAll,
+                                   "elementwise_max": WinnerTakesAll}

@@ -147,7 +147,8 @@ class RelevancePass:
         return "?"
 
     def plan_nodes(self) -> list[PlanNode]:
-        """The rule-bearing nodes in topological order: linear layers, joins with several relevance inputs, pools.
+        """The rule-bearing nodes in topological order: linear layers, pools, resizes, and joins (Add/Sum/Sub,
+        element-wise Max/Min) with several relevance inputs.
         ``depth`` counts the linear layers on the longest path from an input up to and including the node (the first
         layer has depth 1); ``index`` is the position among the nodes of the same kind."""
         linear_out = set(self.layer_output.values())
@@ -160,7 +161,7 @@ class RelevancePass:
         for node in self.nodes:
             kind = spec(node).kind
             if kind is None or (kind == "linear" and node.name not in self.layers) or \
-                    (kind == "join" and len(path_inputs(self, node)) < 2):
+                    (spec(node).join and len(path_inputs(self, node)) < 2):
                 continue
             out = self.layer_output[node.name] if kind == "linear" else node.output[0]
             planned.append(PlanNode(node.name, node.op_type, kind, counts.get(kind, 0), depth_at[out]))

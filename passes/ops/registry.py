@@ -11,10 +11,10 @@ An :class:`OpSpec` says what the engine needs to know about an op type:
 - ``zero_preserving``: ``f(0) = 0`` element-wise or by re-indexing, so the relevance it sends back vanishes where its
   input vanishes if the relevance it received vanishes where its output vanishes (a function ``(ctx, node, index)``
   may refine it, e.g. a Clip whose bounds exclude 0).
-- ``join``: with several relevance-carrying inputs, the node joins branches (Add, Sum, Sub, Concat): R-LRP normalizes
-  them at their fork (Eq. 13).
+- ``join``: with several relevance-carrying inputs, the node joins branches (Add, Sum, Sub, Concat, Max, Min): R-LRP
+  normalizes them at their fork (Eq. 13). A join with one relevance-carrying input has no rule of its kind.
 - ``kind``: the node kind whose rule a composite chooses (``"linear"``, ``"join"``, ``"average_pool"``,
-  ``"max_pool"``), or ``None`` for ops whose treatment is fixed.
+  ``"max_pool"``, ``"resize"``, ``"elementwise_max"``), or ``None`` for ops whose treatment is fixed.
 - ``fusable_producer``: its output may be replaced by a stand-in ``y - others`` when it is an operand of a join behind
   a Relu (Conv, BatchNormalization: onnxruntime then keeps Conv + Add + Relu in one kernel).
 - ``foldable``: canonicalization may evaluate the node when all its inputs are constant (not random or control flow).

@@ -51,11 +51,53 @@ def upgrade_opset(model: onnx.ModelProto, target: int | None) -> onnx.ModelProto
     except Exception as err:  # the converter raises many types, natively included
         raise OnnxlrpError(f"cannot upgrade the model from opset {current} to {wanted}: "
                            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
+    restore_legacy_resizes(converted, legacy_resizes(model, current))
     if not converted.functions:  # the converter drops model-local functions and their domains
         converted.functions.extend(model.functions)
     known = {i.domain for i in converted.opset_import}
     converted.opset_import.extend(i for i in model.opset_import if i.domain not in known)
     return converted
+
+
+def legacy_resizes(model: onnx.ModelProto, opset: int) -> list[tuple[str, np.ndarray | None]]:
+    """Upsample (opsets 7-10) and Resize-10 nodes in graph order: their mode and constant scales (None if unknown)."""
+    if opset > 10:
+        return []
+    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    found = []
+    for node in model.graph.node:
+        if node.op_type in ("Upsample", "Resize") and node.domain in ("", "ai.onnx"):
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            mode = attrs.get("mode", b"nearest")
+            scales = attrs.get("scales") or (values.get(node.input[1]) if len(node.input) > 1 else None)
+            found.append((mode.decode() if isinstance(mode, bytes) else mode,
+                          None if scales is None else np.asarray(scales, np.float32)))
+    return found
+
+
+def restore_legacy_resizes(model: onnx.ModelProto, legacy: list[tuple[str, np.ndarray | None]]) -> None:
+    """Give the Resize nodes that the version converter made of Upsample/Resize-10 (in the same order, under new
+    output names) their old coordinates.
+
+    Before opset 11 the output coordinate ``x`` read the input at ``x / scale`` (asymmetric); nearest took its
+    floor, or (onnxruntime, Resize-10) its ceiling on a downsampled axis. The converter writes a Resize with the
+    defaults (half_pixel, round_prefer_floor), which moves linear interpolation (by 0.14 on a 3x3 map scaled by 1.5
+    and 2.5): the original outputs would change."""
+    resizes = [n for n in model.graph.node if n.op_type == "Resize" and n.domain in ("", "ai.onnx")]
+    if len(resizes) != len(legacy):
+        raise OnnxlrpError(f"the opset upgrade turned {len(legacy)} Upsample/Resize nodes into {len(resizes)} Resize "
+                           "nodes; their coordinates cannot be restored")
+    for node, (mode, scales) in zip(resizes, legacy, strict=True):
+        kept = [a for a in node.attribute if a.name not in ("coordinate_transformation_mode", "nearest_mode")]
+        del node.attribute[:]
+        node.attribute.extend(kept)
+        node.attribute.append(helper.make_attribute("coordinate_transformation_mode", "asymmetric"))
+        if mode == "nearest":
+            down, up = (scales is not None and bool((scales < 1).any())), (scales is None or bool((scales > 1).any()))
+            if down and up:
+                raise OnnxlrpError(f"node {node.name or node.output[0]!r} (Resize, opset 10) upsamples one axis and "
+                                   "downsamples another with nearest rounding, which no later Resize expresses")
+            node.attribute.append(helper.make_attribute("nearest_mode", "ceil" if down else "floor"))
 
 
 def constants_to_initializers(graph: onnx.GraphProto, ir_version: int) -> None:

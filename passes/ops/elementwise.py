@@ -18,7 +18,7 @@ declare("LpPool", nonnegative="first")
 declare("ReduceMax", "ReduceMin", data_inputs=(0,), nonnegative="first")
 declare("ReduceSum", data_inputs=(0,))
 declare("Expand", "Tile", data_inputs=(0,), nonnegative="first")
-declare("Gather", "Resize", "Upsample", "ConvTranspose", data_inputs=(0,))
+declare("Gather", "Upsample", "ConvTranspose", data_inputs=(0,))  # Upsample: Resize after canonicalization
 declare("InstanceNormalization", "LayerNormalization", data_inputs=(0,))
 
 

@@ -11,7 +11,17 @@ from .registry import backward, declare
 declare("Shape", "Size", "ArgMax", "ArgMin", "Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Not", "And",
         "Or", "Xor", "NonZero", "IsNaN", "IsInf", "TopK", "ConstantOfShape", "Constant", "EyeLike", data_inputs=())
 declare("RandomNormalLike", "RandomUniformLike", data_inputs=(), foldable=False)
-declare("RandomNormal", "RandomUniform", "Multinomial", "If", "Loop", "Scan", foldable=False)
+declare("RandomNormal", "RandomUniform", "Multinomial", foldable=False)
+
+
+def control_flow_reason(ctx, node):
+    if node.op_type == "If":
+        return "an If whose condition is not a constant has no relevance rule (one with a constant condition is " \
+               "replaced by its branch)"
+    return f"control flow ({node.op_type}) has no relevance rule"
+
+
+declare("If", "Loop", "Scan", foldable=False, check=control_flow_reason)
 declare("Softmax", nonnegative="always")
 declare("Exp", nonnegative="always")
 declare("LpPool", nonnegative="first")

@@ -19,8 +19,8 @@ An :class:`OpSpec` says what the engine needs to know about an op type:
   a Relu (Conv, BatchNormalization: onnxruntime then keeps Conv + Add + Relu in one kernel).
 - ``foldable``: canonicalization may evaluate the node when all its inputs are constant (not random or control flow).
 - ``emit`` ``(ctx, node, r_out) -> {input index: relevance}`` and ``check`` ``(ctx, node) -> reason | None``: the
-  backward emitter, and why a given node cannot be handled (before anything is emitted). Ops with facts but no emitter
-  (Shape, ConstantOfShape, ...) carry no relevance.
+  backward emitter, and why a given node cannot be handled (before anything is emitted; for an op without an emitter,
+  why it has none). Ops with facts but no emitter (Shape, ConstantOfShape, ...) carry no relevance.
 
 An op type that is not registered has the default facts (every input carries data, nothing else known) and no
 emitter: :func:`lookup` fails with the node's name and op type.
@@ -93,9 +93,10 @@ def data_input_indices(node: onnx.NodeProto) -> tuple[int, ...]:
 def unsupported_reason(ctx, node: onnx.NodeProto) -> str | None:
     """Why ``node`` cannot carry relevance, or None when it can."""
     entry = spec(node)
+    reason = entry.check(ctx, node) if entry.check else None
     if entry.emit is None:
-        return "no relevance rule for this op"
-    return entry.check(ctx, node) if entry.check else None
+        return reason or "no relevance rule for this op"
+    return reason
 
 
 def lookup(ctx, node: onnx.NodeProto) -> Callable:

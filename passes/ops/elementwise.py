@@ -22,6 +22,8 @@ def control_flow_reason(ctx, node):
 
 
 declare("If", "Loop", "Scan", foldable=False, check=control_flow_reason)
+declare("Reciprocal", check=lambda ctx, node: "the reciprocal of a relevance-carrying tensor has no LRP rule (on "
+        "constants it is folded; inside x * f(x) activations it is part of the activation)")
 declare("Softmax", nonnegative="always")
 declare("Exp", nonnegative="always")
 declare("LpPool", nonnegative="first")
@@ -68,8 +70,10 @@ backward("Elu", "Selu", "Celu", "Gelu", "Softsign", "HardSigmoid", "HardSwish", 
 
 def check_arith(ctx, node):
     on_path = path_inputs(ctx, node)
-    if node.op_type in ("Mul", "Div") and len(on_path) > 1:
+    if node.op_type == "Mul" and len(on_path) > 1:
         return "a product of two relevance-carrying tensors has no LRP rule"
+    if node.op_type == "Div" and len(on_path) > 1:
+        return "a quotient of two relevance-carrying tensors has no LRP rule"
     if node.op_type == "Div" and on_path == [1]:
         return "division by a relevance-carrying tensor has no LRP rule"
     return None

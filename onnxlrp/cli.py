@@ -50,6 +50,9 @@ def rule_options(fn):
         click.option("--opset", type=int, help="Upgrade the model to this opset first (at least 13)."),
         click.option("--output", "output_name", help="Graph output to explain (default: the first float output)."),
         click.option("--node-output", help="Intermediate tensor to explain instead of a graph output."),
+        click.option("--node-input", multiple=True,
+                     help="Intermediate tensor to give relevance to instead of the graph inputs (e.g. a spectrogram "
+                          "or an embedding behind a front-end without a rule); repeatable."),
         click.option("--input-shape", multiple=True, help="NAME=D1,D2,... fixes open input dims (repeatable)."),
         click.option("--precision", type=click.Choice(["fp32", "fp16"]),
                      help="fp16: a float16 forward pass (for GPUs); relevance is always float32."),
@@ -66,6 +69,7 @@ def compile_kwargs(kw: dict) -> dict:
         kw.pop(k, None)
     return dict(rule=kw.pop("rule"), composite=kw.pop("composite"), flat_layers=kw.pop("flat_layers"),
                 opset=kw.pop("opset"), output=kw.pop("output_name"), node_output=kw.pop("node_output"),
+                node_input=list(kw.pop("node_input")) or None,
                 input_shapes=parse_input_shapes(kw.pop("input_shape")), precision=kw.pop("precision"), **params)
 
 

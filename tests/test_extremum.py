@@ -166,9 +166,9 @@ def test_composite_selects_the_rule(tmp_path):
 # ---------------------------------------------------------------- torch.maximum, both exporters
 
 
-def test_torch_maximum_both_exporters():
+def maxout_module():
+    """Two dense branches joined by ``torch.maximum``, then a clamp (``Max`` with a constant) and a dense head."""
     torch = pytest.importorskip("torch")
-    import torch_models as tm
 
     class Maxout(torch.nn.Module):
         def __init__(self):
@@ -179,8 +179,16 @@ def test_torch_maximum_both_exporters():
         def forward(self, x):
             return self.out(torch.clamp(torch.maximum(self.a(x), self.b(x)), min=-0.5))
 
-    torch.manual_seed(0)
-    module = Maxout().eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return Maxout().eval()
+
+
+def test_torch_maximum_both_exporters():
+    torch = pytest.importorskip("torch")
+    import torch_models as tm
+
+    module = maxout_module()
     x = sample()
     for exporter, opset in (("torchscript", 17), ("dynamo", 18)):
         proto = tm.export(module, torch.from_numpy(x), exporter=exporter, opset=opset)

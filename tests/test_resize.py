@@ -239,13 +239,8 @@ def test_every_mode_conserves_relevance():
 # ---------------------------------------------------------------- old files: Upsample and Resize-10
 
 
-@pytest.mark.parametrize("op,opset,mode", [("Upsample", 7, "nearest"), ("Upsample", 9, "nearest"),
-                                           ("Upsample", 9, "linear"), ("Resize", 10, "linear"),
-                                           ("Resize", 10, "nearest")])
-def test_legacy_upsample_keeps_its_values(op, opset, mode):
-    """Before opset 11 Upsample/Resize read the input at ``x / scale`` (asymmetric). The version converter writes a
-    Resize-13 with the default half_pixel coordinates, which moved linear outputs by up to 0.14 on this map; the
-    canonicalization restores the old coordinates, so the original outputs are unchanged."""
+def legacy_upsample_model(op: str, opset: int, mode: str) -> onnx.ModelProto:
+    """``x [2, 2, 3, 3]`` -> Upsample/Resize-10 by (1, 1, 1.5, 2.5) -> Flatten -> MatMul, as pre-opset-11 files."""
     scales = [1, 1, 1.5, 2.5]
     if opset == 7:
         resize = h.make_node(op, ["x"], ["y"], mode=mode, scales=scales)
@@ -258,7 +253,17 @@ def test_legacy_upsample_keeps_its_values(op, opset, mode):
     graph = h.make_graph(nodes, "old", [h.make_tensor_value_info("x", T.FLOAT, [2, 2, 3, 3])],
                          [h.make_tensor_value_info("logits", T.FLOAT, [2, 3])],
                          initializer=[*inits, nh.from_array(w, "W")])
-    model = h.make_model(graph, opset_imports=[h.make_opsetid("", opset)], ir_version=5)
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", opset)], ir_version=5)
+
+
+@pytest.mark.parametrize("op,opset,mode", [("Upsample", 7, "nearest"), ("Upsample", 9, "nearest"),
+                                           ("Upsample", 9, "linear"), ("Resize", 10, "linear"),
+                                           ("Resize", 10, "nearest")])
+def test_legacy_upsample_keeps_its_values(op, opset, mode):
+    """Before opset 11 Upsample/Resize read the input at ``x / scale`` (asymmetric). The version converter writes a
+    Resize-13 with the default half_pixel coordinates, which moved these logits by up to 0.22 (linear); the
+    canonicalization restores the old coordinates, so the original outputs are unchanged."""
+    model = legacy_upsample_model(op, opset, mode)
     x = np.random.default_rng(1).random((2, 2, 3, 3), dtype=np.float32)
     reference = zm.run_source(model, {"x": x}, ["logits"])[0]
     for rule in ("epsilon", "rlrp"):

@@ -88,7 +88,7 @@ def cli(debug: bool):
 def compile_command(model, out, isolate, **kw):
     """Write MODEL compiled with a rule: its outputs plus `relevance` and `explained_class`."""
     from .compiler import compile as compile_model
-    from .loading import load_model, save_model_atomic
+    from .io import load_model, save_model_atomic
 
     options = compile_kwargs(kw)
     if isolate:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ from onnxlrp.passes.rlrp import RLRPFamily
 from . import __version__
 from .composites import Composite, get_composite, load_composite
 from .errors import OnnxlrpError
-from .loading import clamp_ir_version, load_model
+from .io import clamp_ir_version, read_model
 
 PARAMETER_NAMES = ("epsilon", "gamma", "alpha", "beta", "low", "high", "stabilizer")
 
@@ -34,14 +33,6 @@ class Plan:
     inputs: list[str]
     family: str = "classic"
     unused_parameters: list[str] = field(default_factory=list)
-
-
-def read_model(model_or_path) -> tuple[onnx.ModelProto, str]:
-    """The model and the sha256 of its serialized bytes."""
-    if isinstance(model_or_path, onnx.ModelProto):
-        return model_or_path, hashlib.sha256(model_or_path.SerializeToString()).hexdigest()
-    model = load_model(model_or_path)
-    return model, hashlib.sha256(Path(model_or_path).read_bytes()).hexdigest()
 
 
 def choose_composite(rule: str, composite: str | Path | None) -> Composite:

@@ -22,6 +22,7 @@ from onnxlrp.errors import OnnxlrpError, UnsupportedOpError
 from onnxlrp.graph import GraphView
 from onnxlrp.rules import Rule
 
+from . import signal_patterns  # noqa: F401  (registers its recognizers)
 from .families import Family, PlanNode
 from .linear import linear_layer
 from .ops import data_input_indices, lookup, spec, unsupported_reason
@@ -193,7 +194,8 @@ class RelevancePass:
             if kind is None or (kind == "linear" and node.name not in self.layers) or \
                     (spec(node).join and len(path_inputs(self, node)) < 2):
                 continue
-            out = self.layer_output[node.name] if kind == "linear" else node.output[0]
+            out = self.layer_output[node.name] if kind == "linear" else \
+                next(o for o in node.output if o in self.tensors)
             planned.append(PlanNode(node.name, node.op_type, kind, counts.get(kind, 0), depth_at[out]))
             counts[kind] = counts.get(kind, 0) + 1
         return planned
@@ -453,11 +455,18 @@ class RelevancePass:
         return names
 
     def batch_dim(self):
-        """The batch dim of ``target``: that of the first float data input, else of the first graph input (a token
-        model explained at ``--node-input``)."""
-        inits = {t.name for t in self.graph.initializer}
-        first = (data_inputs(self.graph) or [v for v in self.graph.input if v.name not in inits])[0]
-        dims = first.type.tensor_type.shape.dim
+        """The batch dim of ``target`` and ``explained_class``: the explained tensor's first axis (its value or its
+        symbolic name), which is not always the data input's (a time-major sequence model reads ``[T, B, ...]``);
+        without a declared shape, that of the first float data input, else of the first graph input (a token model
+        explained at ``--node-input``)."""
+        declared = {vi.name: vi for vi in list(self.graph.value_info) + list(self.graph.output) +
+                    list(self.graph.input)}
+        info = declared.get(self.target)
+        dims = info.type.tensor_type.shape.dim if info is not None else []
+        if not dims:
+            inits = {t.name for t in self.graph.initializer}
+            first = (data_inputs(self.graph) or [v for v in self.graph.input if v.name not in inits])[0]
+            dims = first.type.tensor_type.shape.dim
         if dims and dims[0].HasField("dim_value"):
             return dims[0].dim_value
         return dims[0].dim_param if dims and dims[0].dim_param else "batch"

@@ -30,7 +30,7 @@ declare("LpPool", nonnegative="first")
 declare("ReduceMax", "ReduceMin", data_inputs=(0,), nonnegative="first")
 declare("ReduceSum", data_inputs=(0,))
 declare("Expand", "Tile", data_inputs=(0,), nonnegative="first")
-declare("Gather", "Upsample", "ConvTranspose", data_inputs=(0,))  # Upsample: Resize after canonicalization
+declare("Upsample", "ConvTranspose", data_inputs=(0,))  # Upsample: Resize after canonicalization
 declare("InstanceNormalization", "LayerNormalization", data_inputs=(0,))
 
 
@@ -63,7 +63,14 @@ backward("Dropout", data_inputs=(0,), nonnegative="first", zero_preserving=True)
 backward("BatchNormalization", data_inputs=(0,), fusable_producer=True)(pass_through)
 backward("ElementwiseActivation", fused=True, data_inputs=(0,), zero_preserving=True)(pass_through)
 backward("Elu", "Selu", "Celu", "Gelu", "Softsign", "HardSigmoid", "HardSwish", "Mish", "ThresholdedRelu", "LRN",
-         "Erf")(pass_through)
+         "Erf", "Log", "Sqrt")(pass_through)
+
+
+def check_power(ctx, node):
+    return None if node.input[1] in ctx.constants else "a power with a relevance-carrying exponent has no LRP rule"
+
+
+backward("Pow", data_inputs=(0,), check=check_power)(pass_through)
 
 
 # ---------------------------------------------------------------- element-wise arithmetic and joins

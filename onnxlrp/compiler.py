@@ -67,7 +67,7 @@ def family_of(composite: Composite, params: dict, flat_layers: int) -> Family:
 
 
 def _pass(model: onnx.ModelProto, composite: Composite, *, params: dict, flat_layers: int, output, node_output,
-          opset, input_shapes, precision=None, source=None) -> RelevancePass:
+          opset, input_shapes, precision=None, source=None, node_input=None) -> RelevancePass:
     unknown = set(params) - set(PARAMETER_NAMES)
     if unknown:
         raise OnnxlrpError(f"unknown parameter(s) {', '.join(sorted(unknown))}; valid: {', '.join(PARAMETER_NAMES)}")
@@ -76,29 +76,35 @@ def _pass(model: onnx.ModelProto, composite: Composite, *, params: dict, flat_la
         raise OnnxlrpError("--flat-layers must be at least 1")
     family = family_of(composite, params, flat_layers)
     composite.check_parameters(params)
+    node_inputs = [node_input] if isinstance(node_input, str) else list(node_input) if node_input else None
     with naming_the_model(source):
         canonical, shapes = canonicalize(model, opset=opset, input_shapes=input_shapes, precision=precision)
-        return RelevancePass(canonical, shapes, family, output=output, node_output=node_output)
+        return RelevancePass(canonical, shapes, family, output=output, node_output=node_output,
+                             node_inputs=node_inputs)
 
 
 def compile(model_or_path, rule: str = "epsilon", *, composite: str | Path | None = None, output: str | None = None,
-            node_output: str | None = None, opset: int | None = None,
+            node_output: str | None = None, node_input: str | list[str] | None = None, opset: int | None = None,
             input_shapes: dict[str, list[int]] | None = None, flat_layers: int = 1, precision: str | None = None,
             **params) -> onnx.ModelProto:
     """Compile ``model_or_path`` (a ModelProto or a file) with ``rule`` (a rule or composite name, see
     ``onnxlrp rules``) or a TOML ``composite``. Parameters: epsilon, gamma, alpha, beta, low, high, stabilizer.
     ``precision="fp16"`` makes the forward pass float16 (relevance is always computed in float32).
+    ``node_input``: one intermediate tensor (or several) explained instead of the float graph inputs, e.g. a
+    spectrogram behind an STFT or an embedding behind a token lookup; the nodes before it need no rule.
 
     The result keeps every original input and output and adds the optional input ``target`` (int64 [batch], -1
-    or absent: explain the predicted class) and the outputs ``relevance`` and ``explained_class``.
+    or absent: explain the predicted class) and the outputs ``relevance`` (``relevance.<name>`` per input or node
+    input when there are several) and ``explained_class``.
     """
     model, digest = read_model(model_or_path)
     comp = choose_composite(rule, composite)
     rp = _pass(model, comp, params=params, flat_layers=flat_layers, output=output, node_output=node_output,
-               opset=opset, input_shapes=input_shapes, precision=precision, source=model_or_path)
+               opset=opset, input_shapes=input_shapes, precision=precision, source=model_or_path,
+               node_input=node_input)
     with naming_the_model(model_or_path):
         relevance = rp.run()
-        rp.finish(relevance)
+        outputs = rp.finish(relevance)
     compiled = rp.model
     compiled.producer_name, compiled.producer_version = "onnxlrp", __version__
     meta = {
@@ -107,6 +113,7 @@ def compile(model_or_path, rule: str = "epsilon", *, composite: str | Path | Non
         "onnxlrp.plan": json.dumps(rule_table(rp.plan)),
         "onnxlrp.explained": rp.target,
         "onnxlrp.explained_why": rp.explained_why,
+        "onnxlrp.relevance_of": json.dumps(dict(zip(outputs, rp.sources, strict=True))),
         "onnxlrp.source_sha256": digest,
     }
     kept = [p for p in compiled.metadata_props if not p.key.startswith("onnxlrp.")]
@@ -119,13 +126,13 @@ def compile(model_or_path, rule: str = "epsilon", *, composite: str | Path | Non
     return compiled
 
 
-def inspect(model_or_path, rule: str = "epsilon", *, composite=None, output=None, node_output=None, opset=None,
-            input_shapes=None, flat_layers: int = 1, precision=None, **params) -> Plan:
+def inspect(model_or_path, rule: str = "epsilon", *, composite=None, output=None, node_output=None, node_input=None,
+            opset=None, input_shapes=None, flat_layers: int = 1, precision=None, **params) -> Plan:
     """The rule plan and the unsupported nodes on the relevance path, without emitting anything."""
     model, _ = read_model(model_or_path)
     rp = _pass(model, choose_composite(rule, composite), params=params, flat_layers=flat_layers, output=output,
                node_output=node_output, opset=opset, input_shapes=input_shapes, precision=precision,
-               source=model_or_path)
+               source=model_or_path, node_input=node_input)
     with naming_the_model(model_or_path):
         problems = rp.unsupported()
         plan = {} if problems else rp.family.plan(rp.plan_nodes())

@@ -3,7 +3,8 @@
 1. Upgrade the default-domain opset to at least 13 (the version converter).
 2. Turn Constant nodes into initializers; initializers listed as graph inputs (IR < 4) become plain constants.
 3. Constant-fold weight subgraphs (nodes whose inputs are all constant) so every weight is an initializer,
-   refusing any fold that would allocate more than :data:`MAX_FOLD_ELEMENTS`.
+   refusing any fold that would allocate more than :data:`MAX_FOLD_ELEMENTS`; an If with a constant condition
+   becomes the branch it takes.
 4. Drop Dropout and Identity.
 5. Infer shapes (strictly), with user-given input shapes where the model leaves spatial dims open.
 
@@ -21,6 +22,8 @@ from onnx.reference import ReferenceEvaluator
 
 from onnxlrp.errors import OnnxlrpError
 from onnxlrp.graph import implicit_inputs
+
+from .control_flow import every_name, inline_if
 
 MIN_OPSET = 13
 MAX_FOLD_ELEMENTS = 1 << 28
@@ -51,11 +54,53 @@ def upgrade_opset(model: onnx.ModelProto, target: int | None) -> onnx.ModelProto
     except Exception as err:  # the converter raises many types, natively included
         raise OnnxlrpError(f"cannot upgrade the model from opset {current} to {wanted}: "
                            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
+    restore_legacy_resizes(converted, legacy_resizes(model, current))
     if not converted.functions:  # the converter drops model-local functions and their domains
         converted.functions.extend(model.functions)
     known = {i.domain for i in converted.opset_import}
     converted.opset_import.extend(i for i in model.opset_import if i.domain not in known)
     return converted
+
+
+def legacy_resizes(model: onnx.ModelProto, opset: int) -> list[tuple[str, np.ndarray | None]]:
+    """Upsample (opsets 7-10) and Resize-10 nodes in graph order: their mode and constant scales (None if unknown)."""
+    if opset > 10:
+        return []
+    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    found = []
+    for node in model.graph.node:
+        if node.op_type in ("Upsample", "Resize") and node.domain in ("", "ai.onnx"):
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            mode = attrs.get("mode", b"nearest")
+            scales = attrs.get("scales") or (values.get(node.input[1]) if len(node.input) > 1 else None)
+            found.append((mode.decode() if isinstance(mode, bytes) else mode,
+                          None if scales is None else np.asarray(scales, np.float32)))
+    return found
+
+
+def restore_legacy_resizes(model: onnx.ModelProto, legacy: list[tuple[str, np.ndarray | None]]) -> None:
+    """Give the Resize nodes that the version converter made of Upsample/Resize-10 (in the same order, under new
+    output names) their old coordinates.
+
+    Before opset 11 the output coordinate ``x`` read the input at ``x / scale`` (asymmetric); nearest took its
+    floor, or (onnxruntime, Resize-10) its ceiling on a downsampled axis. The converter writes a Resize with the
+    defaults (half_pixel, round_prefer_floor), which moves linear interpolation (by 0.14 on a 3x3 map scaled by 1.5
+    and 2.5): the original outputs would change."""
+    resizes = [n for n in model.graph.node if n.op_type == "Resize" and n.domain in ("", "ai.onnx")]
+    if len(resizes) != len(legacy):
+        raise OnnxlrpError(f"the opset upgrade turned {len(legacy)} Upsample/Resize nodes into {len(resizes)} Resize "
+                           "nodes; their coordinates cannot be restored")
+    for node, (mode, scales) in zip(resizes, legacy, strict=True):
+        kept = [a for a in node.attribute if a.name not in ("coordinate_transformation_mode", "nearest_mode")]
+        del node.attribute[:]
+        node.attribute.extend(kept)
+        node.attribute.append(helper.make_attribute("coordinate_transformation_mode", "asymmetric"))
+        if mode == "nearest":
+            down, up = (scales is not None and bool((scales < 1).any())), (scales is None or bool((scales > 1).any()))
+            if down and up:
+                raise OnnxlrpError(f"node {node.name or node.output[0]!r} (Resize, opset 10) upsamples one axis and "
+                                   "downsamples another with nearest rounding, which no later Resize expresses")
+            node.attribute.append(helper.make_attribute("nearest_mode", "ceil" if down else "floor"))
 
 
 def constants_to_initializers(graph: onnx.GraphProto, ir_version: int) -> None:
@@ -111,12 +156,28 @@ def _fold_size(node: onnx.NodeProto, values: dict[str, np.ndarray]) -> int | Non
 
 
 def fold_constants(graph: onnx.GraphProto, opset_imports) -> None:
-    """Evaluate nodes whose inputs are all constant and store their outputs as initializers."""
+    """Evaluate nodes whose inputs are all constant and store their outputs as initializers; replace an If whose
+    condition is constant by the nodes of the branch it takes (:mod:`onnxlrp.passes.control_flow`), which are
+    folded in turn."""
     values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     elem_types = {v.name: v.type.tensor_type.elem_type for v in list(graph.input) + list(graph.value_info)}
     folded_any = False
     kept = []
-    for node in graph.node:
+    pending = list(reversed(graph.node))
+    taken: set[str] | None = None
+    while pending:
+        node = pending.pop()
+        if node.op_type == "If" and node.domain in ("", "ai.onnx") and node.input[0] in values \
+                and values[node.input[0]].size == 1:
+            taken = every_name(graph) if taken is None else taken
+            inlined = inline_if(node, bool(values[node.input[0]].item()), taken)
+            if inlined is not None:
+                nodes, initializers = inlined
+                graph.initializer.extend(initializers)
+                values.update({t.name: numpy_helper.to_array(t) for t in initializers})
+                pending.extend(reversed(nodes))
+                folded_any = True
+                continue
         if node.op_type == "CastLike" and node.domain in ("", "ai.onnx") and node.input[0] in values \
                 and elem_types.get(node.input[1]):
             # CastLike(constant, x) reads only x's element type: a constant once that type is declared (the dynamo
@@ -152,8 +213,20 @@ def fold_constants(graph: onnx.GraphProto, opset_imports) -> None:
         folded_any = True
     if folded_any:
         del graph.node[:]
-        graph.node.extend(kept)
+        graph.node.extend(drop_dead_nodes(graph, kept) if taken is not None else kept)
         _drop_unused_initializers(graph)
+
+
+def drop_dead_nodes(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+    """``nodes`` without those whose outputs nothing reads (after an If was inlined: the branch not taken left the
+    nodes that only it read, e.g. the batch statistics of a training-mode BatchNorm)."""
+    used = {o.name for o in graph.output}
+    kept = []
+    for node in reversed(nodes):
+        if any(o in used for o in node.output):
+            kept.append(node)
+            used |= set(node.input) | implicit_inputs(node)
+    return kept[::-1]
 
 
 def _evaluate(node, values, opset_imports):
@@ -174,7 +247,8 @@ def _used_names(graph: onnx.GraphProto) -> set[str]:
 
 
 def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
-    used = _used_names(graph)
+    """Drop initializers nothing reads, except the defaults of graph inputs (without it the input is required)."""
+    used = _used_names(graph) | {v.name for v in graph.input}
     kept = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(kept)

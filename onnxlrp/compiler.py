@@ -10,7 +10,7 @@ from pathlib import Path
 import onnx
 from onnx import helper
 
-from onnxlrp.passes.canonicalize import canonicalize
+from onnxlrp.passes.canonicalize import FoldedConstants, canonicalize, restore_folded
 from onnxlrp.passes.relevance import RelevancePass, rule_table
 
 from . import __version__
@@ -44,21 +44,21 @@ def choose_composite(rule: str, composite: str | Path | None) -> Composite:
 
 
 def _pass(model: onnx.ModelProto, composite: Composite, *, params: dict, flat_layers: int, output, node_output,
-          opset, input_shapes, precision=None) -> RelevancePass:
+          opset, input_shapes, precision=None) -> tuple[RelevancePass, FoldedConstants]:
     unknown = set(params) - set(PARAMETER_NAMES)
     if unknown:
         raise OnnxlrpError(f"unknown parameter(s) {', '.join(sorted(unknown))}; valid: {', '.join(PARAMETER_NAMES)}")
     params = {k: float(v) for k, v in params.items() if v is not None}
     if flat_layers < 1:
         raise OnnxlrpError("--flat-layers must be at least 1")
-    canonical, shapes = canonicalize(model, opset=opset, input_shapes=input_shapes, precision=precision)
+    canonical, shapes, folded = canonicalize(model, opset=opset, input_shapes=input_shapes, precision=precision)
 
     def plan_rules(order):
         layers = [LinearNode(node.name, node.op_type, i, depth) for i, (node, depth) in enumerate(order)]
         return composite.plan(layers, params, flat_layers)
 
     return RelevancePass(canonical, shapes, plan_rules, rlrp=composite.name == "rlrp", output=output,
-                         node_output=node_output)
+                         node_output=node_output), folded
 
 
 def compile(model_or_path, rule: str = "epsilon", *, composite: str | Path | None = None, output: str | None = None,
@@ -74,11 +74,12 @@ def compile(model_or_path, rule: str = "epsilon", *, composite: str | Path | Non
     """
     model, digest = read_model(model_or_path)
     comp = choose_composite(rule, composite)
-    rp = _pass(model, comp, params=params, flat_layers=flat_layers, output=output, node_output=node_output,
-               opset=opset, input_shapes=input_shapes, precision=precision)
+    rp, folded = _pass(model, comp, params=params, flat_layers=flat_layers, output=output, node_output=node_output,
+                       opset=opset, input_shapes=input_shapes, precision=precision)
     relevance = rp.run()
     rp.finish(relevance)
     compiled = rp.model
+    restore_folded(compiled.graph, folded)
     compiled.producer_name, compiled.producer_version = "onnxlrp", __version__
     meta = {
         "onnxlrp.version": __version__,
@@ -101,8 +102,8 @@ def inspect(model_or_path, rule: str = "epsilon", *, composite=None, output=None
             input_shapes=None, flat_layers: int = 1, precision=None, **params) -> Plan:
     """The rule plan and the unsupported nodes on the relevance path, without emitting anything."""
     model, _ = read_model(model_or_path)
-    rp = _pass(model, choose_composite(rule, composite), params=params, flat_layers=flat_layers, output=output,
-               node_output=node_output, opset=opset, input_shapes=input_shapes, precision=precision)
+    rp, _ = _pass(model, choose_composite(rule, composite), params=params, flat_layers=flat_layers, output=output,
+                  node_output=node_output, opset=opset, input_shapes=input_shapes, precision=precision)
     problems = rp.unsupported()
     rules = {} if problems else rule_table(rp.plan_rules(rp.linear_order()))
     return Plan(rules, problems, rp.target, rp.sources)

@@ -6,6 +6,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import reference as ref
+from helpers import assert_close_relative
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxlrp
@@ -98,3 +100,23 @@ def test_onnxruntime_folds_every_weight_op(rule, tmp_path):
     constants = {t.name for t in optimized.graph.initializer} - inputs
     left = [n.op_type for n in optimized.graph.node if n.input and all(i in constants for i in n.input if i)]
     assert left == []
+
+
+def test_weights_that_are_graph_inputs_are_copied_once(tmp_path):
+    """An initializer that is also a graph input (IR >= 4) is a default a caller may override, and onnxruntime folds
+    no op that reads it: the rules get one float32 copy of its default (the value the compile-time analysis saw),
+    their ops on the copy fold, and the relevance equals the float64 reference."""
+    rng = np.random.default_rng(52)
+    layers = [ns.conv(rng, 3, 8, 3, pad=1), ns.Relu(), ns.conv(rng, 8, 8, 3, pad=1), ns.Relu(), ns.Flatten(),
+              ns.dense(rng, 8 * 4 * 4, 4)]
+    model = ns.to_onnx(layers, (2, 3, 4, 4))
+    model.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                             for t in model.graph.initializer)
+    compiled = onnxlrp.compile(model, "epsilon-alpha2-beta1")
+    weights = {t.name: numpy_helper.to_array(t).tobytes() for t in model.graph.initializer if len(t.dims) > 1}
+    copies = [t.name for t in compiled.graph.initializer if numpy_helper.to_array(t).tobytes() in weights.values()]
+    assert len(copies) == 2 * len(weights)  # each weight once as the model's and once as the rules' copy
+    x = rng.uniform(0.0, 1.0, size=(2, 3, 4, 4))
+    sess = ort.InferenceSession(compiled.SerializeToString(), providers=["CPUExecutionProvider"])
+    relevance = sess.run(["relevance"], {"x": x.astype(np.float32)})[0]
+    assert_close_relative(relevance, ref.lrp(layers, x, ["alphabeta", "alphabeta", "epsilon"]), 1e-5)

@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 import pytest
 import reference as ref
+import zoo_models
 from helpers import assert_close_relative, cosine_per_sample, session
 from netspec import Flatten, MaxPool, Relu, Residual
 from onnx import helper, numpy_helper
@@ -240,3 +241,14 @@ def test_bundled_digits_cnn(rule, tmp_path):
         _, expected = attributor(torch.from_numpy(x).to(torch.float64),
                                  lambda y: torch.nn.functional.one_hot(target, 10).to(y) * y)
     assert_close_relative(relevance, expected.detach().numpy(), 1e-5)
+
+
+def test_subgraphs_larger_than_their_values_stay_folded(tmp_path):
+    """ZFNet as its converter wrote it: weights are float64 Constants of W^T, then Cast and Transpose. The float32
+    value is half the size of that subgraph, so the compiled model holds the folded value, not the float64 one."""
+    zoo = zoo_models.zfnet()
+    source_bytes = saved_size(zoo.model, tmp_path / "source.onnx")
+    compiled = onnxlrp.compile(zoo.model, "epsilon-alpha2-beta1")
+    assert_size_bound(compiled, source_bytes, tmp_path / "compiled.onnx")
+    assert not [t.name for t in compiled.graph.initializer if t.data_type == onnx.TensorProto.DOUBLE]
+    assert "Cast" not in {n.op_type for n in compiled.graph.node if not n.name.startswith("lrp/")}

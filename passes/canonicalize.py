@@ -12,7 +12,7 @@
 
 BatchNormalization is not rewritten here: the forward graph stays as exported, so its outputs are unchanged
 bit for bit. The relevance pass folds a BatchNormalization into the linear layer before it
-(:func:`onnxlrp.passes.relevance.linear_layer`).
+(:func:`onnxlrp.passes.linear.linear_layer`).
 """
 
 from __future__ import annotations

@@ -25,7 +25,6 @@ from onnx import TensorProto, helper
 from .builder import GraphBuilder
 
 FLOAT32 = np.dtype(np.float32)
-LAYOUT = ("transpose", "flip", "reshape")
 
 
 class Weight:

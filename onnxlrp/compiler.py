@@ -11,7 +11,7 @@ from pathlib import Path
 import onnx
 from onnx import helper
 
-from onnxlrp.passes.canonicalize import canonicalize
+from onnxlrp.passes.canonicalize import FoldedConstants, canonicalize, restore_folded
 from onnxlrp.passes.families import ClassicFamily, Family
 from onnxlrp.passes.relevance import RelevancePass, rule_table
 from onnxlrp.passes.rlrp import RLRPFamily
@@ -67,7 +67,8 @@ def family_of(composite: Composite, params: dict, flat_layers: int) -> Family:
 
 
 def _pass(model: onnx.ModelProto, composite: Composite, *, params: dict, flat_layers: int, output, node_output,
-          opset, input_shapes, precision=None, source=None, node_input=None) -> RelevancePass:
+          opset, input_shapes, precision=None, source=None, node_input=None
+          ) -> tuple[RelevancePass, FoldedConstants]:
     unknown = set(params) - set(PARAMETER_NAMES)
     if unknown:
         raise OnnxlrpError(f"unknown parameter(s) {', '.join(sorted(unknown))}; valid: {', '.join(PARAMETER_NAMES)}")
@@ -78,9 +79,9 @@ def _pass(model: onnx.ModelProto, composite: Composite, *, params: dict, flat_la
     composite.check_parameters(params)
     node_inputs = [node_input] if isinstance(node_input, str) else list(node_input) if node_input else None
     with naming_the_model(source):
-        canonical, shapes = canonicalize(model, opset=opset, input_shapes=input_shapes, precision=precision)
+        canonical, shapes, folded = canonicalize(model, opset=opset, input_shapes=input_shapes, precision=precision)
         return RelevancePass(canonical, shapes, family, output=output, node_output=node_output,
-                             node_inputs=node_inputs)
+                             node_inputs=node_inputs), folded
 
 
 def compile(model_or_path, rule: str = "epsilon", *, composite: str | Path | None = None, output: str | None = None,
@@ -99,13 +100,14 @@ def compile(model_or_path, rule: str = "epsilon", *, composite: str | Path | Non
     """
     model, digest = read_model(model_or_path)
     comp = choose_composite(rule, composite)
-    rp = _pass(model, comp, params=params, flat_layers=flat_layers, output=output, node_output=node_output,
-               opset=opset, input_shapes=input_shapes, precision=precision, source=model_or_path,
-               node_input=node_input)
+    rp, folded = _pass(model, comp, params=params, flat_layers=flat_layers, output=output, node_output=node_output,
+                       opset=opset, input_shapes=input_shapes, precision=precision, source=model_or_path,
+                       node_input=node_input)
     with naming_the_model(model_or_path):
         relevance = rp.run()
         outputs = rp.finish(relevance)
     compiled = rp.model
+    restore_folded(compiled.graph, folded)
     compiled.producer_name, compiled.producer_version = "onnxlrp", __version__
     meta = {
         "onnxlrp.version": __version__,
@@ -130,9 +132,9 @@ def inspect(model_or_path, rule: str = "epsilon", *, composite=None, output=None
             opset=None, input_shapes=None, flat_layers: int = 1, precision=None, **params) -> Plan:
     """The rule plan and the unsupported nodes on the relevance path, without emitting anything."""
     model, _ = read_model(model_or_path)
-    rp = _pass(model, choose_composite(rule, composite), params=params, flat_layers=flat_layers, output=output,
-               node_output=node_output, opset=opset, input_shapes=input_shapes, precision=precision,
-               source=model_or_path, node_input=node_input)
+    rp, _ = _pass(model, choose_composite(rule, composite), params=params, flat_layers=flat_layers, output=output,
+                  node_output=node_output, opset=opset, input_shapes=input_shapes, precision=precision,
+                  source=model_or_path, node_input=node_input)
     with naming_the_model(model_or_path):
         problems = rp.unsupported()
         plan = {} if problems else rp.family.plan(rp.plan_nodes())

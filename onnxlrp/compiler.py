@@ -69,8 +69,8 @@ def compile(model_or_path, rule: str = "epsilon", *, composite: str | Path | Non
     ``onnxlrp rules``) or a TOML ``composite``. Parameters: epsilon, gamma, alpha, beta, low, high, stabilizer.
     ``precision="fp16"`` makes the forward pass float16 (relevance is always computed in float32).
 
-    The result keeps every original input and output and adds the optional input ``target`` (int64 [batch], -1
-    or absent: explain the predicted class) and the outputs ``relevance`` and ``explained_class``.
+    The result keeps every original input and output and adds the input ``target`` (int64 [batch], -1: explain
+    the predicted class) and the outputs ``relevance`` and ``explained_class``.
     """
     model, digest = read_model(model_or_path)
     comp = choose_composite(rule, composite)

@@ -15,6 +15,7 @@ from onnxlrp.passes.relevance import RelevancePass, rule_table
 from onnxlrp.passes.rlrp import RLRPFamily
 
 from . import __version__
+from .attributes import make_explicit
 from .composites import Composite, get_composite, load_composite
 from .errors import OnnxlrpError
 from .io import clamp_ir_version, read_model
@@ -79,6 +80,7 @@ def compile(model_or_path, rule: str = "epsilon", *, composite: str | Path | Non
     relevance = rp.run()
     rp.finish(relevance)
     compiled = rp.model
+    make_explicit(compiled.graph, rp.opset)  # no attribute left to a backend's defaults
     compiled.producer_name, compiled.producer_version = "onnxlrp", __version__
     meta = {
         "onnxlrp.version": __version__,

@@ -1,15 +1,18 @@
-"""Every node of a compiled graph states its attributes (onnxlrp/attributes.py)."""
+"""Every node of a compiled graph states its attributes (onnxlrp/attributes.py), and no ConvTranspose has a form
+that onnxruntime-web computes wrong (docs/onnxruntime-web-convtranspose.md)."""
 
 import netspec as ns
 import numpy as np
 import onnx
 import pytest
-from helpers import session
-from netspec import MaxPool
-from onnx import AttributeProto, defs
+import reference as ref
+from helpers import assert_close_relative, explain, session
+from netspec import Flatten, MaxPool, Relu
+from onnx import AttributeProto, defs, numpy_helper
 from spec_zoo import ZOO
 
 import onnxlrp
+from onnxlrp.layers import miscomputed_on_the_web
 from onnxlrp.runtime import with_target
 
 WINDOW_OPS = {"Conv", "ConvTranspose", "MaxPool", "AveragePool", "LpPool"}
@@ -75,3 +78,53 @@ def test_a_source_conv_without_attributes_gets_them_and_keeps_its_outputs():
     got = sess.run([model.graph.output[0].name], with_target(sess, {"x": x}))[0]
     np.testing.assert_array_equal(got, session(model).run(None, {"x": x})[0])
 
+
+
+def convtranspose_forms(model: onnx.ModelProto) -> list[tuple[int, int, int]]:
+    """(input channels per group, output channels per group, group) of every ConvTranspose."""
+    weights = {t.name: numpy_helper.to_array(t).shape for t in model.graph.initializer}
+    forms = []
+    for node in model.graph.node:
+        if node.op_type == "ConvTranspose":
+            group = next((a.i for a in node.attribute if a.name == "group"), 1)
+            cin, cout_g = weights[node.input[1]][:2]
+            forms.append((cin // group, cout_g, group))
+    return forms
+
+
+def web_forms():
+    """Layers whose transposed products have the forms onnxruntime-web miscomputes: a max pool with 2x2 windows
+    that overlap (one-hot scatter: 4 input channels per output), a 1x1 convolution with padding and two filters per
+    input channel (a real ConvTranspose, 2 inputs per output, 4 groups), and a grey first layer with two filters
+    (ungrouped, 2 inputs per output: the JSEP kernels' case)."""
+    rng = np.random.default_rng(11)
+    return {
+        "overlapping_2x2_pool": ([ns.conv(rng, 2, 3, 3, pad=1), Relu(), MaxPool((2, 2), (1, 1)), Flatten(),
+                                  ns.dense(rng, 3 * 4 * 4, 3)], (2, 2, 5, 5)),
+        "channel_multiplier_2": ([ns.conv(rng, 2, 4, 3, pad=1), Relu(), ns.conv(rng, 4, 8, 1, pad=1, groups=4),
+                                  Relu(), Flatten(), ns.dense(rng, 8 * 7 * 7, 3)], (2, 2, 5, 5)),
+        "grey_two_filters": ([ns.conv(rng, 1, 2, 3, pad=1), Relu(), Flatten(), ns.dense(rng, 2 * 5 * 5, 3)],
+                             (2, 1, 5, 5)),
+    }
+
+
+@pytest.mark.parametrize("rule", ["epsilon", "alpha-beta"])
+@pytest.mark.parametrize("case", list(web_forms()))
+def test_no_convtranspose_that_onnxruntime_web_miscomputes(case, rule):
+    """The equivalent that replaces them (a depthwise ConvTranspose and each group's sum) gives the reference's
+    relevance."""
+    layers, shape = web_forms()[case]
+    model = ns.to_onnx(layers, shape)
+    compiled = onnxlrp.compile(model, rule)
+    assert not [form for form in convtranspose_forms(compiled) if miscomputed_on_the_web(*form)]
+    x = np.random.default_rng(12).normal(size=shape)
+    _, relevance, _ = explain(model, x, rule)
+    assert_close_relative(relevance, ref.lrp(layers, x, rule), 1e-5)
+
+
+def test_the_replaced_forms_are_the_measured_ones():
+    """The forms measured wrong in onnxruntime-web 1.30 (docs/onnxruntime-web-convtranspose.md) and right ones."""
+    wrong = [(2, 1, 4), (4, 1, 4), (6, 1, 4), (8, 1, 4), (4, 1, 32), (2, 1, 1)]
+    right = [(3, 1, 4), (5, 1, 4), (1, 1, 4), (2, 2, 2), (2, 3, 4), (16, 1, 1), (32, 1, 1), (3, 1, 1)]
+    assert all(miscomputed_on_the_web(*form) for form in wrong)
+    assert not any(miscomputed_on_the_web(*form) for form in right)

@@ -232,7 +232,7 @@ function setUpFiles() {
 
 // ------------------------------------------------------------------ start
 
-window.onnxlrp = {explain, config, backend: null, last: null};
+window.onnxlrp = {explain, config, backend: null, last: null, busy: () => busy || pending !== null};
 $('model-name').textContent = config.name;
 $('rule').textContent = config.rule;
 $('ort-version').textContent = config.ort.version;

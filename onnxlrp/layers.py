@@ -105,7 +105,7 @@ def miscomputed_on_the_web(in_per_group: int, out_per_group: int, group: int) ->
     """Whether onnxruntime-web 1.30 computes this ConvTranspose form wrong (with no error): one output channel per
     group from an even number of input channels per group, on its WebGPU execution provider (``ort.webgpu.min.js``)
     when ``group > 1``, and on its JSEP WebGPU kernels (``ort.min.js``) with exactly two input channels per group,
-    grouped or not (docs/onnxruntime-web-convtranspose.md)."""
+    grouped or not (docs/onnxruntime-web-webgpu.md)."""
     return out_per_group == 1 and in_per_group % 2 == 0 and (group > 1 or in_per_group == 2)
 
 

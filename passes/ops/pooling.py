@@ -88,7 +88,10 @@ def tile_order(rank: int) -> list[int]:
 
 def window_patches(b, x: str, wd: Window, channels: int) -> tuple[str, str | None]:
     """The windows of ``x`` as ``[N, C, K, *out]`` (zero at padded taps), and the one-hot kernel that made them:
-    a depthwise Conv, or, for windows that tile the input, a Reshape and a Transpose (no kernel)."""
+    a Conv over the channels as a batch (``[N C, 1, *in]``: one input and ``K`` output channels, ungrouped), or, for
+    windows that tile the input, a Reshape and a Transpose (no kernel). A grouped Conv with ``K`` outputs per group
+    would be shorter, but onnxruntime-web's WebGPU kernels get it wrong for ``K`` = 9 (3x3 windows) among others
+    (docs/onnxruntime-web-webgpu.md)."""
     k = int(np.prod(wd.kernel))
     shape = b.const([0, channels, k, *wd.out_spatial], "shape", np.int64)
     if tiles(wd):
@@ -101,16 +104,18 @@ def window_patches(b, x: str, wd: Window, channels: int) -> tuple[str, str | Non
         x = b.op("Reshape", [x, b.const([0, channels, *split], "shape", np.int64)], "tiles")
         x = b.op("Transpose", [x], "tiles", perm=tile_order(wd.rank))
         return b.op("Reshape", [x, shape], "patches"), None
-    taps = np.eye(k, dtype=np.float32).reshape(k, 1, *wd.kernel)
-    kernel = b.const(np.tile(taps, (channels,) + (1,) * (taps.ndim - 1)), "onehot_kernel")
-    patches = b.op("Conv", [x, kernel], "patches", strides=wd.strides, pads=wd.pads, dilations=wd.dilations,
-                   group=channels)
-    return b.op("Reshape", [patches, shape], "patches"), kernel
+    kernel = b.const(np.eye(k, dtype=np.float32).reshape(k, 1, *wd.kernel), "onehot_kernel")
+    planes = b.op("Reshape", [x, b.const([-1, 1, *wd.in_spatial], "shape", np.int64)], "planes")
+    patches = b.op("Conv", [planes, kernel], "patches", strides=wd.strides, pads=wd.pads, dilations=wd.dilations,
+                   group=1)
+    return b.op("Reshape", [patches, b.const([-1, channels, k, *wd.out_spatial], "shape", np.int64)],
+                "patches"), kernel
 
 
 def scatter_windows(b, routed: str, wd: Window, channels: int, kernel: str | None) -> str:
-    """``[N, C, K, *out]`` window values added back at their input positions: the one-hot kernel transposed, or, for
-    windows that tile the input, the inverse Transpose and Reshape (zeros where no window reaches)."""
+    """``[N, C, K, *out]`` window values added back at their input positions: the one-hot kernel transposed over the
+    channels as a batch, or, for windows that tile the input, the inverse Transpose and Reshape (zeros where no
+    window reaches)."""
     k = int(np.prod(wd.kernel))
     if kernel is None:
         routed = b.op("Reshape", [routed, b.const([0, channels, *wd.kernel, *wd.out_spatial], "shape", np.int64)],
@@ -123,8 +128,9 @@ def scatter_windows(b, routed: str, wd: Window, channels: int, kernel: str | Non
         rest = [i - c for i, c in zip(wd.in_spatial, covered, strict=True)]
         return b.op("Pad", [routed, b.const([0] * (2 + wd.rank) + [0, 0] + rest, "pads", np.int64)], "R",
                     mode="constant")
-    routed = b.op("Reshape", [routed, b.const([0, channels * k, *wd.out_spatial], "shape", np.int64)], "R")
-    return wd.conv_transpose(b, routed, kernel, channels, "R", (channels * k, 1))
+    routed = b.op("Reshape", [routed, b.const([-1, k, *wd.out_spatial], "shape", np.int64)], "R")
+    planes = wd.conv_transpose(b, routed, kernel, 1, "R", (k, 1))
+    return b.op("Reshape", [planes, b.const([-1, channels, *wd.in_spatial], "shape", np.int64)], "R")
 
 
 # ---------------------------------------------------------------- average pools

@@ -133,7 +133,7 @@ def test_drawing_a_digit_shows_its_heatmap(site, browser, tmp_path):
         page.mouse.up()
         page.wait_for_function("window.onnxlrp.last && !window.onnxlrp.busy()")
         runs = int(page.text_content("#time").split(" over ")[1].rstrip(")"))
-        assert runs >= 3  # explained while drawing, not only at the end
+        assert runs >= 2  # explained while drawing, not only at the end
         pixels = np.asarray(page.evaluate("Array.from(window.onnxlrp.last.pixels)"), np.float32).reshape(1, 28, 28)
         assert 0.05 < pixels.mean() < 0.5  # the stroke, scaled into the digit box
         relevance, cls = python_relevance(root / "rlrp" / "model.onnx", pixels, -1)

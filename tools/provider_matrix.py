@@ -72,6 +72,11 @@ window.ready = true;
 </script>"""
 
 
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
 def small_resnet(seed: int = 0) -> onnx.ModelProto:
     """A ResNet on 3x32x32 images, 10 classes, with what the large ones have: a 3x3 stride-2 max pool (overlapping
     windows), BatchNormalization, an identity block and a projection block with stride 2, global average pooling."""
@@ -142,9 +147,7 @@ def run_web(providers: list[str], folder: Path, cases: list[dict], ort_web: Path
     (site / "index.html").write_text(HARNESS)
     for case in cases:
         shutil.copyfile(folder / case["model"], site / case["model"])
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(site))
-    handler.log_message = lambda *args: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(site)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/index.html"
     statuses = {}
@@ -189,6 +192,28 @@ def run_web(providers: list[str], folder: Path, cases: list[dict], ort_web: Path
     return statuses
 
 
+def sensitivity(folder: Path, cases: list[dict], draws: int = 4) -> dict[str, float]:
+    """Per case, how far the CPU provider's own relevance moves when each input value moves by at most one float32
+    ulp (the largest over ``draws`` random moves, relative to each sample's peak): a case above the tolerance is
+    ill-conditioned in float32, and no two providers that round differently can agree on it to the tolerance."""
+    import onnxruntime as ort
+
+    moved = {}
+    for case in cases:
+        session = ort.InferenceSession(str(folder / case["model"]), providers=["CPUExecutionProvider"])
+        x = np.load(folder / case["input"])
+        feeds = {"target": np.full(len(x), -1)}
+        base = session.run(["relevance"], feeds | {case["input_name"]: x})[0].astype(np.float64)
+        peaks = np.abs(base).reshape(len(x), -1).max(1)
+        worst = 0.0
+        for seed in range(draws):
+            ulp = np.spacing(np.abs(x)) * np.random.default_rng(seed).uniform(-1, 1, x.shape)
+            other = session.run(["relevance"], feeds | {case["input_name"]: (x + ulp).astype(np.float32)})[0]
+            worst = max(worst, max(np.abs(other[i] - base[i]).max() / peaks[i] for i in range(len(x))))
+        moved[case["id"]] = float(worst)
+    return moved
+
+
 def compare(folder: Path, provider: str, cases: list[dict], status: dict) -> dict:
     """Per case: the largest deviation from the CPU provider over the samples, relative to each sample's peak."""
     cells = {}
@@ -216,10 +241,10 @@ def cell_text(cell: dict | None, ran_on_expected: str | None) -> str:
     text = f"{cell['deviation']:.0e}"
     if ran_on_expected and cell["ran_on"] != ran_on_expected:
         text += f" (ran on {cell['ran_on']})"
-    return text if cell["passed"] else f"**{text} FAIL**" + ("" if cell["same_class"] else " (class)")
+    return text if cell["passed"] else f"**{text}**" + ("" if cell["same_class"] else " (class differs)")
 
 
-def markdown(results: dict, cases: list[dict], environment: dict, skipped: dict) -> str:
+def markdown(results: dict, cases: list[dict], environment: dict, skipped: dict, moved: dict) -> str:
     providers = [p for p in results if p != "cpu"]
     expected = {"openvino": "OpenVINOExecutionProvider", "cuda": "CUDAExecutionProvider",
                 "tensorrt": "TensorrtExecutionProvider"}
@@ -229,7 +254,11 @@ def markdown(results: dict, cases: list[dict], environment: dict, skipped: dict)
              "BatchNormalization, an identity and a projection block; two random images), runs each compiled model "
              "with each execution provider, and compares the relevance with onnxruntime's CPU provider: each cell is "
              "the largest deviation over the two samples, relative to each sample's peak `max |R|`; it passes at "
-             f"{TOLERANCE:.0e} or less with the same explained classes (`target` -1: the predicted class).", "",
+             f"{TOLERANCE:.0e} or less with the same explained classes (`target` -1: the predicted class); a cell "
+             "above it is in bold. The column `CPU, input ±1 ulp` is the CPU provider against itself when every "
+             "input value moves by at most one float32 ulp (the largest of four random moves): where it passes "
+             f"{TOLERANCE:.0e} the case is ill-conditioned in float32 (a rule divides by a pre-activation that "
+             "nearly cancels), and providers that sum in another order cannot agree to the tolerance.", "",
              f"Run {environment['date']} on {environment['machine']}: " +
              "; ".join(f"{k}: {v}" for k, v in environment["versions"].items()) + ".", ""]
     for name, why in skipped.items():
@@ -238,11 +267,11 @@ def markdown(results: dict, cases: list[dict], environment: dict, skipped: dict)
         lines.append("")
     counts = {p: sum(1 for c in results[p].values() if c.get("passed")) for p in providers}
     lines += ["Passed: " + ", ".join(f"`{p}` {counts[p]}/{len(cases)}" for p in providers) + ".", ""]
-    lines.append("| model | rule | " + " | ".join(f"`{p}`" for p in providers) + " |")
-    lines.append("|---|---|" + "---|" * len(providers))
+    lines.append("| model | rule | CPU, input ±1 ulp | " + " | ".join(f"`{p}`" for p in providers) + " |")
+    lines.append("|---|---|---|" + "---|" * len(providers))
     for case in cases:
         model, rule = case["id"].split("/")
-        lines.append(f"| {model} | `{rule}` | " + " | ".join(
+        lines.append(f"| {model} | `{rule}` | {moved[case['id']]:.0e} | " + " | ".join(
             cell_text(results[p].get(case["id"]), expected.get(p)) for p in providers) + " |")
     warnings = {p: w for p, w in environment.get("warnings", {}).items() if w}
     if warnings:
@@ -251,23 +280,11 @@ def markdown(results: dict, cases: list[dict], environment: dict, skipped: dict)
     return "\n".join(lines) + "\n"
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--providers", default="cpu,openvino,wasm,webgpu,webgpu-jsep,cuda,tensorrt")
-    parser.add_argument("--models", default="digits,resnet")
-    parser.add_argument("--rules", default=",".join(COMPOSITES), help="default: every rule and composite")
-    parser.add_argument("--openvino-python", default=str(ROOT / ".venv-openvino" / "bin" / "python"))
-    parser.add_argument("--ort-web", type=Path, default=ROOT / "tests" / "js" / "node_modules" / "onnxruntime-web")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "providers.md")
-    parser.add_argument("--json", type=Path)
-    parser.add_argument("--work", type=Path, help="keep the compiled models and results here")
-    args = parser.parse_args()
-    wanted = args.providers.split(",")
-    folder = args.work or Path(tempfile.mkdtemp(prefix="provider-matrix-"))
-    folder.mkdir(parents=True, exist_ok=True)
-    cases = prepare(folder, args.models.split(","), args.rules.split(","))
+def run_providers(args, folder: Path, cases: list[dict]) -> tuple[dict, dict, dict]:
+    """Every provider asked for that runs here: their statuses, the skipped ones with the reason, the versions."""
     import onnxruntime as ort
 
+    wanted = args.providers.split(",")
     available = ort.get_available_providers()
     statuses, skipped = {"cpu": run_python("cpu", folder, sys.executable)}, {}
     versions = {"onnxruntime (CPU reference)": ort.__version__}
@@ -298,15 +315,42 @@ def main() -> int:
             versions["WebGPU adapter"] = first["webgpu_adapter"] or "none"
         else:
             skipped.update({p: "no onnxruntime-web or chromium (bash tests/js/install.sh)" for p in web})
+    return statuses, skipped, versions
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--providers", default="cpu,openvino,wasm,webgpu,webgpu-jsep,cuda,tensorrt")
+    parser.add_argument("--models", default="digits,resnet")
+    parser.add_argument("--rules", default=",".join(COMPOSITES), help="default: every rule and composite")
+    parser.add_argument("--openvino-python", default=str(ROOT / ".venv-openvino" / "bin" / "python"))
+    parser.add_argument("--ort-web", type=Path, default=ROOT / "tests" / "js" / "node_modules" / "onnxruntime-web")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "providers.md")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--work", type=Path, help="keep the compiled models and results here")
+    parser.add_argument("--reuse", type=Path, help="a --json file of an earlier run on the same --work folder: take "
+                        "its providers' results instead of running them again (the table is written anew)")
+    args = parser.parse_args()
+    folder = args.work or Path(tempfile.mkdtemp(prefix="provider-matrix-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    earlier = json.loads(args.reuse.read_text()) if args.reuse else None
+    if earlier is not None:
+        cases = json.loads((folder / "manifest.json").read_text())
+        statuses, skipped = earlier["statuses"], earlier["skipped"]
+        versions = earlier["environment"]["versions"]
+    else:
+        cases = prepare(folder, args.models.split(","), args.rules.split(","))
+        statuses, skipped, versions = run_providers(args, folder, cases)
     results = {p: compare(folder, p, cases, s) for p, s in statuses.items()}
-    environment = {"date": datetime.date.today().isoformat(),
+    moved = sensitivity(folder, cases)
+    environment = {"date": earlier["environment"]["date"] if earlier else datetime.date.today().isoformat(),
                    "machine": f"{platform.processor() or platform.machine()}, {platform.system()}",
                    "versions": versions,
                    "warnings": {p: s.get("warnings", []) for p, s in statuses.items()}}
-    args.out.write_text(markdown(results, cases, environment, skipped))
+    args.out.write_text(markdown(results, cases, environment, skipped, moved))
     if args.json:
         args.json.write_text(json.dumps({"results": results, "environment": environment, "skipped": skipped,
-                                         "statuses": statuses}, indent=1))
+                                         "statuses": statuses, "cpu_input_ulp": moved}, indent=1))
     failed = sum(1 for p in results if p != "cpu" for c in results[p].values() if not c.get("passed"))
     print(f"wrote {args.out}; {failed} cell(s) failed or errored")
     return 1 if failed else 0

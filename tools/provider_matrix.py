@@ -263,11 +263,16 @@ def markdown(results: dict, cases: list[dict], environment: dict, skipped: dict,
              "the largest deviation over the two samples, relative to each sample's peak `max |R|`; it passes at "
              f"{TOLERANCE:.0e} or less with the same explained classes (`target` -1: the predicted class); a cell "
              "above it is in bold. The column `CPU unoptimized` is the CPU provider against itself without its graph "
-             "optimizations (other fusions and kernels, so other float32 roundings): where it passes "
+             "optimizations (other fusions and kernels, so other float32 roundings): where it exceeds "
              f"{TOLERANCE:.0e}, the case is ill-conditioned in float32 (a rule divides by a value that nearly "
              "cancels: LRP-0 without a stabilizer, flat, w² and z^B at residual joins and in z^B's first layer, "
              "epsilon at a pre-activation of ten epsilons), and providers that round differently cannot agree on "
              "it to the tolerance either.", "",
+             "Providers: `openvino`, onnxruntime-openvino's CPU device in float32 (its own virtual environment); "
+             "`wasm` and `webgpu`, the WebAssembly and WebGPU execution providers of onnxruntime-web's WebGPU build "
+             "(`ort.webgpu.min.mjs`, the one `onnxlrp web` bundles); `webgpu-jsep`, the WebGPU kernels of its default "
+             "build (`ort.min.mjs`); the web ones in headless Chromium, a page per case; `cuda` and `tensorrt` "
+             "(TF32 and FP16 off) where a GPU is.", "",
              f"Run {environment['date']} on {environment['machine']}: " +
              "; ".join(f"{k}: {v}" for k, v in environment["versions"].items()) + ".", ""]
     for name, why in skipped.items():

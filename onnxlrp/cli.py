@@ -1,4 +1,4 @@
-"""Command line: ``onnxlrp compile|inspect|rules|explain|evaluate|demo``.
+"""Command line: ``onnxlrp compile|inspect|rules|explain|evaluate|web|demo``.
 
 Every user error ends in one line on stderr (``error: ...``) and a non-zero exit code; ``--debug`` shows the
 traceback instead.
@@ -188,6 +188,25 @@ def evaluate_command(model, **kw):
     from .apps import run_evaluate
 
     run_evaluate(model, **kw)
+
+
+@cli.command("web")
+@click.argument("model", type=click.Path(dir_okay=False))
+@rule_options
+@click.option("--preprocess", default="none", show_default=True,
+              help="'none' (pixels/255), 'imagenet' (mean/std), or a TOML file with scale, mean, std.")
+@click.option("--ort-web", type=click.Path(), help="onnxruntime-web's folder (default: node_modules/onnxruntime-web "
+              "here or above; `npm install onnxruntime-web` fetches it).")
+@click.option("-o", "--out-dir", help="Output folder (default: MODEL_STEM-web).")
+def web_command(model, preprocess, ort_web, out_dir, **kw):
+    """Write a static page bundle that explains images in the browser (WebGPU, else WebAssembly); serve the folder
+    with any static server, e.g. `python -m http.server -d DIR`."""
+    from .web import write_bundle
+
+    options = compile_kwargs(kw)
+    out = write_bundle(model, out_dir, preprocess=preprocess, ort_web=ort_web, **options)
+    click.echo(f"wrote {escape_terminal(str(out))}: serve it with `python -m http.server -d "
+               f"{escape_terminal(str(out))}` and open http://localhost:8000")
 
 
 @cli.command("demo")

@@ -17,6 +17,7 @@ from onnxlrp.passes.relevance import RelevancePass, rule_table
 from onnxlrp.passes.rlrp import RLRPFamily
 
 from . import __version__
+from .attributes import make_explicit
 from .composites import Composite, get_composite, load_composite
 from .errors import OnnxlrpError
 from .io import clamp_ir_version, read_model
@@ -94,9 +95,9 @@ def compile(model_or_path, rule: str = "epsilon", *, composite: str | Path | Non
     ``node_input``: one intermediate tensor (or several) explained instead of the float graph inputs, e.g. a
     spectrogram behind an STFT or an embedding behind a token lookup; the nodes before it need no rule.
 
-    The result keeps every original input and output and adds the optional input ``target`` (int64 [batch], -1
-    or absent: explain the predicted class) and the outputs ``relevance`` (``relevance.<name>`` per input or node
-    input when there are several) and ``explained_class``.
+    The result keeps every original input and output and adds the input ``target`` (int64 [batch], -1: explain
+    the predicted class) and the outputs ``relevance`` (``relevance.<name>`` per input or node input when there
+    are several) and ``explained_class``.
     """
     model, digest = read_model(model_or_path)
     comp = choose_composite(rule, composite)
@@ -108,6 +109,7 @@ def compile(model_or_path, rule: str = "epsilon", *, composite: str | Path | Non
         outputs = rp.finish(relevance)
     compiled = rp.model
     restore_folded(compiled.graph, folded)
+    make_explicit(compiled.graph, rp.opset)  # no attribute left to a backend's defaults
     compiled.producer_name, compiled.producer_version = "onnxlrp", __version__
     meta = {
         "onnxlrp.version": __version__,

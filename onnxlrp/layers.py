@@ -85,10 +85,29 @@ class Window:
                                       - self.pads[a + r] + self.dilations[a] * (self.kernel[a] - 1) + 1)
                 for a in range(r)]
 
-    def conv_transpose(self, b: GraphBuilder, g: str, weight: str, group: int, hint: str) -> str:
-        """``W^T g`` for a convolution with this geometry, via ConvTranspose."""
+    def conv_transpose(self, b: GraphBuilder, g: str, weight: str, group: int, hint: str,
+                       channels: tuple[int, int]) -> str:
+        """``W^T g`` for a convolution with this geometry, via ConvTranspose. ``channels`` are the weight's first two
+        dims: the input channels of the transposed product and its output channels per group. A form that
+        onnxruntime-web computes wrong (:func:`miscomputed_on_the_web`) becomes a depthwise ConvTranspose, one output
+        per input channel, and the sum of each group's outputs."""
+        in_channels, out_per_group = channels
+        in_per_group = in_channels // group
+        if miscomputed_on_the_web(in_per_group, out_per_group, group):
+            each = b.op("ConvTranspose", [g, weight], hint, strides=self.strides, pads=self.pads,
+                        dilations=self.dilations, group=in_channels, output_padding=self.output_padding())
+            each = b.op("Reshape", [each, b.const([0, group, in_per_group, *self.in_spatial], "shape", np.int64)], hint)
+            return b.op("ReduceSum", [each, b.const([2], "axes", np.int64)], hint, keepdims=0)
         return b.op("ConvTranspose", [g, weight], hint, strides=self.strides, pads=self.pads,
                     dilations=self.dilations, group=group, output_padding=self.output_padding())
+
+
+def miscomputed_on_the_web(in_per_group: int, out_per_group: int, group: int) -> bool:
+    """Whether onnxruntime-web 1.30 computes this ConvTranspose form wrong (with no error): one output channel per
+    group from an even number of input channels per group, on its WebGPU execution provider (``ort.webgpu.min.js``)
+    when ``group > 1``, and on its JSEP WebGPU kernels (``ort.min.js``) with exactly two input channels per group,
+    grouped or not (docs/onnxruntime-web-webgpu.md)."""
+    return out_per_group == 1 and in_per_group % 2 == 0 and (group > 1 or in_per_group == 2)
 
 
 @dataclass
@@ -152,7 +171,7 @@ class Linear:
         flipped = None if into_few_channels or (strided and weight.shape[1] != 1) else \
             flipped_conv(weight, wd, self.group)
         if flipped is None:
-            return wd.conv_transpose(b, g, weight.emit(b, tag), self.group, "WTg")
+            return wd.conv_transpose(b, g, weight.emit(b, tag), self.group, "WTg", weight.shape[:2])
         kernel, pads = flipped
         if strided:
             g = zero_insert(b, g, wd)

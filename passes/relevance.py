@@ -458,8 +458,8 @@ class RelevancePass:
         return result
 
     def initial_relevance(self) -> tuple[str, str]:
-        """The family's seed on one-hot(target) and the explained tensor; the target defaults (when not fed, or -1)
-        to the arg-max. Returns the seed and the explained value per sample."""
+        """The family's seed on one-hot(target) and the explained tensor; a target of -1 (any negative value) means
+        the arg-max. Returns the seed and the explained value per sample."""
         b = self.b
         b.scope = "init"
         y = self.value(self.target)
@@ -509,9 +509,9 @@ class RelevancePass:
         b.nodes.append(helper.make_node("Identity", [self.class_tensor], [CLASS_OUTPUT], name=b.fresh(CLASS_OUTPUT)))
         batch = self.batch_dim()
         self.graph.output.append(helper.make_tensor_value_info(CLASS_OUTPUT, TensorProto.INT64, [batch]))
+        # a plain required input: every runtime lists and accepts it (an initializer-backed default is invisible to
+        # onnxruntime-web and -node, and onnxruntime warns about it); -1 means "the predicted class"
         self.graph.input.append(helper.make_tensor_value_info(TARGET_INPUT, TensorProto.INT64, [batch]))
-        default = np.full(batch if isinstance(batch, int) else 1, -1, dtype=np.int64)  # broadcasts over the batch
-        self.graph.initializer.append(numpy_helper.from_array(default, TARGET_INPUT))
         b.drop_unread({o.name for o in self.graph.output})
         b.nodes = activation_work_first(b.nodes, TARGET_INPUT)
         b.commit()

@@ -6,6 +6,7 @@ import onnxruntime as ort
 from graph_reference import compiled_plan
 
 import onnxlrp
+from onnxlrp.runtime import with_target
 
 
 def session(model):
@@ -21,9 +22,7 @@ def explain(model, x, rule, target=None, **kwargs):
     """(original outputs, relevance, explained class) of ``model`` compiled with ``rule``."""
     compiled = onnxlrp.compile(model, rule, **kwargs)
     sess = session(compiled)
-    feeds = {sess.get_inputs()[0].name: x.astype(np.float32)}
-    if target is not None:
-        feeds["target"] = np.asarray(target, dtype=np.int64)
+    feeds = with_target(sess, {sess.get_inputs()[0].name: x.astype(np.float32)}, target)
     names = [o.name for o in sess.get_outputs()]
     results = dict(zip(names, sess.run(None, feeds), strict=True))
     originals = [results[o.name] for o in model.graph.output]

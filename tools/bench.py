@@ -64,6 +64,7 @@ sys.path.insert(0, str(HERE))
 import archs  # noqa: E402
 
 from onnxlrp.contract import CLASS_OUTPUT, RELEVANCE_OUTPUT  # noqa: E402
+from onnxlrp.runtime import with_target  # noqa: E402
 
 DEFAULT_CACHE = Path(os.environ.get("ONNXLRP_BENCH_CACHE", Path(tempfile.gettempdir()) / "onnxlrp-bench"))
 SETTLE_S = 0.1  # Zennit and ours take turns on different thread pools: let the last one's spinning threads sleep
@@ -76,7 +77,7 @@ def inferred(model: onnx.ModelProto, batch: int) -> tuple[onnx.ModelProto, dict[
     """``model`` after ONNX shape inference with the batch fixed, and every tensor's shape."""
     fixed = onnx.ModelProto()
     fixed.CopyFrom(model)
-    defaults = {t.name for t in fixed.graph.initializer}  # optional inputs (the compiled model's target)
+    defaults = {t.name for t in fixed.graph.initializer}  # overridable initializers keep their shapes
     for vi in fixed.graph.input:
         dims = vi.type.tensor_type.shape.dim
         if vi.name in defaults:
@@ -285,6 +286,7 @@ class Runner:
     :meth:`outputs` copies the last run's outputs to the host afterwards."""
 
     def __init__(self, sess, feed: dict, provider: str, io_binding: bool):
+        feed = with_target(sess, feed)  # a compiled model's target: -1, the predicted class
         self.sess, self.feed, self.binding = sess, feed, None
         if io_binding:
             import onnxruntime as ort
@@ -384,6 +386,7 @@ def child_memory(args) -> dict:
     t = time.perf_counter()
     sess = make_session(Path(args.child_model), args.threads, args.provider, args.spin == "on")
     created = time.perf_counter() - t
+    feed = with_target(sess, feed)
     after_create = peak_rss_mib()
     for _ in range(args.child_runs):
         sess.run(None, feed)
@@ -416,7 +419,7 @@ def child_zennit(args) -> dict:
         p.requires_grad_(False)  # input gradients only, as an explanation needs
     x = torch.from_numpy(np.load(args.child_input)).to(device)
     ours = make_session(Path(args.child_compiled), args.threads, args.provider, args.spin == "on")
-    feed = {args.child_input_name: x.cpu().numpy()}
+    feed = with_target(ours, {args.child_input_name: x.cpu().numpy()})
 
     def timed(fn) -> float:
         sync()
@@ -549,6 +552,7 @@ def rule_part(hint: str, op: str) -> str:
 def profile(path: Path, feed: dict, args, runs: int, workdir: Path) -> dict:
     """Per-node times of ``runs`` runs (after one warm-up), totals per op type, per hint and per rule part."""
     sess = make_session(path, args.threads, args.provider, args.spin == "on", str(workdir / "ort_profile"))
+    feed = with_target(sess, feed)
     sess.run(None, feed)
     for _ in range(runs):
         sess.run(None, feed)

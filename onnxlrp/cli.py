@@ -113,6 +113,10 @@ def inspect_command(model, **kw):
                    "z-box on a model whose first layer is not a convolution)")
     for node, rule in plan.rules.items():
         click.echo(f"  {escape_terminal(node)}: {rule}")
+    if plan.patterns:
+        click.echo(f"{len(plan.patterns)} recognized pattern(s) and gate(s) on the relevance path:")
+        for line in plan.patterns:
+            click.echo(f"  {escape_terminal(line)}")
     if plan.unsupported:
         click.echo(f"{len(plan.unsupported)} unsupported node(s) on the relevance path:")
         for line in plan.unsupported:

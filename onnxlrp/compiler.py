@@ -26,7 +26,7 @@ PARAMETER_NAMES = ("epsilon", "gamma", "alpha", "beta", "low", "high", "stabiliz
 @dataclass
 class Plan:
     """What ``inspect`` shows: the family, the rule per rule-bearing node, every node on the path that has no rule,
-    and the given rule parameters that no node of this model uses."""
+    the given rule parameters that no node of this model uses, and the recognized patterns and gates."""
 
     rules: dict[str, str]
     unsupported: list[str]
@@ -34,6 +34,7 @@ class Plan:
     inputs: list[str]
     family: str = "classic"
     unused_parameters: list[str] = field(default_factory=list)
+    patterns: list[str] = field(default_factory=list)
 
 
 def read_model(model_or_path) -> tuple[onnx.ModelProto, str]:
@@ -114,7 +115,8 @@ def inspect(model_or_path, rule: str = "epsilon", *, composite=None, output=None
                node_output=node_output, opset=opset, input_shapes=input_shapes, precision=precision)
     problems = rp.unsupported()
     plan = {} if problems else rp.family.plan(rp.plan_nodes())
-    return Plan(rule_table(plan), problems, rp.target, rp.sources, rp.family.name, rp.family.parameters_unused(plan))
+    return Plan(rule_table(plan), problems, rp.target, rp.sources, rp.family.name, rp.family.parameters_unused(plan),
+                rp.pattern_lines())
 
 
 def is_compiled(model: onnx.ModelProto) -> bool:

@@ -122,3 +122,50 @@ def pad(ctx, node, r_out):
     ends = [-int(p) if p > 0 else np.iinfo(np.int64).max for p in pads[rank:]]
     return {0: b.op("Slice", [r_out[0], b.const(pads[:rank], "start", np.int64), b.const(ends, "end", np.int64),
                               b.const(list(range(rank)), "axes", np.int64)], "R")}
+
+
+MAX_GATHER_MATRIX = 1 << 22  # entries of the 0/1 matrix that maps a general gather back (16 MiB in float32)
+
+
+def gather_geometry(ctx, node):
+    """``(axis, flat indices in [0, n), n)`` of a Gather with constant indices."""
+    shape = ctx.shapes[node.input[0]]
+    axis = attr(node, "axis", 0) % len(shape)
+    n = shape[axis]
+    return axis, ctx.constants[node.input[1]].astype(np.int64).reshape(-1) % n, n
+
+
+def check_gather(ctx, node):
+    shape = ctx.shapes.get(node.input[0])
+    if node.input[1] not in ctx.constants or not shape:
+        return "needs constant indices and a known input rank"
+    axis = attr(node, "axis", 0) % len(shape)
+    if any(d is None for d in shape[axis:]):
+        return "needs static sizes from the gathered axis on"
+    _, indices, n = gather_geometry(ctx, node)
+    if not is_permutation(indices, n) and n * indices.size > MAX_GATHER_MATRIX:
+        return f"gathers {indices.size} of {n} elements with repeats or gaps: too large to map back"
+    return None
+
+
+def is_permutation(indices: np.ndarray, n: int) -> bool:
+    return indices.size == n and bool(np.all(np.sort(indices) == np.arange(n)))
+
+
+@backward("Gather", data_inputs=(0,), nonnegative="first", zero_preserving=True, check=check_gather)
+def gather(ctx, node, r_out):
+    """Constant indices: each output element's relevance goes back to the element it was read from. A permutation
+    is undone by gathering with the inverse permutation; otherwise ``R_x = M^T R`` along the axis, with the 0/1
+    matrix ``M[j, i] = [indices_j == i]`` (repeated indices add up, elements never read get 0)."""
+    b = ctx.b
+    shape = ctx.shapes[node.input[0]]
+    axis, indices, n = gather_geometry(ctx, node)
+    r = b.op("Reshape", [r_out[0], b.const([0] * axis + [indices.size] + shape[axis + 1:], "shape", np.int64)], "R")
+    if is_permutation(indices, n):
+        return {0: b.op("Gather", [r, b.const(np.argsort(indices), "inverse", np.int64)], "R", axis=axis)}
+    post = int(np.prod(shape[axis + 1:]))
+    flat = b.op("Reshape", [r, b.const([-1, indices.size, post], "shape", np.int64)], "R")
+    matrix = np.zeros((n, indices.size), dtype=np.float32)
+    matrix[indices, np.arange(indices.size)] = 1.0
+    back = b.op("MatMul", [b.const(matrix, "gather_T"), flat], "R")
+    return {0: b.op("Reshape", [back, b.op("Shape", [node.input[0]])], "R")}

@@ -296,4 +296,44 @@ def canonicalize(model: onnx.ModelProto, *, opset: int | None = None, input_shap
         to_float16(model)
     elif precision not in (None, "fp32"):
         raise OnnxlrpError(f"unknown precision {precision!r}; valid: fp32, fp16")
-    return infer_shapes(model)
+    model, shapes = infer_shapes(model)
+    if fold_static_shapes(graph, shapes):
+        fold_constants(graph, model.opset_import)
+        model, shapes = infer_shapes(model)
+    return model, shapes
+
+
+def fold_static_shapes(graph: onnx.GraphProto, shapes: dict[str, list]) -> bool:
+    """Replace by constants the ``Shape`` nodes whose input has static dims (over the node's ``start:end``), and the
+    ``Gather``s of constant indices from a ``Shape`` whose gathered dims are static (a dynamic batch stays open).
+    torch's TorchScript exporter computes the bounds of ``chunk`` from ``Shape(x)``; as constants they fold, and the
+    Slices get constant bounds. Returns whether anything was folded."""
+    constants = {t.name for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    folded = {}
+    for node in graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        if node.op_type == "Shape" and shapes.get(node.input[0]) is not None:
+            dims = shapes[node.input[0]]
+            start, end = (next((a.i for a in node.attribute if a.name == key), default)
+                          for key, default in (("start", 0), ("end", len(dims))))
+            if None not in dims[start:end]:
+                folded[node.output[0]] = np.asarray(dims[start:end], dtype=np.int64)
+        elif node.op_type == "Gather" and node.input[1] in constants and node.input[0] in producer:
+            shape_node = producer[node.input[0]]
+            dims = shapes.get(shape_node.input[0]) if shape_node.op_type == "Shape" and not shape_node.attribute \
+                else None
+            if dims is None:
+                continue
+            index = numpy_helper.to_array(next(t for t in graph.initializer if t.name == node.input[1]))
+            picked = np.asarray(dims, dtype=object)[index.astype(np.int64) % len(dims)]
+            if not any(d is None for d in np.atleast_1d(picked)):
+                folded[node.output[0]] = picked.astype(np.int64)
+    if not folded:
+        return False
+    kept = [n for n in graph.node if not (n.output and n.output[0] in folded)]
+    del graph.node[:]
+    graph.node.extend(kept)
+    graph.initializer.extend(numpy_helper.from_array(value, name) for name, value in folded.items())
+    return True

@@ -174,11 +174,12 @@ def load_composite(path: str | Path) -> Composite:
         if rule not in ALL_RULES:
             raise OnnxlrpError(f"{path}: layer {i + 1}: unknown rule {rule!r}; valid rules: {', '.join(ALL_RULES)}")
         ops = table.pop("op", None)
-        kinds = table.pop("kind", None)
-        kinds = (kinds,) if isinstance(kinds, str) else kinds
+        given_kinds = table.pop("kind", None)
+        kinds = (given_kinds,) if isinstance(given_kinds, str) else given_kinds
         position = table.pop("position", None)
         if kinds is not None and (not isinstance(kinds, list | tuple) or any(k not in KINDS for k in kinds)):
-            raise OnnxlrpError(f"{path}: layer {i + 1}: unknown kind {kinds!r}; valid kinds: {', '.join(KINDS)}")
+            raise OnnxlrpError(f"{path}: layer {i + 1}: unknown kind {given_kinds!r}; valid kinds: "
+                               f"{', '.join(KINDS)}")
         entry = Entry(rule, ops=(ops,) if isinstance(ops, str) else tuple(ops) if ops else None,
                       kinds=tuple(kinds) if kinds else None,
                       first=table.pop("first", None), name=table.pop("name", None),

@@ -247,6 +247,7 @@ def infer_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, lis
         else:
             graph.initializer.append(t)
     try:
+        declare_uninferred_outputs(light)
         inferred = shape_inference.infer_shapes(light, strict_mode=True, data_prop=True).graph
     except Exception as err:
         raise OnnxlrpError(f"the model is not valid: {str(err).strip().splitlines()[0]}") from err
@@ -257,6 +258,25 @@ def infer_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, lis
         if vi.type.tensor_type.HasField("shape"):
             shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
     return model, shapes
+
+
+SAME_TYPE_AS_INPUT = ("GroupNormalization",)  # ops whose output onnx's shape inference leaves untyped (onnx 1.23)
+
+
+def declare_uninferred_outputs(light: onnx.ModelProto) -> None:
+    """Give the outputs of :data:`SAME_TYPE_AS_INPUT` ops their input's inferred type and shape, so that strict shape
+    inference can go on past them."""
+    graph = light.graph
+    nodes = [n for n in graph.node if n.op_type in SAME_TYPE_AS_INPUT and n.domain in ("", "ai.onnx")]
+    if not nodes:
+        return
+    loose = shape_inference.infer_shapes(light, data_prop=True).graph
+    known = {vi.name: vi for vi in list(loose.value_info) + list(loose.input)}
+    for node in nodes:
+        if node.input[0] in known and node.output[0] not in known:
+            declared = graph.value_info.add()
+            declared.CopyFrom(known[node.input[0]])
+            declared.name = node.output[0]
 
 
 def to_float16(model: onnx.ModelProto) -> None:

@@ -5,7 +5,7 @@ the ONNX graph or the compiler is reused) and records, for each op, how relevanc
 the ones the README states for ``--rule epsilon`` (and the gate rule chosen):
 
 - Conv2d/Linear ``z = W x + b`` (a BatchNorm2d right after a Conv2d folded in): ``R_x = x * W^T (R / stab(z))``,
-  ``stab(z) = z + eps sign(z)`` (``sign(0) = +1``), computed as ``x * grad_x <z, R / stab(z)>``;
+  ``stab(z) = z + eps sign(z)`` (``sign(0) = +1``), ``W^T`` a transposed convolution or matrix product;
 - average pooling ``z = mean(x)`` and residual joins ``z = a + b``: Zennit's Norm rule (the epsilon rule without bias);
 - max pooling: each window's relevance to its arg-max (the gradient's routing);
 - element-wise activations (ReLU, SiLU, Hardswish, GELU, Mish, Sigmoid, Hardsigmoid), a product with a constant
@@ -34,14 +34,6 @@ def unbroadcast(r: torch.Tensor, shape) -> torch.Tensor:
     return r.sum(axes, keepdim=True) if axes else r
 
 
-def input_times_grad(fn, x: torch.Tensor, cotangent: torch.Tensor) -> torch.Tensor:
-    """``x * J_fn(x)^T cotangent`` for a linear ``fn`` (its transpose applied to the cotangent, times the input)."""
-    with torch.enable_grad():
-        xx = x.detach().requires_grad_(True)
-        (grad,) = torch.autograd.grad(fn(xx), xx, cotangent)
-    return x * grad
-
-
 ACTIVATIONS = (nn.ReLU, nn.SiLU, nn.Hardswish, nn.GELU, nn.Mish, nn.Sigmoid, nn.Hardsigmoid, nn.Identity,
                nn.Dropout)
 
@@ -60,10 +52,10 @@ class Tape:
 
     # ------------------------------------------------------------ ops
 
-    def linear_map(self, x, fn, bias_free_fn=None):
-        """``z = fn(x)`` (with bias); the epsilon rule through ``bias_free_fn`` (the same map without bias)."""
+    def linear_map(self, x, fn, transposed):
+        """``z = fn(x)`` (with bias); the epsilon rule ``R_x = x * W^T (R / stab(z))``, ``transposed(g) = W^T g``."""
         z = fn(x)
-        return self.record(z, [x], lambda r: [input_times_grad(bias_free_fn, x, r / stab(z, self.eps))])
+        return self.record(z, [x], lambda r: [x * transposed(r / stab(z, self.eps))])
 
     def conv(self, x, conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None):
         w = conv.weight.double()
@@ -73,12 +65,18 @@ class Tape:
             w = w * s.reshape(-1, 1, 1, 1)
             b = (b - bn.running_mean.double()) * s + bn.bias.double()
         kw = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups)
-        return self.linear_map(x, lambda t: F.conv2d(t, w, b, **kw), lambda t: F.conv2d(t, w, None, **kw))
+        z = F.conv2d(x, w, b, **kw)
+        # W^T g as a transposed convolution (autograd's float64 depthwise backward is 100x slower), with the
+        # output padding that restores the input size
+        extra = [x.shape[2 + a] - ((z.shape[2 + a] - 1) * conv.stride[a] - 2 * conv.padding[a]
+                                   + conv.dilation[a] * (w.shape[2 + a] - 1) + 1) for a in range(2)]
+        return self.linear_map(x, lambda t: F.conv2d(t, w, b, **kw),
+                               lambda g: F.conv_transpose2d(g, w, None, output_padding=extra, **kw))
 
     def dense(self, x, lin: nn.Linear):
         w = lin.weight.double()
         b = lin.bias.double() if lin.bias is not None else None
-        return self.linear_map(x, lambda t: F.linear(t, w, b), lambda t: F.linear(t, w))
+        return self.linear_map(x, lambda t: F.linear(t, w, b), lambda g: g @ w)
 
     def pass_through(self, x, fn):
         return self.record(fn(x), [x], lambda r: [r])
@@ -229,14 +227,15 @@ def model_forward(tape: Tape, model: nn.Module, x: torch.Tensor) -> torch.Tensor
     return run(tape, model.classifier, tape.reindex(h, lambda t: t.flatten(1)))
 
 
-def reference_relevance(model: nn.Module, x, gate: str = "value", target=None):
-    """The float64 relevance of ``model`` at ``x`` (numpy in, numpy out) for the arg-max (or ``target``) class."""
+def reference_relevance(model: nn.Module, x, gate: str = "value", target=None, eps: float = EPS):
+    """The float64 relevance of ``model`` at ``x`` (numpy in, numpy out) for the arg-max (or ``target``) class, with
+    epsilon ``eps`` on the linear layers."""
     import copy
 
     import numpy as np
 
     model = copy.deepcopy(model).double().eval()
-    tape = Tape(gate=gate)
+    tape = Tape(gate=gate, eps=eps)
     xt = torch.from_numpy(np.asarray(x, dtype=np.float64))
     with torch.no_grad():
         out = model_forward(tape, model, xt)

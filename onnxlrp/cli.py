@@ -134,7 +134,7 @@ def rules_command():
     click.echo("rules (applied to every Conv/Gemm/MatMul):")
     for name in RULES:
         click.echo(f"  {name:28s} {COMPOSITES[name].description}")
-    click.echo("rules for joins and pools (in a TOML composite; defaults: "
+    click.echo("rules for joins, pools, gates and normalizations (in a TOML composite; defaults: "
                + ", ".join(f"{kind} -> {cls.name}" for kind, cls in DEFAULTS.items()) + "):")
     for name, cls in NODE_RULES.items():
         click.echo(f"  {name:28s} {cls.summary}")

@@ -203,3 +203,18 @@ def test_rlrp_refuses_a_product_without_a_gate():
     with pytest.raises(UnsupportedOpError, match=r"y \(Mul, domain ai.onnx, opset 17\): a product of two "
                                                  r"relevance-carrying tensors of which neither \(or both\) is a gate"):
         onnxlrp.compile(glu(True), "rlrp")
+
+
+def test_cli_inspect_prints_the_gates(tmp_path):
+    import subprocess
+    import sys
+
+    import onnx
+
+    onnx.save(se_dense(), tmp_path / "se.onnx")
+    done = subprocess.run([sys.executable, "-m", "onnxlrp.cli", "inspect", str(tmp_path / "se.onnx"), "--rule",
+                           "epsilon"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "  y: value\n" in done.stdout
+    assert "1 recognized pattern(s) and gate(s) on the relevance path:\n  gate at 'y': value = input 0 (a), gate = " \
+           "input 1 (Sigmoid)" in done.stdout

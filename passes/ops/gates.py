@@ -53,8 +53,10 @@ def describe_gate(ctx, node) -> str:
     """One line for ``inspect``: which factor is the value and which the gate."""
     side = gate_side(ctx, node)
     if side is None:
+        consequence = f"{ctx.family.name} has no rule for it" if ctx.family.gates_need_a_side else \
+            "'value' splits it like 'uniform'"
         return (f"gate at {node.name!r}: no single gate factor (neither or both factors come from Sigmoid, "
-                f"HardSigmoid, Softmax or a bounded Clip): 'value' splits it like 'uniform'")
+                f"HardSigmoid, Softmax or a bounded Clip): {consequence}")
     gate, op = side
     value = next(i for i in path_inputs(ctx, node) if i != gate)
     return f"gate at {node.name!r}: value = input {value} ({node.input[value]}), gate = input {gate} ({op})"

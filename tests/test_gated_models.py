@@ -68,7 +68,7 @@ def pattern_counts(plan) -> dict[str, int]:
 # ---------------------------------------------------------------- torch models, both exporters
 
 # (model, exporter, opset): the patterns inspect finds, and the tolerance of the epsilon map against the reference
-# (relative L2; EfficientNet-B0's float32 map differs from its float64 one by 1e-3: its joins nearly cancel)
+# (relative L2; EfficientNet-B0's float32 map differs from its float64 one by 5e-4: its joins nearly cancel)
 TORCH_CASES = {
     ("efficientnet_b0", "torchscript", 17): ({"ElementwiseActivation": 49, "gate (Sigmoid)": 16}, 5e-3),
     ("efficientnet_b0", "dynamo", 18): ({"ElementwiseActivation": 49, "gate (Sigmoid)": 16}, 5e-3),

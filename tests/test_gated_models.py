@@ -141,11 +141,34 @@ def test_keras_models(name):
     check_compiles(model, {"image": gm.keras_sample(name)}, model.graph.output[0].name)
 
 
-def extracted(model: onnx.ModelProto, inputs: list[str], outputs: list[str]) -> onnx.ModelProto:
-    """The subgraph of ``model`` between ``inputs`` and ``outputs``, as a model."""
-    sub = onnx.utils.Extractor(onnx.shape_inference.infer_shapes(model)).extract_model(inputs, outputs)
-    sub.ir_version = min(sub.ir_version, 10)
-    return sub
+def extracted(model: onnx.ModelProto, inputs: dict[str, tuple], outputs: list[str]) -> onnx.ModelProto:
+    """The nodes of ``model`` between ``inputs`` (name -> shape) and ``outputs``, as a model."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    constants = {t.name: t for t in model.graph.initializer}
+    nodes, pending, seen = [], list(outputs), set(inputs)
+    while pending:
+        name = pending.pop()
+        if name in seen or name in constants or name not in producer:
+            continue
+        seen.add(name)
+        nodes.append(producer[name])
+        pending.extend(producer[name].input)
+    order = {id(n): i for i, n in enumerate(model.graph.node)}
+    nodes = sorted({id(n): n for n in nodes}.values(), key=lambda n: order[id(n)])
+    used = {i for n in nodes for i in n.input}
+    graph = helper.make_graph(nodes, "block", [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape)
+                                                for n, shape in inputs.items()],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs],
+                              [t for name, t in constants.items() if name in used])
+    return helper.make_model(graph, opset_imports=model.opset_import, ir_version=min(model.ir_version, 10))
+
+
+def intermediate(model: onnx.ModelProto, feeds: dict, name: str) -> np.ndarray:
+    """The value of tensor ``name`` of ``model`` at ``feeds`` (declared as an extra graph output of a copy)."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    return run(probe, feeds)[name]
 
 
 @pytest.mark.slow
@@ -157,8 +180,8 @@ def test_keras_se_gate_sends_everything_to_the_value():
     gate = next(n for n in model.graph.node if n.name.endswith("block1a_se_excite_1/Mul"))
     producers = {o: n for n in model.graph.node for o in n.output}
     value = next(i for i in gate.input if producers[i].op_type == "Mul")  # the SiLU output, not the Sigmoid
-    block = extracted(model, [value], [gate.output[0]])
-    x = run(extracted(model, ["image"], [value]), {"image": gm.keras_sample("EfficientNetB0")})[value]
+    x = intermediate(model, {"image": gm.keras_sample("EfficientNetB0")}, value)
+    block = extracted(model, {value: x.shape}, [gate.output[0]])
     out = run(onnxlrp.compile(block, "epsilon"), {value: x})
     y = out[gate.output[0]]
     flat = y.reshape(len(y), -1)
@@ -177,8 +200,8 @@ def test_keras_norms_match_the_equation(norm, axes):
     nodes = [n for n in model.graph.node if f"/{norm}/" in n.name]
     x_name = next(n for n in nodes if n.op_type == "ReduceMean").input[0]  # what the norm normalizes
     y_name = next(n for n in nodes if n.name.endswith("/add_2")).output[0]
-    block = extracted(model, [x_name], [y_name])
-    x = run(extracted(model, ["image"], [x_name]), {"image": gm.keras_sample("norms")})[x_name].astype(np.float64)
+    x = intermediate(model, {"image": gm.keras_sample("norms")}, x_name).astype(np.float64)
+    block = extracted(model, {x_name: x.shape}, [y_name])
     constants = {t.name: numpy_helper.to_array(t) for t in block.graph.initializer}
     gamma_mul = next(n for n in block.graph.node if n.op_type == "Mul" and n.input[1] in constants
                      and constants[n.input[1]].size > 1)

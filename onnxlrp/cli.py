@@ -124,6 +124,10 @@ def inspect_command(model, **kw):
                    "z-box on a model whose first layer is not a convolution)")
     for node, rule in plan.rules.items():
         click.echo(f"  {escape_terminal(node)}: {rule}")
+    if plan.patterns:
+        click.echo(f"{len(plan.patterns)} recognized pattern(s) and gate(s) on the relevance path:")
+        for line in plan.patterns:
+            click.echo(f"  {escape_terminal(line)}")
     if plan.unsupported:
         click.echo(f"{len(plan.unsupported)} unsupported node(s) on the relevance path:")
         for line in plan.unsupported:
@@ -141,7 +145,8 @@ def rules_command():
     click.echo("rules (applied to every Conv/Gemm/MatMul):")
     for name in RULES:
         click.echo(f"  {name:28s} {COMPOSITES[name].description}")
-    click.echo("rules for joins, pools, resizes and element-wise Max/Min (in a TOML composite; defaults: "
+    click.echo("rules for joins, pools, resizes, element-wise Max/Min, gates, normalizations and recurrent layers "
+               "(in a TOML composite; defaults: "
                + ", ".join(f"{kind} -> {cls.name}" for kind, cls in DEFAULTS.items()) + "):")
     for name, cls in NODE_RULES.items():
         click.echo(f"  {name:28s} {cls.summary}")

@@ -30,7 +30,7 @@ PARAMETER_NAMES = ("epsilon", "gamma", "alpha", "beta", "low", "high", "stabiliz
 @dataclass
 class Plan:
     """What ``inspect`` shows: the family, the rule per rule-bearing node, every node on the path that has no rule,
-    and the given rule parameters that no node of this model uses."""
+    the given rule parameters that no node of this model uses, and the recognized patterns and gates."""
 
     rules: dict[str, str]
     unsupported: list[str]
@@ -39,6 +39,7 @@ class Plan:
     family: str = "classic"
     unused_parameters: list[str] = field(default_factory=list)
     explained_why: str = ""  # what the explained tensor is and why it was chosen
+    patterns: list[str] = field(default_factory=list)
 
 
 @contextmanager
@@ -140,8 +141,9 @@ def inspect(model_or_path, rule: str = "epsilon", *, composite=None, output=None
     with naming_the_model(model_or_path):
         problems = rp.unsupported()
         plan = {} if problems else rp.family.plan(rp.plan_nodes())
+        patterns = rp.pattern_lines()
     return Plan(rule_table(plan), problems, rp.target, rp.sources, rp.family.name, rp.family.parameters_unused(plan),
-                rp.explained_why)
+                rp.explained_why, patterns)
 
 
 def is_compiled(model: onnx.ModelProto) -> bool:

@@ -1,11 +1,13 @@
 """Composites: which rule each rule-bearing node gets, by selectors; first match wins (Zennit's names and defaults).
 
 Rule-bearing nodes are linear layers (Conv, Gemm, MatMul with a constant weight), joins (Add/Sum/Sub of several
-relevance-carrying tensors), pools (average and max), resizes, and element-wise Max/Min of several relevance-carrying
-tensors. An entry applies to a node when its selectors match and its rule is one for the node's kind
-(:attr:`onnxlrp.rules.Rule.kinds`). A linear layer that no entry selects is an error; any other node gets its kind's
-default (:data:`onnxlrp.node_rules.DEFAULTS`: Norm, winner-take-all) with the composite's parameters
-(``--stabilizer`` reaches joins, pools and resizes, as Zennit passes it to its Norm rule).
+relevance-carrying tensors), pools (average and max), resizes, element-wise Max/Min of several relevance-carrying
+tensors, gates (a Mul of two relevance-carrying tensors) and normalizations (LayerNormalization, GroupNormalization,
+InstanceNormalization, RMSNormalization and their decomposed forms). An entry applies to a node when its selectors
+match and its rule is one for the node's kind (:attr:`onnxlrp.rules.Rule.kinds`). A linear layer that no entry
+selects is an error; any other node gets its kind's default (:data:`onnxlrp.node_rules.DEFAULTS`: Norm,
+winner-take-all, value, linearized, recurrent-epsilon) with the composite's parameters (``--stabilizer`` reaches
+joins, pools, resizes and normalizations, as Zennit passes it to its Norm rule).
 
 A composite is propagated by a family: ``classic``, or ``rlrp`` when every entry's rule is ``rlrp`` (R-LRP is a
 whole-sweep method and cannot be mixed per layer, see :mod:`onnxlrp.passes.rlrp`).
@@ -24,6 +26,7 @@ from .rules import RULES, Rule, make_rule
 
 ALL_RULES: dict[str, type[Rule]] = {**RULES, **NODE_RULES}
 
+KINDS = ("linear", "join", "average_pool", "max_pool", "gate", "normalization")
 CONV = ("Conv",)
 DENSE = ("Gemm", "MatMul")
 
@@ -39,17 +42,21 @@ class Entry:
     rule: str
     params: dict = field(default_factory=dict)
     ops: tuple[str, ...] | None = None
+    kinds: tuple[str, ...] | None = None
     first: bool | None = None
     name: str | None = None
     position: tuple[int, int] | None = None
 
     def matches(self, node, n_of_kind: int, flat_layers: int) -> bool:
-        """Whether the selectors select ``node`` (a :class:`onnxlrp.passes.families.PlanNode`): its op type, whether
-        it lies within the first ``flat_layers`` linear layers from the input (``first``), a regex on its name, and
-        its position among the ``n_of_kind`` nodes of its kind (negative positions count from the end)."""
+        """Whether the selectors select ``node`` (a :class:`onnxlrp.passes.families.PlanNode`): its op type, its
+        kind, whether it lies within the first ``flat_layers`` linear layers from the input (``first``), a regex on
+        its name, and its position among the ``n_of_kind`` nodes of its kind (negative positions count from the
+        end). A virtual node of a recognized pattern has the op type ``Normalization`` (decomposed norms)."""
         if node.kind not in ALL_RULES[self.rule].kinds:
             return False
         if self.ops is not None and node.op_type not in self.ops:
+            return False
+        if self.kinds is not None and node.kind not in self.kinds:
             return False
         if self.first is not None and (node.depth <= flat_layers) != self.first:
             return False
@@ -149,7 +156,8 @@ def get_composite(name: str) -> Composite:
 
 
 def load_composite(path: str | Path) -> Composite:
-    """A TOML composite: ``[[layer]]`` tables with selectors (op, first, name, position) and a rule + params."""
+    """A TOML composite: ``[[layer]]`` tables with selectors (op, kind, first, name, position) and a rule +
+    params."""
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -167,8 +175,14 @@ def load_composite(path: str | Path) -> Composite:
         if rule not in ALL_RULES:
             raise OnnxlrpError(f"{path}: layer {i + 1}: unknown rule {rule!r}; valid rules: {', '.join(ALL_RULES)}")
         ops = table.pop("op", None)
+        given_kinds = table.pop("kind", None)
+        kinds = (given_kinds,) if isinstance(given_kinds, str) else given_kinds
         position = table.pop("position", None)
+        if kinds is not None and (not isinstance(kinds, list | tuple) or any(k not in KINDS for k in kinds)):
+            raise OnnxlrpError(f"{path}: layer {i + 1}: unknown kind {given_kinds!r}; valid kinds: "
+                               f"{', '.join(KINDS)}")
         entry = Entry(rule, ops=(ops,) if isinstance(ops, str) else tuple(ops) if ops else None,
+                      kinds=tuple(kinds) if kinds else None,
                       first=table.pop("first", None), name=table.pop("name", None),
                       position=tuple(position) if position else None)
         entry.params = table

@@ -154,7 +154,8 @@ class Linear:
     def transpose(self, b: GraphBuilder, g: str, weight: Weight, tag: str) -> str:
         """``W'^T g``: the gradient of ``W' x`` with respect to ``x``, shaped like ``x``."""
         if self.kind == "dense":
-            if weight.is_initializer:  # the model's own [in, out] weight: Gemm reads it transposed, no copy
+            if weight.is_initializer and (self.x_shape is None or len(self.x_shape) == 2):
+                # the model's own [in, out] weight: Gemm reads it transposed, no copy (Gemm takes matrices only)
                 return b.op("Gemm", [g, weight.emit(b, tag)], "WTg", transB=1)
             return b.op("MatMul", [g, weight.T.emit(b, tag + "_T")], "WTg")  # [out, in] (a stored one as it is)
         wd = self.window

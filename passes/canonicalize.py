@@ -408,6 +408,7 @@ def infer_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, lis
         else:
             graph.initializer.append(t)
     try:
+        declare_uninferred_outputs(light)
         inferred = shape_inference.infer_shapes(light, strict_mode=True, data_prop=True).graph
     except Exception as err:
         raise OnnxlrpError(f"the model is not valid: {str(err).strip().splitlines()[0]}") from err
@@ -418,6 +419,25 @@ def infer_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, lis
         if vi.type.tensor_type.HasField("shape"):
             shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
     return model, shapes
+
+
+SAME_TYPE_AS_INPUT = ("GroupNormalization",)  # ops whose output onnx's shape inference leaves untyped (onnx 1.23)
+
+
+def declare_uninferred_outputs(light: onnx.ModelProto) -> None:
+    """Give the outputs of :data:`SAME_TYPE_AS_INPUT` ops their input's inferred type and shape, so that strict shape
+    inference can go on past them."""
+    graph = light.graph
+    nodes = [n for n in graph.node if n.op_type in SAME_TYPE_AS_INPUT and n.domain in ("", "ai.onnx")]
+    if not nodes:
+        return
+    loose = shape_inference.infer_shapes(light, data_prop=True).graph
+    known = {vi.name: vi for vi in list(loose.value_info) + list(loose.input)}
+    for node in nodes:
+        if node.input[0] in known and node.output[0] not in known:
+            declared = graph.value_info.add()
+            declared.CopyFrom(known[node.input[0]])
+            declared.name = node.output[0]
 
 
 def to_float16(model: onnx.ModelProto) -> None:
@@ -460,4 +480,46 @@ def canonicalize(model: onnx.ModelProto, *, opset: int | None = None, input_shap
         folded = FoldedConstants()
     elif precision not in (None, "fp32"):
         raise OnnxlrpError(f"unknown precision {precision!r}; valid: fp32, fp16")
-    return (*infer_shapes(model), folded)
+    model, shapes = infer_shapes(model)
+    if fold_static_shapes(model.graph, shapes):
+        more = fold_constants(model.graph, model.opset_import)
+        folded.nodes.extend(more.nodes)
+        folded.leaves.update({k: v for k, v in more.leaves.items() if k not in folded.leaves})
+        model, shapes = infer_shapes(model)
+    return model, shapes, folded
+
+
+def fold_static_shapes(graph: onnx.GraphProto, shapes: dict[str, list]) -> bool:
+    """Replace by constants the ``Shape`` nodes whose input has static dims (over the node's ``start:end``), and the
+    ``Gather``s of constant indices from a ``Shape`` whose gathered dims are static (a dynamic batch stays open).
+    torch's TorchScript exporter computes the bounds of ``chunk`` from ``Shape(x)``; as constants they fold, and the
+    Slices get constant bounds. Returns whether anything was folded."""
+    constants = {t.name for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    folded = {}
+    for node in graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        if node.op_type == "Shape" and shapes.get(node.input[0]) is not None:
+            dims = shapes[node.input[0]]
+            start, end = (next((a.i for a in node.attribute if a.name == key), default)
+                          for key, default in (("start", 0), ("end", len(dims))))
+            if None not in dims[start:end]:
+                folded[node.output[0]] = np.asarray(dims[start:end], dtype=np.int64)
+        elif node.op_type == "Gather" and node.input[1] in constants and node.input[0] in producer:
+            shape_node = producer[node.input[0]]
+            dims = shapes.get(shape_node.input[0]) if shape_node.op_type == "Shape" and not shape_node.attribute \
+                else None
+            if dims is None:
+                continue
+            index = numpy_helper.to_array(next(t for t in graph.initializer if t.name == node.input[1]))
+            picked = np.asarray(dims, dtype=object)[index.astype(np.int64) % len(dims)]
+            if not any(d is None for d in np.atleast_1d(picked)):
+                folded[node.output[0]] = picked.astype(np.int64)
+    if not folded:
+        return False
+    kept = [n for n in graph.node if not (n.output and n.output[0] in folded)]
+    del graph.node[:]
+    graph.node.extend(kept)
+    graph.initializer.extend(numpy_helper.from_array(value, name) for name, value in folded.items())
+    return True

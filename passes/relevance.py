@@ -28,6 +28,7 @@ from .diagnostics import batch_axis, input_dims, unsupported_summary
 from .families import Family, PlanNode
 from .linear import linear_layer
 from .ops import data_input_indices, lookup, spec, unsupported_reason
+from .ops.gates import describe_gate
 from .ops.helpers import path_inputs
 from .patterns import find_matches, fused_node_list
 
@@ -134,6 +135,8 @@ class RelevancePass:
         self.graph = self.model.graph
         self.constants = {t.name: numpy_helper.to_array(t) for t in self.graph.initializer}
         self.matches = find_matches(self.graph, self.constants, self.shapes)
+        for found in self.matches:
+            self.constants.update(found.constants)
         self.view = GraphView.of(self.graph, fused_node_list(self.graph, self.matches))
         self.b = GraphBuilder(self.graph)
         self.algebra = self.family.algebra
@@ -207,6 +210,13 @@ class RelevancePass:
                             f"opset {self.opset_of(domain)}): {reason}")
         return problems
 
+    def pattern_lines(self) -> list[str]:
+        """One line per recognized pattern (:mod:`onnxlrp.passes.patterns`) and per gate on the relevance path."""
+        on_path = {n.name for n in self.nodes}
+        lines = [m.describe() for m in self.matches if m.node.name in on_path]
+        return lines + [describe_gate(self, n) for n in self.nodes
+                        if spec(n).kind == "gate" and len(path_inputs(self, n)) > 1]
+
     def request_input_shapes(self, needs_static: onnx.NodeProto) -> None:
         """``needs_static`` (a convolution, pooling, padding or slicing node) needs static sizes: ask for the open
         dims of the first data input that has open dims besides its batch axis (:func:`batch_axis`), keeping the
@@ -254,7 +264,7 @@ class RelevancePass:
         for node in self.nodes:
             kind = spec(node).kind
             if kind is None or (kind == "linear" and node.name not in self.layers) or \
-                    (spec(node).join and len(path_inputs(self, node)) < 2):
+                    ((spec(node).join or kind == "gate") and len(path_inputs(self, node)) < 2):
                 continue
             out = self.layer_output[node.name] if kind == "linear" else \
                 next(o for o in node.output if o in self.tensors)

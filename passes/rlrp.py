@@ -7,6 +7,13 @@
   map with its interpolation weights (Eq. 6-7, ``Card(J)`` and the fan-in from their sparsity pattern).
 - Joins (Prop. 14): each branch of an Add/Sum/Sub gets the full relevance of the join (:class:`RelativeJoin`);
   Concat branches get their slices.
+- Gates ``y = g * v`` (:class:`RelativeGate`): the gate is a constant weight, so the product is a linear map of the
+  value with the diagonal weight ``g``, and Eq. 6-7 with one input per output (``M_j = 1``, ``Card(J_i) = 1``) give
+  ``z_v = g * v * z_y = y * z_y``. A product where neither or both factors is a gate is refused (R-LRP has no uniform
+  split: the fork where both factors meet would need Eq. 13 across a product).
+- Normalizations (:class:`RelativeNorm`): with ``sigma`` constant, a LayerNorm is the dense map ``A = diag(w / sigma)
+  (I - 1 1^T / n)``, and Eq. 8 gives ``z_x = x * (h - mean(h))``, ``h = w * z_y / sigma`` (up to the uniform
+  ``1 / n``); RMS norm, a diagonal map, gives ``z_x = y * z_y``.
 - Forks (Eq. 13): at the immediate dominator of a join (its fork), each branch's contribution ``c`` is rescaled per
   sample to ``c * S / stab(sum c)``, ``S`` the summed relevance that branch got at its join; nested joins innermost
   first (:meth:`RLRPFamily.combine`).
@@ -77,10 +84,39 @@ class RelativePool(Rule):
         return {i: mul(b, view.operands[i], routed) for i, routed in view.route_all(b, r).items()}
 
 
+@dataclass(frozen=True)
+class RelativeGate(Rule):
+    """The gate as a constant diagonal weight (Eq. 6-7 with ``M_j = 1``): ``z_v = y * z_y``."""
+
+    name = "rlrp"
+    summary = "R-LRP gate: the gate is a constant diagonal weight of the value (Eq. 6-7, M_j = 1)"
+    kinds = ("gate",)
+    multiplies_by_input = True
+
+    def gate(self, ctx, node, r, factors, gate):
+        value = next(i for i in factors if i != gate)
+        return {value: mul(ctx.b, ctx.value(node.output[0]), r)}
+
+
+@dataclass(frozen=True)
+class RelativeNorm(Rule):
+    """Eq. 8 on the linearized normalization: ``z_x = x * A^T z_y`` (``x * (h - mean(h))``, ``h = w * z_y /
+    sigma``)."""
+
+    name = "rlrp"
+    summary = "R-LRP normalization: Eq. 8 on the layer with its standard deviation held constant"
+    kinds = ("normalization",)
+    multiplies_by_input = True
+
+    def normalization(self, ctx, view, r):
+        return view.input_relevance(r)
+
+
 class RLRPFamily(Family):
     """R-LRP: see the module docstring."""
 
     name = "rlrp"
+    gates_need_a_side = True
 
     def __init__(self):
         self.range_steps: dict[str, int] = {}  # relevance tensor -> layers since its scale was last reset
@@ -91,7 +127,8 @@ class RLRPFamily(Family):
 
     def plan(self, nodes):
         rules = {"linear": RLRP(), "join": RelativeJoin(), "average_pool": RelativePool(), "max_pool": RelativePool(),
-                 "elementwise_max": RelativePool(), "resize": RelativePool()}
+                 "elementwise_max": RelativePool(), "resize": RelativePool(), "gate": RelativeGate(),
+                 "normalization": RelativeNorm()}
         for node in nodes:
             if node.kind not in rules:
                 raise OnnxlrpError(f"node {node.name!r} ({node.op_type}): R-LRP is defined for feed-forward layers "

@@ -86,9 +86,9 @@ def test_node_output_and_output_select_the_explained_tensor():
 
 
 def unsupported_model():
-    """x -> Relu -> (Mul of two activations) -> Hardmax-free custom op on the path."""
+    """x -> Relu -> (Div of two activations) -> Hardmax-free custom op on the path."""
     nodes = [helper.make_node("Relu", ["x"], ["a"], name="relu"),
-             helper.make_node("Mul", ["a", "a"], ["sq"], name="square"),
+             helper.make_node("Div", ["a", "a"], ["sq"], name="square"),
              helper.make_node("Weird", ["sq"], ["w"], name="custom", domain="my.domain"),
              helper.make_node("MatMul", ["w", "W"], ["y"], name="dense")]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
@@ -102,7 +102,7 @@ def test_every_unsupported_node_is_listed():
         onnxlrp.compile(unsupported_model(), "epsilon")
     message = str(err.value)
     assert message.startswith("model: 2 node(s)")  # an in-memory model is named "model"
-    assert "Mul x1 (square: a product" in message and "my.domain.Weird x1 (custom: no relevance rule" in message
+    assert "Div x1 (square: a quotient" in message and "my.domain.Weird x1 (custom: no relevance rule" in message
     assert "\n" not in message
 
 

@@ -205,16 +205,16 @@ def test_if_on_path_beside_a_supported_branch_is_reported():
 
 
 def test_inspect_lists_every_unsupported_node():
-    """Three unsupported nodes on the path (a Loop, a custom op, a product of two relevance tensors): inspect
+    """Three unsupported nodes on the path (a Loop, a custom op, a quotient of two relevance tensors): inspect
     lists each once; compile raises one UnsupportedOpError naming all three."""
     nodes = [*loop_nodes("looped"), *custom_nodes("twice"),
-             h.make_node("Mul", ["looped", "twice"], ["product"], name="the_product")]
+             h.make_node("Div", ["looped", "twice"], ["product"], name="the_product")]
     model = mlp(nodes, logits_from="product", functions=[twice_function(17)])
     plan = onnxlrp.inspect(model, "epsilon")
     assert plan.rules == {}
     assert len(plan.unsupported) == 3
     for expected in ("the_loop (Loop, domain ai.onnx", f"the_custom (Twice, domain {CUSTOM_DOMAIN}",
-                     "the_product (Mul, domain ai.onnx"):
+                     "the_product (Div, domain ai.onnx"):
         assert sum(expected in line for line in plan.unsupported) == 1, expected
     with pytest.raises(UnsupportedOpError) as info:
         onnxlrp.compile(model, "epsilon")

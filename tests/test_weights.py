@@ -7,7 +7,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import reference as ref
-from helpers import assert_close_relative
+from helpers import assert_close_relative, session
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxlrp
@@ -117,6 +117,5 @@ def test_weights_that_are_graph_inputs_are_copied_once(tmp_path):
     copies = [t.name for t in compiled.graph.initializer if numpy_helper.to_array(t).tobytes() in weights.values()]
     assert len(copies) == 2 * len(weights)  # each weight once as the model's and once as the rules' copy
     x = rng.uniform(0.0, 1.0, size=(2, 3, 4, 4))
-    sess = ort.InferenceSession(compiled.SerializeToString(), providers=["CPUExecutionProvider"])
-    relevance = sess.run(["relevance"], {"x": x.astype(np.float32)})[0]
+    relevance = session(compiled).run(["relevance"], {"x": x.astype(np.float32)})[0]
     assert_close_relative(relevance, ref.lrp(layers, x, ["alphabeta", "alphabeta", "epsilon"]), 1e-5)

@@ -453,12 +453,15 @@ def op_types(proto: onnx.ModelProto) -> list[str]:
 # ---------------------------------------------------------------- onnxruntime
 
 def ort_session(proto: onnx.ModelProto):
+    """An onnxruntime session (2 threads) that feeds a compiled model's ``target`` as -1 when a call leaves it out
+    (:class:`helpers.Session`)."""
     import onnxruntime as ort
+    from helpers import Session
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = 2
-    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return Session(proto, options)
 
 
 def run_source(proto: onnx.ModelProto, x: np.ndarray) -> np.ndarray:

@@ -11,10 +11,13 @@ Sources (all under tests/):
   and tf2onnx import, a Keras CNN through tf2onnx;
 * ``torch_models`` (when it imports: it needs torch): its ``ARCHITECTURES`` exported with its ``EXPORTS`` (batch 2
   static, and ts17 with a dynamic batch). This is the hook for the PyTorch matrix; without the module the table says
-  so and covers the rest.
+  so and covers the rest;
 * graph features (:func:`graph_feature_cases`): Resize/Upsample (a PyTorch decoder, old Upsample files), element-wise
   Max (maxout), a tf2onnx learning-phase If, and models explained at a ``node_input`` (an STFT front-end, a token
-  embedding); their relevance has the node input's shape.
+  embedding); their relevance has the node input's shape;
+* ``gated_models`` (torch and torchvision; Keras rows need tensorflow and tf2onnx): EfficientNet-B0, MobileNetV3-Small,
+  ConvNeXt-T and a YOLO-like SiLU network by both torch exporters, Keras EfficientNetB0, MobileNetV3Small and a
+  LayerNorm/GroupNorm network through tf2onnx, and a paddle-style hand-built graph (``test_gated_models``).
 
 Each cell compiles the model *as given*. "pass" means: it compiles, runs in onnxruntime, the original outputs match
 the source model's, and the relevance is sane (right shape, finite, not all zero; for R-LRP also
@@ -193,6 +196,34 @@ def graph_feature_cases() -> tuple[list[Case], str]:
     except Exception as err:  # noqa: BLE001
         notes.append(f"tf2onnx If row left out: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
     return cases, "; ".join(notes)
+def gated_cases(with_tf: bool) -> tuple[list[Case], str]:
+    """Networks with gated activations, gates and normalizations (tests/gated_models.py)."""
+    try:
+        import gated_models as gm
+        import test_gated_models as tgm
+        import torch
+    except Exception as err:  # noqa: BLE001
+        return [], f"tests/gated_models.py not importable ({type(err).__name__}: {err}); those rows left out"
+    version = torch.__version__.split("+")[0]
+    cases = [Case(f"{name} ({gm.TORCH_MODELS[name]}x{gm.TORCH_MODELS[name]})",
+                  f"torch {version} {exporter} (opset {opset}, batch 2)",
+                  lambda case=(name, exporter, opset): gm.torch_export(*case),
+                  lambda name=name: {"input": gm.sample(name)}) for name, exporter, opset in tgm.TORCH_CASES]
+    if with_tf:
+        try:
+            import tf2onnx
+
+            for name in tgm.KERAS_PATTERNS:
+                size = "6x6x8" if name == "norms" else f"{gm.KERAS_SIZE}x{gm.KERAS_SIZE}"
+                cases.append(Case(f"Keras {name} ({size}, NHWC)", f"tf2onnx {tf2onnx.__version__} (opset 13)",
+                                  lambda name=name: gm.keras_export(name),
+                                  lambda name=name: {"image": gm.keras_sample(name)}))
+        except Exception:  # noqa: BLE001
+            pass
+    cases.append(Case("paddle-style HardSwish, SE gate, LayerNorm", "hand-built, paddle2onnx style (opset 11, IR 7)",
+                      lambda: tgm.paddle_style()[0],
+                      lambda: {"x": np.random.default_rng(6).normal(size=(2, 6)).astype(np.float32)}))
+    return cases, ""
 
 
 # ---------------------------------------------------------------- known compiler bugs
@@ -460,6 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rules", default=",".join(DEFAULT_RULES))
     parser.add_argument("--no-torch", action="store_true", help="leave out tests/torch_models.py")
     parser.add_argument("--no-tf", action="store_true", help="leave out the tf2onnx export")
+    parser.add_argument("--no-gated", action="store_true", help="leave out tests/gated_models.py")
     parser.add_argument("--torch-exports", default=None,
                         help="comma-separated keys of torch_models.EXPORTS, '+dynamic' for a dynamic batch dim")
     argv = sys.argv[1:] if argv is None else argv
@@ -470,7 +502,8 @@ def main(argv: list[str] | None = None) -> int:
     cases = zoo_cases()
     for source in (sklearn_cases, graph_feature_cases, None if args.no_tf else tf_cases,
                    None if args.no_torch else lambda: torch_cases(
-                       args.torch_exports.split(",") if args.torch_exports else None)):
+                       args.torch_exports.split(",") if args.torch_exports else None),
+                   None if args.no_gated else lambda: gated_cases(not args.no_tf)):
         if source is None:
             continue
         more, note = source()
@@ -481,6 +514,8 @@ def main(argv: list[str] | None = None) -> int:
         notes.append("tf2onnx rows left out (--no-tf)")
     if args.no_torch:
         notes.append("PyTorch rows left out (--no-torch)")
+    if args.no_gated:
+        notes.append("gated-activation and normalization rows left out (--no-gated)")
     rows, conserve = [], []
     for case in cases:
         cells = {}

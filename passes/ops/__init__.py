@@ -3,8 +3,10 @@
 from . import (  # noqa: F401  (each module registers its ops)
     elementwise,
     extremum,
+    gates,
     linear,
     magnitude,
+    normalization,
     pooling,
     recurrent,
     reindex,

@@ -31,7 +31,6 @@ declare("ReduceMax", "ReduceMin", data_inputs=(0,), nonnegative="first")
 declare("ReduceSum", data_inputs=(0,))
 declare("Expand", "Tile", data_inputs=(0,), nonnegative="first")
 declare("Upsample", "ConvTranspose", data_inputs=(0,))  # Upsample: Resize after canonicalization
-declare("InstanceNormalization", "LayerNormalization", data_inputs=(0,))
 
 
 # ---------------------------------------------------------------- pass-through ops
@@ -77,18 +76,11 @@ backward("Pow", data_inputs=(0,), check=check_power)(pass_through)
 
 def check_arith(ctx, node):
     on_path = path_inputs(ctx, node)
-    if node.op_type == "Mul" and len(on_path) > 1:
-        return "a product of two relevance-carrying tensors has no LRP rule"
     if node.op_type == "Div" and len(on_path) > 1:
         return "a quotient of two relevance-carrying tensors has no LRP rule"
     if node.op_type == "Div" and on_path == [1]:
         return "a division by a relevance-carrying tensor has no LRP rule"
     return None
-
-
-def scaled_preserves_zero(ctx, node, index) -> bool:
-    """A product with a constant, or a division of the data input by one, maps 0 to 0."""
-    return node.op_type == "Mul" or index == 0
 
 
 def add(ctx, node, r_out):
@@ -110,8 +102,14 @@ backward("Add", "Sum", join=True, kind="join", nonnegative="all", check=check_ar
 backward("Sub", join=True, kind="join", check=check_arith)(add)
 
 
-@backward("Mul", "Div", nonnegative="all", zero_preserving=scaled_preserves_zero, check=check_arith)
+def divides_data_input(ctx, node, index) -> bool:
+    """A division of the data input by a constant maps 0 to 0."""
+    return index == 0
+
+
+@backward("Div", nonnegative="all", zero_preserving=divides_data_input, check=check_arith)
 def scale(ctx, node, r_out):
-    """A product with (or a division by) a constant: relevance maps back unchanged (Zennit's Pass rule)."""
+    """A division by a constant: relevance maps back unchanged (Zennit's Pass rule); products are in
+    :mod:`onnxlrp.passes.ops.gates`."""
     (i,) = path_inputs(ctx, node)
     return {i: unbroadcast(ctx, r_out[0], node.input[i], node.output[0])}

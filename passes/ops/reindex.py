@@ -215,37 +215,48 @@ def pad(ctx, node, r_out):
                               b.const(list(range(rank)), "axes", np.int64)], "R")}
 
 
+MAX_GATHER_MATRIX = 1 << 22  # entries of the 0/1 matrix that maps a general gather back (16 MiB in float32)
+
+
+def gather_geometry(ctx, node):
+    """``(axis, flat indices in [0, n), n)`` of a Gather with constant indices."""
+    shape = ctx.shapes[node.input[0]]
+    axis = attr(node, "axis", 0) % len(shape)
+    n = shape[axis]
+    return axis, ctx.constants[node.input[1]].astype(np.int64).reshape(-1) % n, n
+
+
 def check_gather(ctx, node):
     shape = ctx.shapes.get(node.input[0])
-    if node.input[1] not in ctx.constants:
-        return "needs constant indices"
-    axis = attr(node, "axis", 0)
-    if shape is None or shape[axis % len(shape)] is None:
-        return "needs a static size along the gathered axis"
-    if axis % len(shape) == 0:
-        return "a gather along the batch axis mixes samples"
+    if node.input[1] not in ctx.constants or not shape:
+        return "needs constant indices and a known input rank"
+    axis = attr(node, "axis", 0) % len(shape)
+    if any(d is None for d in shape[axis:]):
+        return "needs static sizes from the gathered axis on"
+    _, indices, n = gather_geometry(ctx, node)
+    if not is_permutation(indices, n) and n * indices.size > MAX_GATHER_MATRIX:
+        return f"gathers {indices.size} of {n} elements with repeats or gaps: too large to map back"
     return None
+
+
+def is_permutation(indices: np.ndarray, n: int) -> bool:
+    return indices.size == n and bool(np.all(np.sort(indices) == np.arange(n)))
 
 
 @backward("Gather", data_inputs=(0,), nonnegative="first", zero_preserving=True, check=check_gather)
 def gather(ctx, node, r_out):
-    """Constant indices along one axis (``x[:, -1]`` of a sequence): each input element gets the relevance of the
-    outputs that copy it (:func:`copy_back`), the others 0."""
+    """Constant indices: each output element's relevance goes back to the element it was read from. A permutation
+    is undone by gathering with the inverse permutation; otherwise ``R_x = M^T R`` along the axis, with the 0/1
+    matrix ``M[j, i] = [indices_j == i]`` (repeated indices add up, elements never read get 0)."""
     b = ctx.b
     shape = ctx.shapes[node.input[0]]
-    rank = len(shape)
-    axis = attr(node, "axis", 0) % rank
-    indices = np.asarray(ctx.constants[node.input[1]], dtype=np.int64)
-    sources = np.where(indices < 0, indices + shape[axis], indices).reshape(-1)
-    r = r_out[0]
-    if indices.ndim == 0:
-        r = b.op("Unsqueeze", [r, b.const([axis], "axes", np.int64)], "R")
-    elif indices.ndim > 1:  # the output has indices.shape in place of the axis: one axis of len(sources) again
-        x_shape = b.op("Shape", [node.input[0]])
-        target = b.op("Concat", [b.op("Slice", [x_shape, b.const([0], "start", np.int64),
-                                                b.const([axis], "end", np.int64)]),
-                                 b.const([len(sources)], "size", np.int64),
-                                 b.op("Slice", [x_shape, b.const([axis + 1], "start", np.int64),
-                                                b.const([rank], "end", np.int64)])], "shape", axis=0)
-        r = b.op("Reshape", [r, target], "R")
-    return {0: copy_back(ctx, r, {axis: copy_matrix(sources, shape[axis])}, rank)}
+    axis, indices, n = gather_geometry(ctx, node)
+    r = b.op("Reshape", [r_out[0], b.const([0] * axis + [indices.size] + shape[axis + 1:], "shape", np.int64)], "R")
+    if is_permutation(indices, n):
+        return {0: b.op("Gather", [r, b.const(np.argsort(indices), "inverse", np.int64)], "R", axis=axis)}
+    post = int(np.prod(shape[axis + 1:]))
+    flat = b.op("Reshape", [r, b.const([-1, indices.size, post], "shape", np.int64)], "R")
+    matrix = np.zeros((n, indices.size), dtype=np.float32)
+    matrix[indices, np.arange(indices.size)] = 1.0
+    back = b.op("MatMul", [b.const(matrix, "gather_T"), flat], "R")
+    return {0: b.op("Reshape", [back, b.op("Shape", [node.input[0]])], "R")}

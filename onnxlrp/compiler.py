@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -14,13 +15,14 @@ from onnxlrp.passes.canonicalize import canonicalize
 from onnxlrp.passes.families import ClassicFamily, Family
 from onnxlrp.passes.relevance import RelevancePass, rule_table
 from onnxlrp.passes.rlrp import RLRPFamily
+from onnxlrp.passes.semiring import SemiringFamily
 
 from . import __version__
 from .composites import Composite, get_composite, load_composite
 from .errors import OnnxlrpError
 from .loading import clamp_ir_version, load_model
 
-PARAMETER_NAMES = ("epsilon", "gamma", "alpha", "beta", "low", "high", "stabilizer")
+PARAMETER_NAMES = ("epsilon", "gamma", "alpha", "beta", "low", "high", "stabilizer", "threshold")
 
 
 @dataclass
@@ -49,15 +51,19 @@ def choose_composite(rule: str, composite: str | Path | None) -> Composite:
 
 
 def family_of(composite: Composite, params: dict, flat_layers: int) -> Family:
-    """The propagation family of a composite: R-LRP, or the classic rules (never chosen by the composite's name)."""
+    """The propagation family of a composite: R-LRP, a semiring, or the classic rules (never chosen by the
+    composite's name)."""
     if composite.family == "rlrp":
         composite.check_parameters(params)
         return RLRPFamily()
+    if composite.family == "semiring":
+        composite.check_parameters(params)
+        return SemiringFamily(composite, params)
     return ClassicFamily(composite, params, flat_layers)
 
 
 def _pass(model: onnx.ModelProto, composite: Composite, *, params: dict, flat_layers: int, output, node_output,
-          opset, input_shapes, precision=None) -> RelevancePass:
+          opset, input_shapes, precision=None, relevance_at=()) -> RelevancePass:
     unknown = set(params) - set(PARAMETER_NAMES)
     if unknown:
         raise OnnxlrpError(f"unknown parameter(s) {', '.join(sorted(unknown))}; valid: {', '.join(PARAMETER_NAMES)}")
@@ -67,16 +73,18 @@ def _pass(model: onnx.ModelProto, composite: Composite, *, params: dict, flat_la
     family = family_of(composite, params, flat_layers)
     composite.check_parameters(params)
     canonical, shapes = canonicalize(model, opset=opset, input_shapes=input_shapes, precision=precision)
-    return RelevancePass(canonical, shapes, family, output=output, node_output=node_output)
+    return RelevancePass(canonical, shapes, family, output=output, node_output=node_output,
+                         relevance_at=tuple(relevance_at or ()))
 
 
 def compile(model_or_path, rule: str = "epsilon", *, composite: str | Path | None = None, output: str | None = None,
             node_output: str | None = None, opset: int | None = None,
             input_shapes: dict[str, list[int]] | None = None, flat_layers: int = 1, precision: str | None = None,
-            **params) -> onnx.ModelProto:
-    """Compile ``model_or_path`` (a ModelProto or a file) with ``rule`` (a rule or composite name, see
-    ``onnxlrp rules``) or a TOML ``composite``. Parameters: epsilon, gamma, alpha, beta, low, high, stabilizer.
-    ``precision="fp16"`` makes the forward pass float16 (relevance is always computed in float32).
+            relevance_at: list[str] | tuple[str, ...] = (), **params) -> onnx.ModelProto:
+    """Compile ``model_or_path`` (a ModelProto or a file) with ``rule`` (a rule, composite or semiring name, see
+    ``onnxlrp rules``) or a TOML ``composite``. Parameters: epsilon, gamma, alpha, beta, low, high, stabilizer,
+    threshold (semirings). ``precision="fp16"`` makes the forward pass float16 (relevance is always computed in
+    float32). ``relevance_at``: inner tensors whose relevance is output too (``relevance@TENSOR``).
 
     The result keeps every original input and output and adds the optional input ``target`` (int64 [batch], -1
     or absent: explain the predicted class) and the outputs ``relevance`` and ``explained_class``.
@@ -84,7 +92,7 @@ def compile(model_or_path, rule: str = "epsilon", *, composite: str | Path | Non
     model, digest = read_model(model_or_path)
     comp = choose_composite(rule, composite)
     rp = _pass(model, comp, params=params, flat_layers=flat_layers, output=output, node_output=node_output,
-               opset=opset, input_shapes=input_shapes, precision=precision)
+               opset=opset, input_shapes=input_shapes, precision=precision, relevance_at=relevance_at)
     relevance = rp.run()
     rp.finish(relevance)
     compiled = rp.model
@@ -96,6 +104,8 @@ def compile(model_or_path, rule: str = "epsilon", *, composite: str | Path | Non
         "onnxlrp.explained": rp.target,
         "onnxlrp.source_sha256": digest,
     }
+    if comp.semiring is not None:
+        meta["onnxlrp.semiring"] = json.dumps(dataclasses.asdict(comp.semiring))
     kept = [p for p in compiled.metadata_props if not p.key.startswith("onnxlrp.")]
     del compiled.metadata_props[:]
     compiled.metadata_props.extend(kept)
@@ -107,11 +117,12 @@ def compile(model_or_path, rule: str = "epsilon", *, composite: str | Path | Non
 
 
 def inspect(model_or_path, rule: str = "epsilon", *, composite=None, output=None, node_output=None, opset=None,
-            input_shapes=None, flat_layers: int = 1, precision=None, **params) -> Plan:
+            input_shapes=None, flat_layers: int = 1, precision=None, relevance_at=(), **params) -> Plan:
     """The rule plan and the unsupported nodes on the relevance path, without emitting anything."""
     model, _ = read_model(model_or_path)
     rp = _pass(model, choose_composite(rule, composite), params=params, flat_layers=flat_layers, output=output,
-               node_output=node_output, opset=opset, input_shapes=input_shapes, precision=precision)
+               node_output=node_output, opset=opset, input_shapes=input_shapes, precision=precision,
+               relevance_at=relevance_at)
     problems = rp.unsupported()
     plan = {} if problems else rp.family.plan(rp.plan_nodes())
     return Plan(rule_table(plan), problems, rp.target, rp.sources, rp.family.name, rp.family.parameters_unused(plan))

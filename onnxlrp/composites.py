@@ -7,7 +7,9 @@ error; a join or pool gets its kind's default (:data:`onnxlrp.node_rules.DEFAULT
 composite's parameters (``--stabilizer`` reaches joins and pools, as Zennit passes it to its Norm rule).
 
 A composite is propagated by a family: ``classic``, or ``rlrp`` when every entry's rule is ``rlrp`` (R-LRP is a
-whole-sweep method and cannot be mixed per layer, see :mod:`onnxlrp.passes.rlrp`).
+whole-sweep method and cannot be mixed per layer, see :mod:`onnxlrp.passes.rlrp`), or ``semiring`` when its rules
+name one semiring (:mod:`onnxlrp.semirings`; its entries select per-layer thresholds, and nodes that none selects
+get the semiring with ``--threshold``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 from .errors import OnnxlrpError
 from .node_rules import DEFAULTS, NODE_RULES
 from .rules import RULES, Rule, make_rule
+from .semirings import BUILTIN, Semiring, check_threshold, semiring_from_table
 
 ALL_RULES: dict[str, type[Rule]] = {**RULES, **NODE_RULES}
 
@@ -28,7 +31,8 @@ DENSE = ("Gemm", "MatMul")
 
 # Command-line parameter -> the rule field it sets.
 PARAMETERS = {"epsilon": "epsilon", "gamma": "gamma", "alpha": "alpha", "beta": "beta", "low": "low",
-              "high": "high", "stabilizer": "stabilizer"}
+              "high": "high", "stabilizer": "stabilizer", "threshold": "threshold"}
+SEMIRING_KINDS = ("linear", "join", "average_pool", "max_pool")  # a semiring annotates every rule-bearing node
 
 
 @dataclass
@@ -41,12 +45,13 @@ class Entry:
     first: bool | None = None
     name: str | None = None
     position: tuple[int, int] | None = None
+    kinds: tuple[str, ...] | None = None  # the node kinds it applies to (default: its rule's)
 
     def matches(self, node, n_of_kind: int, flat_layers: int) -> bool:
         """Whether the selectors select ``node`` (a :class:`onnxlrp.passes.families.PlanNode`): its op type, whether
         it lies within the first ``flat_layers`` linear layers from the input (``first``), a regex on its name, and
         its position among the ``n_of_kind`` nodes of its kind (negative positions count from the end)."""
-        if node.kind not in ALL_RULES[self.rule].kinds:
+        if node.kind not in (self.kinds or ALL_RULES[self.rule].kinds):
             return False
         if self.ops is not None and node.op_type not in self.ops:
             return False
@@ -66,7 +71,8 @@ class Composite:
     name: str
     entries: list[Entry]
     description: str = ""
-    family: str = "classic"  # or "rlrp": see the module docstring
+    family: str = "classic"  # or "rlrp" or "semiring": see the module docstring
+    semiring: Semiring | None = None
 
     def rule_classes(self) -> list[type[Rule]]:
         """The rules this composite can give: its entries' and, for the classic family, the kinds' defaults."""
@@ -79,6 +85,8 @@ class Composite:
         is accepted (``inspect`` says which parameters a model leaves unused)."""
         if self.family == "rlrp":
             unused = sorted(params)
+        elif self.family == "semiring":
+            unused = sorted(p for p in params if p != "threshold" or not self.semiring.uses_threshold)
         else:
             fields = {f for cls in self.rule_classes() for f in cls.__dataclass_fields__}
             unused = sorted(p for p in params if PARAMETERS[p] not in fields)
@@ -141,6 +149,10 @@ COMPOSITES.update({
 })
 
 
+COMPOSITES.update({name: Composite(name, [Entry(name, kinds=SEMIRING_KINDS)], s.summary, family="semiring",
+                                   semiring=s) for name, s in BUILTIN.items()})
+
+
 def get_composite(name: str) -> Composite:
     if name not in COMPOSITES:
         raise OnnxlrpError(f"unknown rule {name!r}; valid rules and composites: {', '.join(COMPOSITES)}")
@@ -157,6 +169,9 @@ def load_composite(path: str | Path) -> Composite:
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
         raise OnnxlrpError(f"{path}: not a valid TOML composite: {err}") from err
     layers = data.get("layer")
+    if "semiring" in data or (isinstance(layers, list) and any(
+            isinstance(t, dict) and t.get("rule") in BUILTIN for t in layers)):
+        return load_semiring_composite(path, data)
     if not isinstance(layers, list) or not layers:
         raise OnnxlrpError(f"{path}: a composite needs at least one [[layer]] table")
     entries = []
@@ -165,11 +180,7 @@ def load_composite(path: str | Path) -> Composite:
         rule = table.pop("rule", None)
         if rule not in ALL_RULES:
             raise OnnxlrpError(f"{path}: layer {i + 1}: unknown rule {rule!r}; valid rules: {', '.join(ALL_RULES)}")
-        ops = table.pop("op", None)
-        position = table.pop("position", None)
-        entry = Entry(rule, ops=(ops,) if isinstance(ops, str) else tuple(ops) if ops else None,
-                      first=table.pop("first", None), name=table.pop("name", None),
-                      position=tuple(position) if position else None)
+        entry = Entry(rule, **selectors(table))
         entry.params = table
         make_rule(rule, ALL_RULES, **entry.params)  # validates parameter names now, with a clear message
         entries.append(entry)
@@ -182,3 +193,49 @@ def load_composite(path: str | Path) -> Composite:
                            "\"rlrp\" in every [[layer]] table, or --rule rlrp")
     return Composite(str(data.get("name", path.stem)), entries, f"composite from {path.name}",
                      family="rlrp" if relative else "classic")
+
+
+def selectors(table: dict) -> dict:
+    """The selectors of a ``[[layer]]`` table (removed from it): op, first, name, position."""
+    ops = table.pop("op", None)
+    position = table.pop("position", None)
+    return dict(ops=(ops,) if isinstance(ops, str) else tuple(ops) if ops else None, first=table.pop("first", None),
+                name=table.pop("name", None), position=tuple(position) if position else None)
+
+
+def load_semiring_composite(path: Path, data: dict) -> Composite:
+    """A semiring composite: a user-defined ``[semiring]`` table or ``rule = "<built-in semiring>"`` entries, and
+    ``[[layer]]`` tables with selectors and a ``threshold`` (Sec. 4.3: one per layer). One semiring for the whole
+    sweep: mixing it with other rules or semirings is refused."""
+    table = data.get("semiring")
+    if table is not None and not isinstance(table, dict):
+        raise OnnxlrpError(f"{path}: [semiring] must be a table")
+    semiring = semiring_from_table(table, str(path), path.stem) if table is not None else None
+    layers = data.get("layer", [])
+    if not isinstance(layers, list):
+        raise OnnxlrpError(f"{path}: [[layer]] must be an array of tables")
+    entries = []
+    for i, layer in enumerate(layers):
+        layer = dict(layer)
+        where = f"{path}: layer {i + 1}"
+        rule = layer.pop("rule", semiring.name if semiring else None)
+        if semiring is not None and rule in BUILTIN and rule != semiring.name:
+            raise OnnxlrpError(f"{where}: semiring {rule!r} after {semiring.name!r}: one semiring per composite "
+                               "(one algebra for the whole sweep)")
+        if rule != (semiring.name if semiring else rule) or (semiring is None and rule not in BUILTIN):
+            raise OnnxlrpError(f"{where}: rule {rule!r}: semiring LRP cannot be mixed per layer with other rules "
+                               "(one algebra for the whole sweep); use the semiring's name or leave rule out")
+        semiring = semiring or BUILTIN[rule]
+        params = {}
+        if "threshold" in layer:
+            if not semiring.uses_threshold:
+                raise OnnxlrpError(f"{where}: {semiring.name!r} has no threshold (annotation "
+                                   f"{semiring.annotation})")
+            params["threshold"] = check_threshold(layer.pop("threshold"), where)
+        entry = Entry(rule, params, kinds=SEMIRING_KINDS, **selectors(layer))
+        if layer:
+            raise OnnxlrpError(f"{where}: unknown key(s) {', '.join(sorted(layer))}; valid: rule, threshold, op, "
+                               "first, name, position")
+        entries.append(entry)
+    return Composite(str(data.get("name", path.stem)), entries or [Entry(semiring.name, kinds=SEMIRING_KINDS)],
+                     semiring.summary, family="semiring", semiring=semiring)

@@ -1,0 +1,274 @@
+"""Boolean and counting LRP (threshold annotations, plus in {sum, or}) on linear layers without materializing the
+pairs, exactly.
+
+For a threshold ``theta > 0`` (Eq. 2.2.1, 2.2.2), ``d_jk >= theta`` holds iff the contribution ``c_jk = a_j w_jk``
+has the sign of ``z_k != 0`` **and** ``|c_jk| >= theta |z_k|``. The sign condition separates into 0/1 matrices:
+
+    S_j = [a_j > 0] (W+^T R+ + W-^T R-)_j + [a_j < 0] (W-^T R+ + W+^T R-)_j
+
+with ``W+ = [w > 0]``, ``W- = [w < 0]``, ``R+ = R [z > 0]``, ``R- = R [z < 0]``: transposed products with 0/1
+kernels, the cost of a backward pass. ``S_j`` counts every sign-matching pair, so it is exact wherever no pair of
+``j`` is *tiny* (``|c_jk| < theta |z_k|`` with ``R_k != 0``). A neuron can have a tiny pair only if
+``|a_j| w_min(j) < theta max_k |z_k|`` (``w_min(j)``: its smallest non-zero ``|w_jk|``; the max over the outputs with
+``R_k != 0``). These *suspicious* neurons (few when theta is small against the contributions, as the default 1e-9)
+are found at run time and evaluated pair by pair from gathered weights, ``z`` and ``R``, in a Loop of chunks of at
+most :data:`SUSPICIOUS_CHUNK_PAIRS` pairs; their exact values replace the fast ones (ScatterND).
+
+Counting keeps float64 relevance (exact integers up to 2**53): its transposed products are MatMuls in float64 and
+the taps of a convolution go back to the input by the semiring's plus (onnxruntime has no float64 convolution).
+Boolean relevance counts in float32 (sums of at most a layer's fan-out of ones, exact) and takes ``[S > 0]``.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from onnxlrp.builder import GraphBuilder
+
+from .semiring_pairs import Annotator, to_positions
+
+SUSPICIOUS_CHUNK_PAIRS = 1 << 21  # pairs gathered per Loop iteration
+MARGIN = 1e-3  # relative margin of the suspicion test against float32 rounding of d = (a w) / z
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+FLOAT64_MAX = float(np.finfo(np.float64).max)
+
+
+def applies(ann: Annotator) -> bool:
+    """The fast path computes threshold annotations summed (or or-ed) with 0/1 products."""
+    return ann.s.annotation == "threshold" and ann.s.plus in ("sum", "or")
+
+
+def fast_threshold_linear(ann: Annotator, layer, r: str) -> str:
+    b = ann.b
+    dtype = ann.dtype
+    zero = b.const(0.0, "zero")
+    z = layer.z
+    r_pos = b.op("Mul", [r, b.op("Cast", [b.op("Greater", [z, zero])], "z_pos", to=dtype)], "R_pos")
+    r_neg = b.op("Mul", [r, b.op("Cast", [b.op("Less", [z, zero])], "z_neg", to=dtype)], "R_neg")
+    both = not layer.x_nonneg
+    s_plus, s_minus = sign_counts(ann, layer, r_pos, r_neg, both)
+    x = layer.x
+    fast = b.op("Mul", [s_plus, b.op("Cast", [b.op("Greater", [x, zero])], "x_pos", to=dtype)], "S")
+    if both:
+        negative = b.op("Mul", [s_minus, b.op("Cast", [b.op("Less", [x, zero])], "x_neg", to=dtype)], "S")
+        fast = b.op("Add", [fast, negative], "S")
+    exact = correct_suspicious(ann, layer, r, fast)
+    if ann.s.plus == "or":
+        return ann.select(b.op("Greater", [exact, ann.relevance_const(0.0, "zero")], "relevant"))
+    return b.op("Min", [exact, ann.relevance_const(FLOAT64_MAX, "max")], "R")  # no Inf, even past 1.8e308
+
+
+# ---------------------------------------------------------------- sign-matching counts
+
+def sign_counts(ann: Annotator, layer, r_pos: str, r_neg: str, both: bool) -> tuple[str, str | None]:
+    """``(W+^T R+ + W-^T R-, W-^T R+ + W+^T R-)`` (the second only when the input may be negative)."""
+    w = layer.weight
+    w_pos, w_neg = (w > 0).astype(np.float64), (w < 0).astype(np.float64)
+    if ann.dtype == TensorProto.DOUBLE:
+        return double_counts(ann, layer, r_pos, r_neg, w_pos, w_neg, both)
+    b = ann.b
+    if layer.group == 1:
+        axis = 0 if layer.kind == "conv" else 1
+        g = b.op("Concat", [r_pos, r_neg], "R_pm", axis=1 if layer.kind == "conv" else -1)
+        s_plus = layer.transpose(b, g, np.concatenate([w_pos, w_neg], axis=axis), "W01_pm")
+        s_minus = layer.transpose(b, g, np.concatenate([w_neg, w_pos], axis=axis), "W01_mp") if both else None
+        return s_plus, s_minus
+
+    def pair(first, second, tag):
+        return b.op("Add", [layer.transpose(b, r_pos, first, tag[0]), layer.transpose(b, r_neg, second, tag[1])],
+                    "S")
+    return pair(w_pos, w_neg, ("W01_p", "W01_n")), pair(w_neg, w_pos, ("W01_n", "W01_p")) if both else None
+
+
+def double_counts(ann: Annotator, layer, r_pos, r_neg, w_pos, w_neg, both):
+    """:func:`sign_counts` in float64: one MatMul over ``[R+, R-]`` with the stacked 0/1 kernels (and both sign
+    cases side by side), then, for a convolution, the taps back to the input with plus (:meth:`Annotator.
+    scatter_taps`)."""
+    b = ann.b
+    if layer.kind == "dense":
+        j = layer.weight.shape[0]
+        g = b.op("Concat", [r_pos, r_neg], "R_pm", axis=-1)
+        columns = [np.concatenate([w_pos.T, w_neg.T], 0)] + ([np.concatenate([w_neg.T, w_pos.T], 0)] if both else [])
+        out = b.op("MatMul", [g, b.const(np.concatenate(columns, 1), "W01", np.float64)], "S")
+        if not both:
+            return out, None
+        s_plus, s_minus = b.op("Split", [out, b.const([j, j], "split", np.int64)], "S", n_out=2, axis=-1)
+        return s_plus, s_minus
+    wd, groups = layer.window, layer.group
+    cout, cin_g = layer.weight.shape[:2]
+    taps, kg, positions = int(np.prod(wd.kernel)), cout // groups, int(np.prod(wd.out_spatial))
+    jg = cin_g * taps
+    g = b.op("Concat", [to_positions(b, r_pos, groups, kg, positions), to_positions(b, r_neg, groups, kg, positions)],
+             "R_pm", axis=3)  # [N, P, G, 2Kg]
+    g = b.op("Transpose", [g], "R_pm", perm=[0, 2, 1, 3])  # [N, G, P, 2Kg]
+    wp, wn = w_pos.reshape(groups, kg, jg), w_neg.reshape(groups, kg, jg)
+    kernels = [np.concatenate([wp, wn], 1)] + ([np.concatenate([wn, wp], 1)] if both else [])
+    col = b.op("MatMul", [g, b.const(np.concatenate(kernels, 2), "W01", np.float64)], "col")  # [N, G, P, J']
+    col = b.op("Transpose", [col], "col", perm=[0, 1, 3, 2])  # [N, G, J', P]
+    halves = [col] if not both else b.op("Split", [col, b.const([jg, jg], "split", np.int64)], "col", n_out=2,
+                                         axis=2)
+    shape = b.const([0, groups * cin_g, taps, *wd.out_spatial], "shape", np.int64)
+    sums = [ann.scatter_taps(b.op("Reshape", [h, shape], "col"), wd, groups * cin_g) for h in halves]
+    return sums[0], (sums[1] if both else None)
+
+
+# ---------------------------------------------------------------- suspicious neurons, pair by pair
+
+def correct_suspicious(ann: Annotator, layer, r: str, fast: str) -> str:
+    """Replace the fast value of every suspicious neuron (see the module docstring) by its exact pair-by-pair
+    value."""
+    b = ann.b
+    zero = b.const(0.0, "zero")
+    x, z = layer.x, layer.z
+    tables = dense_tables(ann, layer, r) if layer.kind == "dense" else conv_tables(ann, layer, r)
+    if layer.kind == "dense":  # any leading axes are samples
+        x = b.op("Reshape", [x, b.const([-1, layer.weight.shape[0]], "shape", np.int64)], "x")
+        z = b.op("Reshape", [z, b.const([-1, layer.weight.shape[1]], "shape", np.int64)], "z")
+        r = b.op("Reshape", [r, b.const([-1, layer.weight.shape[1]], "shape", np.int64)], "R")
+        fast_in = b.op("Reshape", [fast, b.const([-1, layer.weight.shape[0]], "shape", np.int64)], "S")
+    else:
+        fast_in = fast
+    relevant = b.op("Not", [b.op("Equal", [r, ann.relevance_const(0.0, "zero")])], "R_nonzero")
+    rank = len(layer.x_shape) if layer.kind == "conv" else 2
+    z_max = ann.ctx.reduce("ReduceMax", b.op("Where", [relevant, b.op("Abs", [z]), zero], "abs_z"),
+                           list(range(1, rank)), keepdims=1, hint="z_max")
+    bound = b.op("Mul", [z_max, b.const((1 + MARGIN) * ann.threshold, "theta_margin")], "bound")
+    lower = b.op("Mul", [b.op("Abs", [x]), b.const(tables.w_min, "w_min")], "lower")
+    suspicious = b.op("And", [b.op("Not", [b.op("Equal", [x, zero])]), b.op("Less", [lower, bound])], "suspicious")
+    indices = b.op("Transpose", [b.op("NonZero", [suspicious], "suspicious")], "suspicious", perm=[1, 0])
+    chunk = max(1, SUSPICIOUS_CHUNK_PAIRS // tables.pairs_per_neuron)
+    count = b.op("Gather", [b.op("Shape", [indices]), b.const(0, "zero_i", np.int64)], "n_suspicious")
+    trips = b.op("Div", [b.op("Add", [count, b.const(chunk - 1, "chunk_m1", np.int64)]),
+                         b.const(chunk, "chunk", np.int64)], "trips")
+    body = loop_body(ann, tables, x, indices, chunk, b.fresh("loop"))
+    exact = b.op("Loop", [trips, "", fast_in], "S_exact", body=body)
+    return exact if fast_in is fast else b.op("Reshape", [exact, b.op("Shape", [fast])], "S")
+
+
+class Tables:
+    """What the pair-by-pair evaluation gathers from: ``weights`` ``[J-index, ..., Kg]`` (by input channel or
+    neuron), ``inv_z`` and ``R`` laid out by (sample, output position, group), and the geometry."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def nonzero_min(w: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+    a = np.where(w == 0, np.inf, np.abs(w)).min(axis=axes)
+    return np.where(np.isinf(a), FLOAT32_MAX, a).astype(np.float32)
+
+
+def dense_tables(ann: Annotator, layer, r: str) -> Tables:
+    b = ann.b
+    j, k = layer.weight.shape
+    shape = b.const([-1, k], "shape", np.int64)
+    return Tables(kind="dense", weights=b.const(layer.weight.astype(np.float32), "W_rows"),
+                  inv_z=ann.inverse(b.op("Reshape", [layer.z, shape], "z")),
+                  r=b.op("Reshape", [r, shape], "R"), w_min=nonzero_min(layer.weight, (1,))[None],
+                  pairs_per_neuron=k, k=k)
+
+
+def conv_tables(ann: Annotator, layer, r: str) -> Tables:
+    b = ann.b
+    wd, groups = layer.window, layer.group
+    cout, cin_g = layer.weight.shape[:2]
+    taps, kg, positions = int(np.prod(wd.kernel)), cout // groups, int(np.prod(wd.out_spatial))
+    weights = layer.weight.reshape(groups, kg, cin_g, taps).transpose(0, 2, 3, 1).reshape(groups * cin_g, taps, kg)
+    pad_row = b.const([0, 0, 0, 0, 0, 1, 0, 0], "pads", np.int64)  # one more output position: the sentinel
+
+    def by_position(t, hint, fill):
+        return b.op("Pad", [to_positions(b, t, groups, kg, positions), pad_row, fill], hint)
+    rank = len(layer.x_shape)
+    return Tables(kind="conv", weights=b.const(weights.astype(np.float32), "W_by_input"),
+                  inv_z=by_position(ann.inverse(layer.z), "inv_z_table", b.const(0.0, "zero")),
+                  r=by_position(r, "R_table", ann.relevance_const(0.0, "zero")),
+                  w_min=nonzero_min(weights, (1, 2)).reshape(1, -1, *[1] * (rank - 2)),
+                  pairs_per_neuron=taps * kg, taps=taps, kg=kg, cin_g=cin_g,
+                  positions_of=b.const(output_positions(wd), "output_positions", np.int64),
+                  spatial_strides=b.const(np.cumprod([1, *wd.in_spatial[::-1]])[:-1][::-1].copy(),
+                                          "spatial_strides", np.int64))
+
+
+def output_positions(wd) -> np.ndarray:
+    """``[input position, tap]``: the flat output position whose window reads that input position at that tap, or
+    the sentinel ``prod(out)`` where none does (stride, padding and dilation accounted for)."""
+    r = wd.rank
+    per_axis = []
+    for a in range(r):
+        i = np.arange(wd.in_spatial[a])[:, None]
+        t = np.arange(wd.kernel[a])[None]
+        shifted = i + wd.pads[a] - t * wd.dilations[a]
+        o = shifted // wd.strides[a]
+        valid = (shifted >= 0) & (shifted % wd.strides[a] == 0) & (o < wd.out_spatial[a])
+        per_axis.append(np.where(valid, o, -1))
+    sentinel = int(np.prod(wd.out_spatial))
+    table = np.empty((int(np.prod(wd.in_spatial)), int(np.prod(wd.kernel))), dtype=np.int64)
+    for s, position in enumerate(itertools.product(*[range(n) for n in wd.in_spatial])):
+        for t, tap in enumerate(itertools.product(*[range(k) for k in wd.kernel])):
+            outs = [per_axis[a][position[a], tap[a]] for a in range(r)]
+            table[s, t] = sentinel if min(outs) < 0 else int(np.ravel_multi_index(outs, wd.out_spatial))
+    return table
+
+
+def loop_body(ann: Annotator, tables: Tables, x: str, indices: str, chunk: int, prefix: str) -> onnx.GraphProto:
+    """One Loop iteration: the next ``chunk`` suspicious neurons, evaluated pair by pair (``d = (a_j w_jk) /
+    z_k >= theta``, summed against the gathered ``R_k``), scattered into the loop-carried value."""
+    graph = onnx.GraphProto(name=prefix)
+    bb = GraphBuilder(graph, prefix=prefix)
+    dtype = ann.dtype
+    step, cond, carried = bb.fresh("i"), bb.fresh("cond_in"), bb.fresh("S_in")
+
+    def const(value, hint, dt=np.int64):
+        return bb.const(value, hint, dt)
+
+    start = bb.op("Unsqueeze", [bb.op("Mul", [step, const(chunk, "chunk")]), const([0], "axes")], "start")
+    end = bb.op("Add", [start, const([chunk], "chunk")], "end")
+    rows = bb.op("Slice", [indices, start, end, const([0], "axes")], "rows")  # [c, rank]
+
+    def column(lo, hi):
+        return bb.op("Slice", [rows, const([lo], "start"), const([hi], "end"), const([1], "axes")], "column")
+    sample = column(0, 1)
+    if tables.kind == "dense":
+        k = tables.k
+        weights = bb.op("Reshape", [bb.op("Gather", [tables.weights, column(1, 2)], "w"), const([-1, k], "shape")])
+        inv_z = bb.op("Reshape", [bb.op("Gather", [tables.inv_z, sample], "inv_z"), const([-1, k], "shape")])
+        r = bb.op("Reshape", [bb.op("Gather", [tables.r, sample], "R"), const([-1, k], "shape")])
+        a = bb.op("Reshape", [bb.op("GatherND", [x, rows], "a"), const([-1, 1], "shape")])
+        axes = [1]
+    else:
+        channel = column(1, 2)
+        spatial = bb.op("Slice", [rows, const([2], "start"), const([np.iinfo(np.int64).max], "end"),
+                                  const([1], "axes")], "spatial")
+        flat = bb.op("ReduceSum", [bb.op("Mul", [spatial, tables.spatial_strides]), const([1], "axes")], "flat",
+                     keepdims=1)
+        positions = bb.op("Reshape", [bb.op("Gather", [tables.positions_of, flat], "positions"),
+                                      const([-1, tables.taps], "shape")], "positions")  # [c, taps]
+        group = bb.op("Div", [channel, const(tables.cin_g, "cin_g")], "group")
+        like = bb.op("Shape", [positions])
+        minus_one = const([-1], "axes")
+        where = bb.op("Concat", [bb.op("Unsqueeze", [bb.op("Expand", [sample, like]), minus_one]),
+                                 bb.op("Unsqueeze", [positions, minus_one]),
+                                 bb.op("Unsqueeze", [bb.op("Expand", [group, like]), minus_one])], "where", axis=-1)
+        inv_z = bb.op("GatherND", [tables.inv_z, where], "inv_z")  # [c, taps, Kg]
+        r = bb.op("GatherND", [tables.r, where], "R")
+        weights = bb.op("Reshape", [bb.op("Gather", [tables.weights, channel], "w"),
+                                    const([-1, tables.taps, tables.kg], "shape")], "w")
+        a = bb.op("Reshape", [bb.op("GatherND", [x, rows], "a"), const([-1, 1, 1], "shape")])
+        axes = [1, 2]
+    d = bb.op("Mul", [bb.op("Mul", [a, weights], "c"), inv_z], "d")
+    theta = bb.op("Cast", [bb.op("GreaterOrEqual", [d, const(ann.threshold, "theta", np.float32)])], "theta",
+                  to=dtype)
+    values = bb.op("ReduceSum", [bb.op("Mul", [theta, r]), const(axes, "axes")], "values", keepdims=0)
+    updated = bb.op("ScatterND", [carried, rows, values], "S")
+    cond_out = bb.op("Identity", [cond], "cond")
+    bb.commit()
+    graph.input.extend([helper.make_tensor_value_info(step, TensorProto.INT64, []),
+                        helper.make_tensor_value_info(cond, TensorProto.BOOL, []),
+                        helper.make_tensor_value_info(carried, dtype, None)])
+    graph.output.extend([helper.make_tensor_value_info(cond_out, TensorProto.BOOL, []),
+                         helper.make_tensor_value_info(updated, dtype, None)])
+    return graph

@@ -1,0 +1,386 @@
+"""Semiring LRP on explicit pairs (j, k): the annotation ``Theta(d)_jk`` of every pair and ``R_j = plus_k Theta_jk
+times R_k`` (Eq. K-LRP of Groudiev's "Extending LRP using Semiring Annotations"), emitted as ONNX ops.
+
+No gradient trick exists once ``Theta`` is applied per pair (Sec. 4.1.2), so the pairs are materialized:
+
+- dense layers: the contributions ``c_jk = a_j w_jk`` as a ``[J, K]`` tensor per sample;
+- convolutions: the unfolded receptive fields (im2col: a one-hot depthwise convolution gives the ``K`` taps of every
+  output position), ``c = patch x W`` per output position, with padding, strides, dilation and groups; the taps'
+  results go back to the input positions by :func:`Annotator.scatter_taps`, which adds them with the semiring's plus;
+- average pooling: a convolution with equal weights ``1 / divisor`` (Eq. 4.1.2, any stride and padding);
+- joins ``z = u_0 + u_1 + ...``: the LRP-0 coefficients of a join, ``d_ik = u_ik / z_k`` element-wise.
+
+``z_k`` is the forward output (bias and folded BatchNorm included): ``d_jk = c_jk / z_k`` with ``d = 0`` where
+``z_k = 0``, as LRP-0 sets its quotients there. Large layers are cut into chunks of at most :data:`CHUNK_PAIRS` pairs
+per sample (by output position, then by output channel), so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+from onnxlrp.semirings import VITERBI_EPS, Semiring
+
+from .ops.pooling import first_max_taps, tap_validity, window_patches
+
+CHUNK_PAIRS = 1 << 22  # pairs per sample in one pair tensor (16 MiB of float32)
+LOG_TINY = float(np.log(VITERBI_EPS))
+
+
+class Annotator:
+    """The ONNX form of one node's semiring step: annotations (Sec. 2.2), the semiring's times and plus, in the
+    algebra's element type. ``threshold`` is the node's ``theta`` (None for annotations without one)."""
+
+    def __init__(self, ctx, semiring: Semiring, threshold: float | None):
+        self.ctx, self.b, self.s, self.threshold = ctx, ctx.b, semiring, threshold
+        self.dtype = ctx.algebra.dtype
+
+    # ------------------------------------------------------------ constants and element-wise helpers
+
+    def f32(self, value, hint: str = "const") -> str:
+        return self.b.const(value, hint)
+
+    def relevance_const(self, value, hint: str = "const") -> str:
+        return self.ctx.relevance_const(value, hint)
+
+    def inverse(self, z: str) -> str:
+        """``1 / z``, and 0 where ``z = 0`` (so ``d = c / z`` is 0 there, like LRP-0's quotients)."""
+        b = self.b
+        zero = self.f32(0.0, "zero")
+        return b.op("Where", [b.op("Equal", [z, zero]), zero, b.op("Reciprocal", [z], "inv_z")], "inv_z")
+
+    def log_abs(self, t: str) -> str:
+        """``log |t|``, and the semiring's zero where ``t = 0`` (``log 0``)."""
+        b = self.b
+        return b.op("Where", [b.op("Equal", [t, self.f32(0.0, "zero")]), self.f32(self.s.zero, "log_zero"),
+                              b.op("Log", [b.op("Abs", [t])], "log_abs")], "log_abs")
+
+    def log_weights(self, w: np.ndarray) -> np.ndarray:
+        """``log |w|`` at compile time, the semiring's zero where ``w = 0``."""
+        with np.errstate(divide="ignore"):
+            return np.where(w == 0, self.s.zero, np.log(np.abs(w))).astype(np.float32)
+
+    def clamp(self, t: str) -> str:
+        """Keep ``t`` in K: at least ``zero`` for max semirings (``zero`` is their least element), at most
+        ``zero`` for min-plus; this also keeps ``zero`` absorbing where ``times`` is ``add``."""
+        if self.s.plus in ("max", "or") and self.s.times != "and":
+            return self.b.op("Max", [t, self.f32(self.s.zero, "zero")], "clamp")
+        if self.s.plus == "min":
+            return self.b.op("Min", [t, self.f32(self.s.zero, "zero")], "clamp")
+        return t
+
+    def select(self, mask: str) -> str:
+        """``one`` where ``mask``, else ``zero``, in the algebra's type."""
+        b = self.b
+        if (self.s.zero, self.s.one) == (0, 1):
+            return b.op("Cast", [mask], "theta", to=self.dtype)
+        return b.op("Where", [mask, self.relevance_const(self.s.one, "one"), self.relevance_const(self.s.zero, "zero")],
+                    "theta")
+
+    # ------------------------------------------------------------ Theta
+
+    def needs_max(self) -> bool:
+        return self.s.base_annotation == "abs-normalized"
+
+    def needs_log(self) -> bool:
+        return self.s.annotation in ("log-identity", "log-abs-normalized")
+
+    def scale(self, m: str) -> str:
+        """Eq. 2.2.3's ``1 / (max_j' |c_j'k| + 1e-9)`` from the max ``m``."""
+        b = self.b
+        return b.op("Reciprocal", [b.op("Add", [m, self.f32(VITERBI_EPS, "viterbi_eps")])], "inv_max")
+
+    def log_scale(self, lm: str) -> str:
+        """``log(max_j' |c_j'k| + 1e-9)`` from ``lm = log max_j' |c_j'k|``: ``logaddexp(lm, log 1e-9)`` =
+        ``max(lm, l) + softplus(-|lm - l|)``, finite for every ``lm`` (no underflow)."""
+        b = self.b
+        tiny = self.f32(LOG_TINY, "log_eps")
+        gap = b.op("Neg", [b.op("Abs", [b.op("Sub", [lm, tiny])])], "gap")
+        return b.op("Add", [b.op("Max", [lm, tiny]), b.op("Softplus", [gap])], "log_max")
+
+    def annotate(self, c: str, *, inv_z: str | None = None, log_c: str | None = None, log_z: str | None = None,
+                 inv_m: str | None = None, log_m: str | None = None) -> str:
+        """``Theta(d)`` of the pairs whose contributions are ``c`` (see :mod:`onnxlrp.semirings`): ``inv_z`` for
+        ``d = c / z``, ``inv_m`` / ``log_m`` for Eq. 2.2.3's normalization, ``log_c = log |c|`` and ``log_z``
+        for the log annotations (sums of logs: no product underflows)."""
+        b, annotation = self.b, self.s.annotation
+        if annotation in ("threshold", "log-threshold"):  # Eq. 2.2.1 / 2.2.2; in log space log 1 = one, log 0 = zero
+            d = b.op("Mul", [c, inv_z], "d")
+            return self.select(b.op("GreaterOrEqual", [d, self.f32(self.threshold, "theta")], "relevant"))
+        if annotation == "identity":
+            return self.clamp(b.op("Mul", [c, inv_z], "d"))
+        if annotation == "abs-normalized":  # Eq. 2.2.3
+            return b.op("Mul", [b.op("Abs", [c]), inv_m], "theta")
+        if annotation == "log-identity":
+            positive = b.op("Greater", [b.op("Mul", [c, inv_z], "d"), self.f32(0.0, "zero")], "positive")
+            log_d = self.clamp(b.op("Sub", [log_c, log_z], "log_d"))
+            return b.op("Where", [positive, log_d, self.f32(self.s.zero, "log_zero")], "theta")
+        return self.clamp(b.op("Sub", [log_c, log_m], "theta"))  # log-abs-normalized
+
+    # ------------------------------------------------------------ times and plus
+
+    def times(self, theta: str, r: str) -> str:
+        if self.s.times == "add":
+            return self.clamp(self.b.op("Add", [theta, r], "prod"))
+        return self.b.op("Mul", [theta, r], "prod")
+
+    def reduce(self, t: str, axes: list[int], keepdims: int = 0) -> str:
+        """``plus`` over ``axes``."""
+        op = {"sum": "ReduceSum", "max": "ReduceMax", "or": "ReduceMax", "min": "ReduceMin"}[self.s.plus]
+        return self.ctx.reduce(op, t, axes, keepdims=keepdims, hint="plus")
+
+    def plus(self, terms: list[str]) -> str:
+        return self.ctx.add_relevance(terms)
+
+    def contract(self, theta: str, r_row: str, kg: int) -> str:
+        """``plus_k Theta_jk times R_k`` over the last axis of ``theta`` (``[..., J, Kg]``) with ``r_row``
+        ``[..., 1, Kg]``: a MatMul for (sum, mul) (integers below 2**24 stay exact in float32, counts use float64),
+        otherwise times and a reduction. Returns ``[..., J]``."""
+        b = self.b
+        if self.s.plus == "sum" and self.s.times == "mul":
+            column = b.op("Unsqueeze", [b.op("Squeeze", [r_row, b.const([-2], "axes", np.int64)], "R"),
+                                        b.const([-1], "axes", np.int64)], "R")
+            product = b.op("MatMul", [theta, column], "plus_times")
+            return b.op("Squeeze", [product, b.const([-1], "axes", np.int64)], "R")
+        return self.reduce(self.times(theta, r_row), [-1])
+
+    # ------------------------------------------------------------ taps back to input positions
+
+    def scatter_taps(self, col: str, window, channels: int) -> str:
+        """``col`` ``[N, C, K, *out]`` (one value per window tap and output position) added back at the input
+        positions the taps read, with the semiring's plus (overlapping windows meet there); padded taps are
+        dropped. Each tap's values are spread by the strides (the semiring's zero in between) and shifted into
+        place by a Pad with the zero."""
+        b, wd = self.b, window
+        r = wd.rank
+        parts = []
+        for t, tap in enumerate(itertools.product(*[range(k) for k in wd.kernel])):
+            begin = [tap[a] * wd.dilations[a] - wd.pads[a] for a in range(r)]
+            span = [wd.out_spatial[a] * wd.strides[a] for a in range(r)]
+            lo = [max(0, -begin[a]) for a in range(r)]
+            hi = [min(span[a], wd.in_spatial[a] - begin[a]) for a in range(r)]
+            if any(hi[a] <= lo[a] for a in range(r)):
+                continue  # this tap reads only padding
+            v = b.op("Gather", [col, b.const(t, "tap", np.int64)], "tap", axis=2)
+            if any(s > 1 for s in wd.strides):
+                v = self.spread(v, wd)
+            if lo != [0] * r or hi != span:
+                v = b.op("Slice", [v, b.const(lo, "start", np.int64), b.const(hi, "end", np.int64),
+                                   b.const(list(range(2, 2 + r)), "axes", np.int64)], "tap")
+            pads = [0, 0] + [begin[a] + lo[a] for a in range(r)] + \
+                [0, 0] + [wd.in_spatial[a] - begin[a] - hi[a] for a in range(r)]
+            if any(pads):
+                v = self.ctx.pad_with_zero(v, pads)
+            parts.append(v)
+        assert parts, "a window geometry whose every tap reads padding"
+        return self.plus(parts)
+
+    def spread(self, v: str, wd) -> str:
+        """``v`` ``[N, C, *out]`` with ``stride - 1`` zeros of the semiring after each element along each axis."""
+        b, r = self.b, wd.rank
+        axes = [3 + 2 * a for a in range(r)]
+        v = b.op("Unsqueeze", [v, b.const(axes, "axes", np.int64)], "spread")
+        pads = [0] * (2 + 2 * r) + [0, 0] + [x for a in range(r) for x in (0, wd.strides[a] - 1)]
+        v = self.ctx.pad_with_zero(v, pads)
+        shape = [0, -1] + [wd.out_spatial[a] * wd.strides[a] for a in range(r)]
+        return b.op("Reshape", [v, b.const(shape, "shape", np.int64)], "spread")
+
+
+# ---------------------------------------------------------------- linear layers
+
+def general_linear(ann: Annotator, layer, r: str) -> str:
+    """Eq. K-LRP over the explicit pairs of a dense layer or the unfolded receptive fields of a convolution."""
+    b = ann.b
+    if layer.kind == "dense":
+        j, k = layer.weight.shape
+        g, jg, kg, positions = 1, j, k, 1
+        x5 = b.op("Reshape", [layer.x, b.const([-1, 1, 1, j, 1], "shape", np.int64)], "x_pairs")
+        to5 = [-1, 1, 1, 1, k]
+        z5 = b.op("Reshape", [layer.z, b.const(to5, "shape", np.int64)], "z_pairs")
+        r5 = b.op("Reshape", [r, b.const(to5, "shape", np.int64)], "R_pairs")
+        w3 = layer.weight[None]
+        bias3 = None if layer.bias is None else layer.bias.reshape(1, 1, k)
+    else:
+        wd, g = layer.window, layer.group
+        cout, cin_g = layer.weight.shape[:2]
+        taps, kg, positions = int(np.prod(wd.kernel)), cout // g, int(np.prod(wd.out_spatial))
+        jg, cin = cin_g * taps, cin_g * g
+        patches, _ = window_patches(b, layer.x, wd, cin)  # [N, Cin, K, *out], 0 at padded taps
+        x5 = b.op("Unsqueeze", [to_positions(b, patches, g, jg, positions), b.const([-1], "axes", np.int64)],
+                  "x_pairs")
+        z5 = b.op("Unsqueeze", [to_positions(b, layer.z, g, kg, positions), b.const([-2], "axes", np.int64)],
+                  "z_pairs")
+        r5 = b.op("Unsqueeze", [to_positions(b, r, g, kg, positions), b.const([-2], "axes", np.int64)], "R_pairs")
+        w3 = layer.weight.reshape(g, kg, jg).transpose(0, 2, 1)  # [G, J, Kg]
+        bias3 = None if layer.bias is None else layer.bias.reshape(g, 1, kg)
+    inv_z5 = ann.inverse(z5) if not ann.needs_max() else None
+    log_x5 = ann.log_abs(x5) if ann.needs_log() else None
+    log_z5 = ann.log_abs(z5) if ann.s.annotation == "log-identity" else None
+    per_position = g * jg * kg
+    step_a = max(1, CHUNK_PAIRS // per_position)
+    step_k = kg if per_position <= CHUNK_PAIRS else max(1, CHUNK_PAIRS // (g * jg))
+    rows = []
+    for a0 in range(0, positions, step_a):
+        a = (a0, min(a0 + step_a, positions))
+        parts = []
+        for k0 in range(0, kg, step_k):
+            k_range = (k0, min(k0 + step_k, kg))
+            cut = chunk_of(b, a, k_range, positions, kg)
+            w = w3[..., k_range[0]:k_range[1]]
+            c = b.op("Mul", [cut(x5, False), b.const(w, "W")], "c")
+            pieces = {}
+            if inv_z5 is not None:
+                pieces["inv_z"] = cut(inv_z5, True)
+            if log_x5 is not None:
+                pieces["log_c"] = b.op("Add", [cut(log_x5, False), b.const(ann.log_weights(w), "log_W")], "log_c")
+            if log_z5 is not None:
+                pieces["log_z"] = cut(log_z5, True)
+            if ann.needs_max():
+                bias = None if bias3 is None else bias3[..., k_range[0]:k_range[1]]
+                pieces.update(column_max(ann, c, pieces.get("log_c"), bias, axis=-2))
+            theta = ann.annotate(c, **pieces)
+            parts.append(ann.contract(theta, cut(r5, True), k_range[1] - k_range[0]))
+        rows.append(ann.plus(parts))
+    col = rows[0] if len(rows) == 1 else b.op("Concat", rows, "col", axis=1)  # [N, positions, G, J]
+    if layer.kind == "dense":
+        return b.op("Reshape", [col, b.op("Shape", [layer.x])], "R")
+    col = b.op("Transpose", [col], "col", perm=[0, 2, 3, 1])  # [N, G, J, positions]
+    col = b.op("Reshape", [col, b.const([0, g * layer.weight.shape[1], int(np.prod(layer.window.kernel)),
+                                         *layer.window.out_spatial], "shape", np.int64)], "col")
+    return ann.scatter_taps(col, layer.window, g * layer.weight.shape[1])
+
+
+def to_positions(b, t: str, groups: int, per_group: int, positions: int) -> str:
+    """``[N, G * per_group, *spatial]`` (or ``[N, G * per_group * taps, *out]``) as ``[N, positions, G,
+    per_group]``."""
+    t = b.op("Reshape", [t, b.const([0, groups, per_group, positions], "shape", np.int64)], "grouped")
+    return b.op("Transpose", [t], "by_position", perm=[0, 3, 1, 2])
+
+
+def chunk_of(b, a: tuple[int, int], k: tuple[int, int], positions: int, kg: int):
+    """Slicer for one chunk: output positions ``a`` (axis 1) and, for per-output tensors, channels ``k`` (axis
+    4)."""
+    def cut(t: str, per_output: bool) -> str:
+        starts, ends, axes = [], [], []
+        if a != (0, positions):
+            starts, ends, axes = [a[0]], [a[1]], [1]
+        if per_output and k != (0, kg):
+            starts, ends, axes = starts + [k[0]], ends + [k[1]], axes + [4]
+        if not axes:
+            return t
+        return b.op("Slice", [t, b.const(starts, "start", np.int64), b.const(ends, "end", np.int64),
+                              b.const(axes, "axes", np.int64)], "chunk")
+    return cut
+
+
+def column_max(ann: Annotator, c: str, log_c: str | None, bias: np.ndarray | None, axis) -> dict:
+    """Eq. 2.2.3's normalization over ``j`` (``axis``, the bias term ``|b_k|`` included): ``inv_m`` or, for the
+    log annotation, ``log_m``."""
+    b = ann.b
+    axes = axis if isinstance(axis, list) else [axis]
+    if log_c is None:
+        m = ann.ctx.reduce("ReduceMax", b.op("Abs", [c]), axes, keepdims=1, hint="max_c")
+        if bias is not None:
+            m = b.op("Max", [m, b.const(np.abs(bias), "abs_bias")], "max_c")
+        return {"inv_m": ann.scale(m)}
+    lm = ann.ctx.reduce("ReduceMax", log_c, axes, keepdims=1, hint="log_max_c")
+    if bias is not None:
+        lm = b.op("Max", [lm, b.const(ann.log_weights(bias), "log_abs_bias")], "log_max_c")
+    return {"log_m": ann.log_scale(lm)}
+
+
+# ---------------------------------------------------------------- joins and pools
+
+def join(ann: Annotator, node, r: str, on_path: list[int]) -> dict[int, str]:
+    """A join ``z = u_0 + u_1 + ...`` (a Sub's second operand negated) with the LRP-0 coefficients of a join,
+    ``d_ik = u_ik / z_k``: ``R_i = Theta(d_i) times R`` element-wise (broadcast operands are reduced with plus by
+    the emitter)."""
+    b, ctx = ann.b, ann.ctx
+    operands = [ctx.value(name) for name in node.input]
+    if node.op_type == "Sub":
+        operands[1] = b.op("Neg", [operands[1]], "c")
+    pieces: dict[str, str] = {}
+    z = ctx.value(node.output[0])
+    logs = [ann.log_abs(u) for u in operands] if ann.needs_log() else None
+    if ann.s.base_annotation in ("threshold", "identity"):
+        pieces["inv_z"] = ann.inverse(z)
+    if ann.s.annotation == "log-identity":
+        pieces["log_z"] = ann.log_abs(z)
+    if ann.s.annotation == "abs-normalized":
+        pieces["inv_m"] = ann.scale(b.op("Max", [b.op("Abs", [u]) for u in operands], "max_c"))
+    if ann.s.annotation == "log-abs-normalized":
+        pieces["log_m"] = ann.log_scale(b.op("Max", logs, "log_max_c"))
+    shares = {}
+    for i in on_path:
+        log_c = {"log_c": logs[i]} if logs else {}
+        shares[i] = ann.times(ann.annotate(operands[i], **pieces, **log_c), r)
+    return shares
+
+
+def window_average(ann: Annotator, view, r: str) -> str:
+    """AveragePool as a convolution with equal weights ``1 / divisor`` (Eq. 4.1.2, generalized to any stride,
+    overlap and padding): pairs (tap, output position), then the taps back with plus."""
+    b = ann.b
+    wd, channels = view.window, view.channels
+    patches, _ = window_patches(b, view.x, wd, channels)  # [N, C, K, *out]
+    weight = (1.0 / view.divisor)[None, None, None].astype(np.float32)
+    c = b.op("Mul", [patches, b.const(weight, "inv_divisor")], "c")
+    z = b.op("Unsqueeze", [view.y, b.const([2], "axes", np.int64)], "z")
+    pieces = pool_pieces(ann, c, patches, weight, z, [2])
+    col = ann.times(ann.annotate(c, **pieces), b.op("Unsqueeze", [r, b.const([2], "axes", np.int64)], "R"))
+    return ann.scatter_taps(col, wd, channels)
+
+
+def axes_average(ann: Annotator, view, r: str) -> str:
+    """GlobalAveragePool / ReduceMean: every input neuron has one output, ``c = x / count``, no plus needed."""
+    b = ann.b
+    weight = np.float32(1.0 / view.count)
+    c = b.op("Mul", [view.x, b.const(weight, "inv_count")], "c")
+    z, r_full = view.y, r
+    if not view.keepdims:
+        axes = b.const(view.axes, "axes", np.int64)
+        z, r_full = b.op("Unsqueeze", [z, axes], "z"), b.op("Unsqueeze", [r, axes], "R")
+    pieces = pool_pieces(ann, c, view.x, weight, z, view.axes)
+    return ann.times(ann.annotate(c, **pieces), r_full)
+
+
+def pool_pieces(ann: Annotator, c: str, x: str, weight, z: str, axes: list[int]) -> dict:
+    pieces = {}
+    if ann.s.base_annotation in ("threshold", "identity"):
+        pieces["inv_z"] = ann.inverse(z)
+    if ann.needs_log():
+        pieces["log_c"] = ann.b.op("Add", [ann.log_abs(x), ann.b.const(np.log(weight).astype(np.float32))],
+                                   "log_c")
+    if ann.s.annotation == "log-identity":
+        pieces["log_z"] = ann.log_abs(z)
+    if ann.needs_max():
+        pieces.update(column_max(ann, c, pieces.get("log_c"), None, axes))
+    return pieces
+
+
+def window_max(ann: Annotator, view, r: str) -> str:
+    """MaxPool, winner-take-all: each window's relevance to its first arg-max (``Theta = one`` there, ``zero`` at
+    the other taps), overlapping windows added with plus."""
+    b = ann.b
+    wd, channels = view.window, view.channels
+    patches, _ = window_patches(b, view.x, wd, channels)
+    valid = tap_validity(wd)[None, None]
+    if not valid.all():
+        patches = b.op("Add", [patches, b.const(np.where(valid, 0.0, -np.inf), "padded_taps")], "patches")
+    winner = first_max_taps(b, patches, 2, int(np.prod(wd.kernel)), wd.rank)
+    col = b.op("Where", [winner, b.op("Unsqueeze", [r, b.const([2], "axes", np.int64)], "R"),
+                         ann.relevance_const(ann.s.zero, "zero")], "routed")
+    return ann.scatter_taps(col, wd, channels)
+
+
+def global_max(ann: Annotator, view, r: str) -> str:
+    """GlobalMaxPool: each channel's relevance to its first arg-max."""
+    b, ctx = ann.b, ann.ctx
+    flat = b.op("Reshape", [view.x, b.const([0, 0, -1], "shape", np.int64)], "x")
+    area = int(np.prod(ctx.shapes[view.node.input[0]][2:]))
+    winner = first_max_taps(b, flat, 2, area, 0)
+    r = b.op("Reshape", [r, b.const([0, 0, 1], "shape", np.int64)], "R")
+    routed = b.op("Where", [winner, r, ann.relevance_const(ann.s.zero, "zero")], "routed")
+    return b.op("Reshape", [routed, b.op("Shape", [view.x])], "R")

@@ -45,6 +45,11 @@ def rule_options(fn):
         click.option("--stabilizer", type=float,
                      help="Stabilizer of z+, alpha-beta, gamma, flat, w^2, z-box and of the Norm rule at joins and "
                           "average pools (default 1e-6)."),
+        click.option("--threshold", type=float,
+                     help="Threshold of the boolean and counting semirings (default 1e-9); per layer in a TOML "
+                          "composite."),
+        click.option("--relevance-at", multiple=True,
+                     help="Also output relevance@TENSOR, the relevance of an inner tensor (repeatable)."),
         click.option("--flat-layers", type=int, default=1, show_default=True,
                      help="How many linear layers from the input get the flat rule in *-flat composites and cmp."),
         click.option("--opset", type=int, help="Upgrade the model to this opset first (at least 13)."),
@@ -60,13 +65,14 @@ def rule_options(fn):
 
 
 def compile_kwargs(kw: dict) -> dict:
-    names = ("epsilon", "gamma", "alpha", "beta", "low", "high", "stabilizer")
+    names = ("epsilon", "gamma", "alpha", "beta", "low", "high", "stabilizer", "threshold")
     params = {k: kw.pop(k) for k in names if kw.get(k) is not None}
     for k in names:
         kw.pop(k, None)
     return dict(rule=kw.pop("rule"), composite=kw.pop("composite"), flat_layers=kw.pop("flat_layers"),
                 opset=kw.pop("opset"), output=kw.pop("output_name"), node_output=kw.pop("node_output"),
-                input_shapes=parse_input_shapes(kw.pop("input_shape")), precision=kw.pop("precision"), **params)
+                input_shapes=parse_input_shapes(kw.pop("input_shape")), precision=kw.pop("precision"),
+                relevance_at=list(kw.pop("relevance_at")), **params)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -126,6 +132,7 @@ def rules_command():
     from .composites import COMPOSITES
     from .node_rules import DEFAULTS, NODE_RULES
     from .rules import RULES
+    from .semirings import rules_listing
 
     click.echo("rules (applied to every Conv/Gemm/MatMul):")
     for name in RULES:
@@ -136,8 +143,10 @@ def rules_command():
         click.echo(f"  {name:28s} {cls.summary}")
     click.echo("composites:")
     for name, comp in COMPOSITES.items():
-        if name not in RULES:
+        if name not in RULES and comp.semiring is None:
             click.echo(f"  {name:28s} {comp.description}")
+    for line in rules_listing():
+        click.echo(line)
 
 
 @cli.command("explain")

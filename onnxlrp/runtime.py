@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +12,7 @@ import onnx
 
 from .compiler import compile as compile_model
 from .compiler import is_compiled, read_model
+from .contract import is_relevance_output
 from .errors import OnnxlrpError
 from .loading import EXTERNAL_DATA_THRESHOLD, save_model_atomic
 
@@ -56,11 +57,14 @@ def make_session(model: onnx.ModelProto, providers: list[str] | None = None, thr
 
 @dataclass
 class Explanation:
-    """The original outputs (by name), the relevance (one array, or one per float input) and the class."""
+    """The original outputs (by name), the relevance (one array, or one per float input) and the class; ``extra``:
+    the other relevance outputs (``relevance@TENSOR`` of inner tensors, the counting semiring's float64
+    ``relevance_exact``), by name."""
 
     outputs: dict[str, np.ndarray]
     relevance: np.ndarray | dict[str, np.ndarray]
     explained_class: np.ndarray
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class Explainer:
@@ -74,9 +78,11 @@ class Explainer:
         self.provider = self.session.get_providers()[0]
         names = [i.name for i in self.session.get_inputs()]
         self.data_inputs = [n for n in names if n != "target"]
-        self.relevance_outputs = [o.name for o in self.session.get_outputs() if o.name.startswith("relevance")]
+        added = [o.name for o in self.session.get_outputs() if o.name.startswith("relevance")]
+        self.relevance_outputs = [name for name in added if is_relevance_output(name)]
+        self.extra_outputs = [name for name in added if not is_relevance_output(name)]
         self.original_outputs = [o.name for o in self.session.get_outputs()
-                                 if o.name not in self.relevance_outputs and o.name != "explained_class"]
+                                 if o.name not in added and o.name != "explained_class"]
 
     def __call__(self, *inputs, target=None, **named) -> Explanation:
         feeds = dict(zip(self.data_inputs, inputs, strict=False)) | named
@@ -93,4 +99,5 @@ class Explainer:
             outputs={k: results[k] for k in self.original_outputs},
             relevance=relevance["relevance"] if list(relevance) == ["relevance"] else relevance,
             explained_class=results["explained_class"],
+            extra={k: results[k] for k in self.extra_outputs},
         )

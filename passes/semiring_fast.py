@@ -21,8 +21,6 @@ Boolean relevance counts in float32 (sums of at most a layer's fan-out of ones, 
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
@@ -32,6 +30,7 @@ from onnxlrp.builder import GraphBuilder
 from .semiring_pairs import Annotator, to_positions
 
 SUSPICIOUS_CHUNK_PAIRS = 1 << 21  # pairs gathered per Loop iteration
+DENSE_CHUNK = 1 << 24  # weights of a dense layer turned into 0/1 matrices at once (64 MiB of float32)
 MARGIN = 1e-3  # relative margin of the suspicion test against float32 rounding of d = (a w) / z
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 FLOAT64_MAX = float(np.finfo(np.float64).max)
@@ -66,16 +65,17 @@ def fast_threshold_linear(ann: Annotator, layer, r: str) -> str:
 
 def sign_counts(ann: Annotator, layer, r_pos: str, r_neg: str, both: bool) -> tuple[str, str | None]:
     """``(W+^T R+ + W-^T R-, W-^T R+ + W+^T R-)`` (the second only when the input may be negative)."""
+    if layer.kind == "dense":
+        return dense_counts(ann, layer, r_pos, r_neg, both)
     w = layer.weight
     w_pos, w_neg = (w > 0).astype(np.float64), (w < 0).astype(np.float64)
     if ann.dtype == TensorProto.DOUBLE:
         return double_counts(ann, layer, r_pos, r_neg, w_pos, w_neg, both)
     b = ann.b
     if layer.group == 1:
-        axis = 0 if layer.kind == "conv" else 1
-        g = b.op("Concat", [r_pos, r_neg], "R_pm", axis=1 if layer.kind == "conv" else -1)
-        s_plus = layer.transpose(b, g, np.concatenate([w_pos, w_neg], axis=axis), "W01_pm")
-        s_minus = layer.transpose(b, g, np.concatenate([w_neg, w_pos], axis=axis), "W01_mp") if both else None
+        g = b.op("Concat", [r_pos, r_neg], "R_pm", axis=1)
+        s_plus = layer.transpose(b, g, np.concatenate([w_pos, w_neg]), "W01_pm")
+        s_minus = layer.transpose(b, g, np.concatenate([w_neg, w_pos]), "W01_mp") if both else None
         return s_plus, s_minus
 
     def pair(first, second, tag):
@@ -84,31 +84,63 @@ def sign_counts(ann: Annotator, layer, r_pos: str, r_neg: str, both: bool) -> tu
     return pair(w_pos, w_neg, ("W01_p", "W01_n")), pair(w_neg, w_pos, ("W01_n", "W01_p")) if both else None
 
 
+def stored_weight(b, layer) -> tuple[str, bool]:
+    """A dense layer's weight as a float32 tensor: the model's own initializer when the layer uses it unchanged
+    (``(name, True)`` when it is stored as ``[K, J]``), else a constant ``[J, K]``."""
+    if layer.source is not None:
+        return layer.source
+    return b.const(layer.weight.astype(np.float32), "W"), False
+
+
+def dense_counts(ann: Annotator, layer, r_pos, r_neg, both):
+    """:func:`sign_counts` of a dense layer with its 0/1 matrices made at run time from the weight, a chunk of
+    :data:`DENSE_CHUNK` weights at a time (VGG16's first dense layer has 10**8: as constants they would triple
+    the model)."""
+    b, dtype = ann.b, ann.dtype
+    j, k = layer.weight.shape
+    weight, transposed = stored_weight(b, layer)
+    rows = b.const([-1, k], "shape", np.int64)
+    r_pos, r_neg = b.op("Reshape", [r_pos, rows], "R_pos"), b.op("Reshape", [r_neg, rows], "R_neg")
+    zero = b.const(0.0, "zero")
+
+    def product(g, mask):
+        return b.op("MatMul", [g, mask], "S") if transposed else b.op("Gemm", [g, mask], "S", transB=1)
+    plus, minus = [], []
+    step = max(1, DENSE_CHUNK // k)
+    for j0 in range(0, j, step):
+        part = weight if step >= j else b.op(
+            "Slice", [weight, b.const([j0], "start", np.int64), b.const([min(j0 + step, j)], "end", np.int64),
+                      b.const([1 if transposed else 0], "axes", np.int64)], "W_rows")
+        pos = b.op("Cast", [b.op("Greater", [part, zero])], "W_pos", to=dtype)
+        neg = b.op("Cast", [b.op("Less", [part, zero])], "W_neg", to=dtype)
+        plus.append(b.op("Add", [product(r_pos, pos), product(r_neg, neg)], "S"))
+        if both:
+            minus.append(b.op("Add", [product(r_pos, neg), product(r_neg, pos)], "S"))
+    shape = b.op("Shape", [layer.x])
+
+    def joined(parts):
+        whole = parts[0] if len(parts) == 1 else b.op("Concat", parts, "S", axis=1)
+        return b.op("Reshape", [whole, shape], "S")
+    return joined(plus), joined(minus) if both else None
+
+
 def double_counts(ann: Annotator, layer, r_pos, r_neg, w_pos, w_neg, both):
-    """:func:`sign_counts` in float64: one MatMul over ``[R+, R-]`` with the stacked 0/1 kernels (and both sign
-    cases side by side), then, for a convolution, the taps back to the input with plus (:meth:`Annotator.
+    """:func:`sign_counts` of a convolution in float64: per group, one MatMul of the stacked 0/1 kernels
+    ``[W+^T W-^T]`` (and ``[W-^T W+^T]`` below them) with ``[R+; R-]`` laid out as ``[2 Kg, positions]`` gives
+    every tap's count at every output position; the taps go back to the input with plus (:meth:`Annotator.
     scatter_taps`)."""
     b = ann.b
-    if layer.kind == "dense":
-        j = layer.weight.shape[0]
-        g = b.op("Concat", [r_pos, r_neg], "R_pm", axis=-1)
-        columns = [np.concatenate([w_pos.T, w_neg.T], 0)] + ([np.concatenate([w_neg.T, w_pos.T], 0)] if both else [])
-        out = b.op("MatMul", [g, b.const(np.concatenate(columns, 1), "W01", np.float64)], "S")
-        if not both:
-            return out, None
-        s_plus, s_minus = b.op("Split", [out, b.const([j, j], "split", np.int64)], "S", n_out=2, axis=-1)
-        return s_plus, s_minus
     wd, groups = layer.window, layer.group
     cout, cin_g = layer.weight.shape[:2]
     taps, kg, positions = int(np.prod(wd.kernel)), cout // groups, int(np.prod(wd.out_spatial))
     jg = cin_g * taps
-    g = b.op("Concat", [to_positions(b, r_pos, groups, kg, positions), to_positions(b, r_neg, groups, kg, positions)],
-             "R_pm", axis=3)  # [N, P, G, 2Kg]
-    g = b.op("Transpose", [g], "R_pm", perm=[0, 2, 1, 3])  # [N, G, P, 2Kg]
-    wp, wn = w_pos.reshape(groups, kg, jg), w_neg.reshape(groups, kg, jg)
-    kernels = [np.concatenate([wp, wn], 1)] + ([np.concatenate([wn, wp], 1)] if both else [])
-    col = b.op("MatMul", [g, b.const(np.concatenate(kernels, 2), "W01", np.float64)], "col")  # [N, G, P, J']
-    col = b.op("Transpose", [col], "col", perm=[0, 1, 3, 2])  # [N, G, J', P]
+    by_group = b.const([0, groups, kg, positions], "shape", np.int64)
+    g = b.op("Concat", [b.op("Reshape", [r_pos, by_group], "R_pos"), b.op("Reshape", [r_neg, by_group], "R_neg")],
+             "R_pm", axis=2)  # [N, G, 2Kg, positions]
+    wp = w_pos.reshape(groups, kg, jg).transpose(0, 2, 1)  # [G, J, Kg]
+    wn = w_neg.reshape(groups, kg, jg).transpose(0, 2, 1)
+    kernels = [np.concatenate([wp, wn], 2)] + ([np.concatenate([wn, wp], 2)] if both else [])
+    col = b.op("MatMul", [b.const(np.concatenate(kernels, 1), "W01", np.float64), g], "col")  # [N, G, J', P]
     halves = [col] if not both else b.op("Split", [col, b.const([jg, jg], "split", np.int64)], "col", n_out=2,
                                          axis=2)
     shape = b.const([0, groups * cin_g, taps, *wd.out_spatial], "shape", np.int64)
@@ -158,7 +190,10 @@ class Tables:
 
 
 def nonzero_min(w: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
-    a = np.where(w == 0, np.inf, np.abs(w)).min(axis=axes)
+    """The smallest non-zero ``|w|`` along ``axes`` (float32's largest value where all are zero)."""
+    a = np.abs(w).astype(np.float32)
+    np.putmask(a, a == 0, np.inf)
+    a = a.min(axis=axes)
     return np.where(np.isinf(a), FLOAT32_MAX, a).astype(np.float32)
 
 
@@ -166,7 +201,8 @@ def dense_tables(ann: Annotator, layer, r: str) -> Tables:
     b = ann.b
     j, k = layer.weight.shape
     shape = b.const([-1, k], "shape", np.int64)
-    return Tables(kind="dense", weights=b.const(layer.weight.astype(np.float32), "W_rows"),
+    weight, transposed = stored_weight(b, layer)
+    return Tables(kind="dense", weights=weight, transposed=transposed,
                   inv_z=ann.inverse(b.op("Reshape", [layer.z, shape], "z")),
                   r=b.op("Reshape", [r, shape], "R"), w_min=nonzero_min(layer.weight, (1,))[None],
                   pairs_per_neuron=k, k=k)
@@ -197,21 +233,21 @@ def output_positions(wd) -> np.ndarray:
     """``[input position, tap]``: the flat output position whose window reads that input position at that tap, or
     the sentinel ``prod(out)`` where none does (stride, padding and dilation accounted for)."""
     r = wd.rank
-    per_axis = []
+    flat = np.zeros([*wd.in_spatial, *wd.kernel], dtype=np.int64)
+    valid = np.ones(flat.shape, dtype=bool)
+    place = np.cumprod([1, *wd.out_spatial[::-1]])[:-1][::-1]  # row-major strides of the output positions
     for a in range(r):
         i = np.arange(wd.in_spatial[a])[:, None]
         t = np.arange(wd.kernel[a])[None]
         shifted = i + wd.pads[a] - t * wd.dilations[a]
         o = shifted // wd.strides[a]
-        valid = (shifted >= 0) & (shifted % wd.strides[a] == 0) & (o < wd.out_spatial[a])
-        per_axis.append(np.where(valid, o, -1))
-    sentinel = int(np.prod(wd.out_spatial))
-    table = np.empty((int(np.prod(wd.in_spatial)), int(np.prod(wd.kernel))), dtype=np.int64)
-    for s, position in enumerate(itertools.product(*[range(n) for n in wd.in_spatial])):
-        for t, tap in enumerate(itertools.product(*[range(k) for k in wd.kernel])):
-            outs = [per_axis[a][position[a], tap[a]] for a in range(r)]
-            table[s, t] = sentinel if min(outs) < 0 else int(np.ravel_multi_index(outs, wd.out_spatial))
-    return table
+        ok = (shifted >= 0) & (shifted % wd.strides[a] == 0) & (o < wd.out_spatial[a])
+        shape = [1] * (2 * r)
+        shape[a], shape[r + a] = wd.in_spatial[a], wd.kernel[a]
+        flat = flat + (o * place[a]).reshape(shape)
+        valid = valid & ok.reshape(shape)
+    table = np.where(valid, flat, int(np.prod(wd.out_spatial)))
+    return table.reshape(int(np.prod(wd.in_spatial)), int(np.prod(wd.kernel)))
 
 
 def loop_body(ann: Annotator, tables: Tables, x: str, indices: str, chunk: int, prefix: str) -> onnx.GraphProto:
@@ -234,7 +270,11 @@ def loop_body(ann: Annotator, tables: Tables, x: str, indices: str, chunk: int, 
     sample = column(0, 1)
     if tables.kind == "dense":
         k = tables.k
-        weights = bb.op("Reshape", [bb.op("Gather", [tables.weights, column(1, 2)], "w"), const([-1, k], "shape")])
+        if tables.transposed:  # stored [K, J]: the columns of the suspicious neurons
+            picked = bb.op("Gather", [tables.weights, column(1, 2)], "w", axis=1)  # [K, c, 1]
+            weights = bb.op("Transpose", [bb.op("Reshape", [picked, const([k, -1], "shape")])], "w", perm=[1, 0])
+        else:
+            weights = bb.op("Reshape", [bb.op("Gather", [tables.weights, column(1, 2)], "w"), const([-1, k], "shape")])
         inv_z = bb.op("Reshape", [bb.op("Gather", [tables.inv_z, sample], "inv_z"), const([-1, k], "shape")])
         r = bb.op("Reshape", [bb.op("Gather", [tables.r, sample], "R"), const([-1, k], "shape")])
         a = bb.op("Reshape", [bb.op("GatherND", [x, rows], "a"), const([-1, 1], "shape")])

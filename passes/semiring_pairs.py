@@ -155,6 +155,8 @@ class Annotator:
         place by a Pad with the zero."""
         b, wd = self.b, window
         r = wd.rank
+        if list(wd.strides) == list(wd.kernel) and all(d == 1 for d in wd.dilations):
+            return self.untile(col, wd)
         parts = []
         for t, tap in enumerate(itertools.product(*[range(k) for k in wd.kernel])):
             begin = [tap[a] * wd.dilations[a] - wd.pads[a] for a in range(r)]
@@ -176,6 +178,24 @@ class Annotator:
             parts.append(v)
         assert parts, "a window geometry whose every tap reads padding"
         return self.plus(parts)
+
+    def untile(self, col: str, wd) -> str:
+        """:meth:`scatter_taps` for windows that tile the input (stride = kernel, no dilation): each input position
+        is read by one tap of one window, so the taps go back by a re-indexing (depth to space), padding cropped
+        and uncovered positions filled with the semiring's zero."""
+        b, r = self.b, wd.rank
+        col = b.op("Reshape", [col, b.const([0, -1, *wd.kernel, *wd.out_spatial], "shape", np.int64)], "col")
+        perm = [0, 1] + [p for a in range(r) for p in (2 + r + a, 2 + a)]  # [N, C, o0, k0, o1, k1, ...]
+        v = b.op("Transpose", [col], "untiled", perm=perm)
+        span = [wd.out_spatial[a] * wd.kernel[a] for a in range(r)]
+        v = b.op("Reshape", [v, b.const([0, -1, *span], "shape", np.int64)], "untiled")
+        lo = [wd.pads[a] for a in range(r)]
+        hi = [min(span[a], wd.pads[a] + wd.in_spatial[a]) for a in range(r)]
+        if lo != [0] * r or hi != span:
+            v = b.op("Slice", [v, b.const(lo, "start", np.int64), b.const(hi, "end", np.int64),
+                               b.const(list(range(2, 2 + r)), "axes", np.int64)], "untiled")
+        pads = [0, 0] + [0] * r + [0, 0] + [wd.in_spatial[a] - (hi[a] - lo[a]) for a in range(r)]
+        return self.ctx.pad_with_zero(v, pads) if any(pads) else v
 
     def spread(self, v: str, wd) -> str:
         """``v`` ``[N, C, *out]`` with ``stride - 1`` zeros of the semiring after each element along each axis."""

@@ -32,7 +32,17 @@ from onnxlrp.semirings import DEFAULT_THRESHOLD, Semiring, check_threshold
 from .families import Algebra, Family
 from .ops.pooling import WindowAverage, WindowMax
 from .semiring_fast import FLOAT32_MAX, applies, fast_threshold_linear
-from .semiring_pairs import Annotator, axes_average, general_linear, global_max, join, window_average, window_max
+from .semiring_pairs import (
+    Annotator,
+    abs_normalized_linear,
+    axes_average,
+    factorizes,
+    general_linear,
+    global_max,
+    join,
+    window_average,
+    window_max,
+)
 
 PLUS_OPS = {"sum": ("Sum", "ReduceSum"), "max": ("Max", "ReduceMax"), "or": ("Max", "ReduceMax"),
             "min": ("Min", "ReduceMin")}
@@ -66,6 +76,8 @@ class SemiringRule(Rule):
                                                          layer.weight, "W")], "R")
         if applies(ann):
             return fast_threshold_linear(ann, layer, r)
+        if factorizes(ann):
+            return abs_normalized_linear(ann, layer, r)
         return general_linear(ann, layer, r)
 
     def join(self, ctx, node, r, on_path):

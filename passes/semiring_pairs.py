@@ -25,7 +25,7 @@ from onnxlrp.semirings import VITERBI_EPS, Semiring
 
 from .ops.pooling import first_max_taps, tap_validity, window_patches
 
-CHUNK_PAIRS = 1 << 22  # pairs per sample in one pair tensor (16 MiB of float32)
+CHUNK_PAIRS = 1 << 24  # pairs per sample in one pair tensor (64 MiB of float32)
 LOG_TINY = float(np.log(VITERBI_EPS))
 
 
@@ -210,66 +210,148 @@ class Annotator:
 
 # ---------------------------------------------------------------- linear layers
 
+class PairLayout:
+    """The pairs of a linear layer, laid out to broadcast: ``x5`` ``[N, positions, G, J, 1]`` (a dense layer has
+    one position; a convolution's J are the taps of its receptive field: im2col by a one-hot depthwise
+    convolution, 0 at padded taps), ``z5``, ``r5`` ``[N, positions, G, 1, Kg]``, the weights ``w3`` ``[G, J, Kg]``
+    and bias ``bias3`` ``[G, 1, Kg]``. :meth:`chunks` cuts them into pieces of at most :data:`CHUNK_PAIRS` pairs
+    per sample; :meth:`to_input` takes the per-pair results ``[N, positions, G, J]`` back to the layer input."""
+
+    def __init__(self, ann: Annotator, layer, r: str):
+        b = ann.b
+        self.ann, self.layer = ann, layer
+        if layer.kind == "dense":
+            j, k = layer.weight.shape
+            self.groups, self.jg, self.kg, self.positions = 1, j, k, 1
+            self.x5 = b.op("Reshape", [layer.x, b.const([-1, 1, 1, j, 1], "shape", np.int64)], "x_pairs")
+            to5 = b.const([-1, 1, 1, 1, k], "shape", np.int64)
+            self.z5, self.r5 = b.op("Reshape", [layer.z, to5], "z_pairs"), b.op("Reshape", [r, to5], "R_pairs")
+            self.w3 = layer.weight[None]
+        else:
+            wd, g = layer.window, layer.group
+            cout, cin_g = layer.weight.shape[:2]
+            self.groups, self.kg, self.positions = g, cout // g, int(np.prod(wd.out_spatial))
+            self.jg = cin_g * int(np.prod(wd.kernel))
+            patches, _ = window_patches(b, layer.x, wd, cin_g * g)  # [N, Cin, K, *out]
+            last, second_last = b.const([-1], "axes", np.int64), b.const([-2], "axes", np.int64)
+            self.x5 = b.op("Unsqueeze", [to_positions(b, patches, g, self.jg, self.positions), last], "x_pairs")
+            self.z5 = b.op("Unsqueeze", [to_positions(b, layer.z, g, self.kg, self.positions), second_last],
+                           "z_pairs")
+            self.r5 = b.op("Unsqueeze", [to_positions(b, r, g, self.kg, self.positions), second_last], "R_pairs")
+            self.w3 = layer.weight.reshape(g, self.kg, self.jg).transpose(0, 2, 1)
+        self.bias3 = None if layer.bias is None else layer.bias.reshape(self.groups, 1, self.kg)
+        self.constants: dict = {}
+
+    def weight(self, w: np.ndarray, hint: str) -> str:
+        """A constant for a chunk's (transformed) weights, made once: every chunk of positions reuses it."""
+        key = (hint, w.shape, w.tobytes())
+        if key not in self.constants:
+            self.constants[key] = self.ann.b.const(w, hint)
+        return self.constants[key]
+
+    def chunks(self):
+        """Per chunk of output positions, its chunks of output channels: ``(cut, w, bias)`` with ``cut(t,
+        per_output)`` the slicer of a pair-layout tensor and ``w``, ``bias`` the chunk's weights and bias."""
+        b = self.ann.b
+        per_position = self.groups * self.jg * self.kg
+        step_a = max(1, CHUNK_PAIRS // per_position)
+        step_k = self.kg if per_position <= CHUNK_PAIRS else max(1, CHUNK_PAIRS // (self.groups * self.jg))
+        for a0 in range(0, self.positions, step_a):
+            a = (a0, min(a0 + step_a, self.positions))
+            row = []
+            for k0 in range(0, self.kg, step_k):
+                k = (k0, min(k0 + step_k, self.kg))
+                bias = None if self.bias3 is None else self.bias3[..., k[0]:k[1]]
+                row.append((chunk_of(b, a, k, self.positions, self.kg), self.w3[..., k[0]:k[1]], bias))
+            yield row
+
+    def to_input(self, rows: list[str]) -> str:
+        b, layer = self.ann.b, self.layer
+        col = rows[0] if len(rows) == 1 else b.op("Concat", rows, "col", axis=1)  # [N, positions, G, J]
+        if layer.kind == "dense":
+            return b.op("Reshape", [col, b.op("Shape", [layer.x])], "R")
+        col = b.op("Transpose", [col], "col", perm=[0, 2, 3, 1])  # [N, G, J, positions]
+        cin, wd = self.groups * layer.weight.shape[1], layer.window
+        col = b.op("Reshape", [col, b.const([0, cin, int(np.prod(wd.kernel)), *wd.out_spatial], "shape", np.int64)],
+                   "col")
+        return self.ann.scatter_taps(col, wd, cin)
+
+
 def general_linear(ann: Annotator, layer, r: str) -> str:
     """Eq. K-LRP over the explicit pairs of a dense layer or the unfolded receptive fields of a convolution."""
     b = ann.b
-    if layer.kind == "dense":
-        j, k = layer.weight.shape
-        g, jg, kg, positions = 1, j, k, 1
-        x5 = b.op("Reshape", [layer.x, b.const([-1, 1, 1, j, 1], "shape", np.int64)], "x_pairs")
-        to5 = [-1, 1, 1, 1, k]
-        z5 = b.op("Reshape", [layer.z, b.const(to5, "shape", np.int64)], "z_pairs")
-        r5 = b.op("Reshape", [r, b.const(to5, "shape", np.int64)], "R_pairs")
-        w3 = layer.weight[None]
-        bias3 = None if layer.bias is None else layer.bias.reshape(1, 1, k)
-    else:
-        wd, g = layer.window, layer.group
-        cout, cin_g = layer.weight.shape[:2]
-        taps, kg, positions = int(np.prod(wd.kernel)), cout // g, int(np.prod(wd.out_spatial))
-        jg, cin = cin_g * taps, cin_g * g
-        patches, _ = window_patches(b, layer.x, wd, cin)  # [N, Cin, K, *out], 0 at padded taps
-        x5 = b.op("Unsqueeze", [to_positions(b, patches, g, jg, positions), b.const([-1], "axes", np.int64)],
-                  "x_pairs")
-        z5 = b.op("Unsqueeze", [to_positions(b, layer.z, g, kg, positions), b.const([-2], "axes", np.int64)],
-                  "z_pairs")
-        r5 = b.op("Unsqueeze", [to_positions(b, r, g, kg, positions), b.const([-2], "axes", np.int64)], "R_pairs")
-        w3 = layer.weight.reshape(g, kg, jg).transpose(0, 2, 1)  # [G, J, Kg]
-        bias3 = None if layer.bias is None else layer.bias.reshape(g, 1, kg)
-    inv_z5 = ann.inverse(z5) if not ann.needs_max() else None
-    log_x5 = ann.log_abs(x5) if ann.needs_log() else None
-    log_z5 = ann.log_abs(z5) if ann.s.annotation == "log-identity" else None
-    per_position = g * jg * kg
-    step_a = max(1, CHUNK_PAIRS // per_position)
-    step_k = kg if per_position <= CHUNK_PAIRS else max(1, CHUNK_PAIRS // (g * jg))
+    pairs = PairLayout(ann, layer, r)
+    inv_z5 = ann.inverse(pairs.z5) if not ann.needs_max() else None
+    log_x5 = ann.log_abs(pairs.x5) if ann.needs_log() else None
+    log_z5 = ann.log_abs(pairs.z5) if ann.s.annotation == "log-identity" else None
     rows = []
-    for a0 in range(0, positions, step_a):
-        a = (a0, min(a0 + step_a, positions))
+    for row in pairs.chunks():
         parts = []
-        for k0 in range(0, kg, step_k):
-            k_range = (k0, min(k0 + step_k, kg))
-            cut = chunk_of(b, a, k_range, positions, kg)
-            w = w3[..., k_range[0]:k_range[1]]
-            c = b.op("Mul", [cut(x5, False), b.const(w, "W")], "c")
+        for cut, w, bias in row:
+            c = b.op("Mul", [cut(pairs.x5, False), pairs.weight(w.astype(np.float32), "W")], "c")
             pieces = {}
             if inv_z5 is not None:
                 pieces["inv_z"] = cut(inv_z5, True)
             if log_x5 is not None:
-                pieces["log_c"] = b.op("Add", [cut(log_x5, False), b.const(ann.log_weights(w), "log_W")], "log_c")
+                pieces["log_c"] = b.op("Add", [cut(log_x5, False), pairs.weight(ann.log_weights(w), "log_W")],
+                                       "log_c")
             if log_z5 is not None:
                 pieces["log_z"] = cut(log_z5, True)
             if ann.needs_max():
-                bias = None if bias3 is None else bias3[..., k_range[0]:k_range[1]]
-                pieces.update(column_max(ann, c, pieces.get("log_c"), bias, axis=-2))
-            theta = ann.annotate(c, **pieces)
-            parts.append(ann.contract(theta, cut(r5, True), k_range[1] - k_range[0]))
+                bias_size = None if bias is None else pairs.weight(
+                    ann.log_weights(bias) if "log_c" in pieces else np.abs(bias).astype(np.float32), "bias_size")
+                pieces.update(column_max(ann, c, pieces.get("log_c"), bias_size, axis=-2))
+            parts.append(ann.contract(ann.annotate(c, **pieces), cut(pairs.r5, True), w.shape[-1]))
         rows.append(ann.plus(parts))
-    col = rows[0] if len(rows) == 1 else b.op("Concat", rows, "col", axis=1)  # [N, positions, G, J]
-    if layer.kind == "dense":
-        return b.op("Reshape", [col, b.op("Shape", [layer.x])], "R")
-    col = b.op("Transpose", [col], "col", perm=[0, 2, 3, 1])  # [N, G, J, positions]
-    col = b.op("Reshape", [col, b.const([0, g * layer.weight.shape[1], int(np.prod(layer.window.kernel)),
-                                         *layer.window.out_spatial], "shape", np.int64)], "col")
-    return ann.scatter_taps(col, layer.window, g * layer.weight.shape[1])
+    return pairs.to_input(rows)
+
+
+def factorizes(ann: Annotator) -> bool:
+    """Eq. 2.2.3's annotation with times = mul and plus in {max, sum}, or its log with max-plus."""
+    s = ann.s
+    return (s.annotation == "abs-normalized" and s.times == "mul" and s.plus in ("max", "sum")) or \
+        (s.annotation == "log-abs-normalized" and (s.plus, s.times) == ("max", "add"))
+
+
+def abs_normalized_linear(ann: Annotator, layer, r: str) -> str:
+    """Eq. 2.2.3 with ``|a_j|`` taken out of the plus: ``R_j = |a_j| plus_k |w_jk| g_k`` with ``g_k = R_k /
+    (m_k + 1e-9)`` and ``m_k = max(max_j |a_j w_jk|, |b_k|)`` (in log space ``R_j = log|a_j| + max_k (log|w_jk| +
+    R_k - log(m_k + 1e-9))``): two passes over the pairs (a max-times product and its transpose) instead of the
+    annotation's five. With plus = sum the transpose is a plain ``|W|^T g``."""
+    b = ann.b
+    log = ann.s.annotation.startswith("log-")
+    combine = "Add" if log else "Mul"
+    pairs = PairLayout(ann, layer, r)
+    size = ann.log_abs(pairs.x5) if log else b.op("Abs", [pairs.x5], "abs_x")  # |a_j| or log |a_j|
+    last = b.const([-1], "axes", np.int64)
+    rows, scaled = [], []
+    for row in pairs.chunks():
+        parts, gs = [], []
+        for cut, w, bias in row:
+            w_size = pairs.weight(ann.log_weights(w) if log else np.abs(w).astype(np.float32), "W_size")
+            m = ann.ctx.reduce("ReduceMax", b.op(combine, [cut(size, False), w_size], "c_size"), [-2], keepdims=1,
+                               hint="max_c")
+            if bias is not None:
+                bias_size = ann.log_weights(bias) if log else np.abs(bias).astype(np.float32)
+                m = b.op("Max", [m, pairs.weight(bias_size, "bias_size")], "max_c")
+            r_cut = cut(pairs.r5, True)
+            g = b.op("Sub", [r_cut, ann.log_scale(m)], "g") if log else b.op("Mul", [r_cut, ann.scale(m)], "g")
+            if ann.s.plus == "sum":
+                gs.append(g)
+            else:
+                parts.append(ann.ctx.reduce("ReduceMax", b.op(combine, [w_size, g], "spread"), [-1], keepdims=0,
+                                            hint="max_k"))
+        if gs:
+            scaled.append(gs[0] if len(gs) == 1 else b.op("Concat", gs, "g", axis=4))
+            continue
+        own = b.op("Squeeze", [row[0][0](size, False), last], "size")  # [N, chunk, G, J]
+        rows.append(ann.clamp(b.op(combine, [own, ann.plus(parts)], "R")))
+    if not scaled:
+        return pairs.to_input(rows)
+    # plus = sum: |a| * |W|^T g, with g back in the layer output's layout
+    g = scaled[0] if len(scaled) == 1 else b.op("Concat", scaled, "g", axis=1)  # [N, positions, G, 1, Kg]
+    g = b.op("Reshape", [b.op("Transpose", [g], "g", perm=[0, 2, 3, 4, 1]), b.op("Shape", [layer.z])], "g")
+    return b.op("Mul", [b.op("Abs", [layer.x]), layer.transpose(b, g, np.abs(layer.weight), "W_abs")], "R")
 
 
 def to_positions(b, t: str, groups: int, per_group: int, positions: int) -> str:
@@ -295,19 +377,19 @@ def chunk_of(b, a: tuple[int, int], k: tuple[int, int], positions: int, kg: int)
     return cut
 
 
-def column_max(ann: Annotator, c: str, log_c: str | None, bias: np.ndarray | None, axis) -> dict:
-    """Eq. 2.2.3's normalization over ``j`` (``axis``, the bias term ``|b_k|`` included): ``inv_m`` or, for the
-    log annotation, ``log_m``."""
+def column_max(ann: Annotator, c: str, log_c: str | None, bias_size: str | None, axis) -> dict:
+    """Eq. 2.2.3's normalization over ``j`` (``axis``; ``bias_size``: the constant ``|b_k|``, or ``log |b_k|``, that
+    joins the max): ``inv_m`` or, for the log annotation, ``log_m``."""
     b = ann.b
     axes = axis if isinstance(axis, list) else [axis]
     if log_c is None:
         m = ann.ctx.reduce("ReduceMax", b.op("Abs", [c]), axes, keepdims=1, hint="max_c")
-        if bias is not None:
-            m = b.op("Max", [m, b.const(np.abs(bias), "abs_bias")], "max_c")
+        if bias_size is not None:
+            m = b.op("Max", [m, bias_size], "max_c")
         return {"inv_m": ann.scale(m)}
     lm = ann.ctx.reduce("ReduceMax", log_c, axes, keepdims=1, hint="log_max_c")
-    if bias is not None:
-        lm = b.op("Max", [lm, b.const(ann.log_weights(bias), "log_abs_bias")], "log_max_c")
+    if bias_size is not None:
+        lm = b.op("Max", [lm, bias_size], "log_max_c")
     return {"log_m": ann.log_scale(lm)}
 
 

@@ -382,3 +382,43 @@ def test_cli_semirings(tmp_path, capsys):
     assert "does not use --threshold" in capsys.readouterr().err
     assert not (tmp_path / "v.onnx").exists()
 
+
+
+# ---------------------------------------------------------------- chunks
+
+@pytest.mark.parametrize("rule", ["boolean", "counting", "viterbi", "tropical", "max-threshold"])
+@pytest.mark.parametrize("model", ["cnn", "mlp", "depthwise_strided"])
+def test_chunked_evaluation_equals_the_reference(rule, model, monkeypatch, tmp_path):
+    """Large layers are cut into chunks (output positions, then output channels; the suspicious neurons of the
+    threshold fast path in several Loop iterations; a dense layer's 0/1 matrices a few rows at a time). With the
+    chunk sizes made tiny every layer here is cut, and the result is unchanged."""
+    from onnxlrp.passes import semiring_fast, semiring_pairs
+
+    monkeypatch.setattr(semiring_pairs, "CHUNK_PAIRS", 40)
+    monkeypatch.setattr(semiring_fast, "SUSPICIOUS_CHUNK_PAIRS", 30)
+    monkeypatch.setattr(semiring_fast, "DENSE_CHUNK", 20)
+    rng = np.random.default_rng(41)
+    layers, shape = ZOO[model](rng)
+    x = rng.normal(size=shape)
+    options, spec, theta = {}, rule, 1e-9
+    if rule in ("boolean", "counting"):
+        theta = 0.1  # many suspicious neurons: several Loop iterations
+        options = {"threshold": theta}
+    elif rule == "tropical":
+        options, spec = {"composite": semiring_file(tmp_path, TROPICAL)}, ("max", "add", -1e30, 0.0,
+                                                                          "log-abs-normalized")
+    elif rule == "max-threshold":
+        theta = 0.05
+        body = 'plus = "max"\ntimes = "mul"\nzero = 0.0\none = 1.0\nannotation = "threshold"\n'
+        options = {"composite": semiring_file(tmp_path, body, f"[[layer]]\nthreshold = {theta}\n")}
+        spec = ("max", "mul", 0, 1, "threshold")
+    out, expected = compare(rule if rule in sref.BUILTIN else "unused", layers, shape, x, reference_rule=spec,
+                            theta=theta, **options)
+    expected = expected.astype(np.float64)
+    got = out.get("relevance_exact", out["relevance"])
+    if rule in ("boolean", "counting", "max-threshold"):
+        np.testing.assert_array_equal(got, expected)
+    else:
+        relevant = expected > -1e29
+        np.testing.assert_array_equal(got > -1e29, relevant)
+        assert_close_relative(got[relevant], expected[relevant], 1e-5)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import networkx as nx
 import numpy as np
 
+from onnxlrp.errors import OnnxlrpError
 from onnxlrp.rules import RLRP, Rule, mul, times_relative
 
 from .families import Family
@@ -80,6 +81,11 @@ class RLRPFamily(Family):
 
     def plan(self, nodes):
         rules = {"linear": RLRP(), "join": RelativeJoin(), "average_pool": RelativePool(), "max_pool": RelativePool()}
+        for node in nodes:
+            if node.kind not in rules:
+                raise OnnxlrpError(f"node {node.name!r} ({node.op_type}): R-LRP is defined for feed-forward layers "
+                                   f"(Eq. 8-14) and has no rule for a {node.kind} layer; use a classic rule, e.g. "
+                                   "--rule epsilon or epsilon-plus-flat")
         return {node.name: rules[node.kind] for node in nodes}
 
     # ------------------------------------------------------------ range

@@ -138,7 +138,8 @@ def table(results: dict) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for name, row in results.items():
         f = row["forward"]
-        lines.append(f"| {name} | forward | - | {f['session_s']:.1f} | {f['run_s']:.3f} | 1 | {f['peak_mib']:.0f} | 1 |")
+        lines.append(f"| {name} | forward | - | {f['session_s']:.1f} | {f['run_s']:.3f} | 1 | "
+                     f"{f['peak_mib']:.0f} | 1 |")
         for rule, e in row.items():
             if rule != "forward":
                 lines.append(f"| {name} | {rule} | {e['compile_s']:.1f} | {e['session_s']:.1f} | {e['run_s']:.3f} | "

@@ -204,6 +204,69 @@ def demo_command(out_dir):
     run_demo(out_dir)
 
 
+@cli.command("mask")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("data")
+@click.option("--rule", "-r", default="boolean", show_default=True, help="A semiring (boolean: B-relevance).")
+@click.option("--composite", type=click.Path(dir_okay=False), help="TOML composite (per-layer thresholds).")
+@click.option("--threshold", type=float, help="Threshold of the boolean semiring (default 1e-9).")
+@click.option("--class", "target_class", type=int, help="Only this class (default: every predicted class).")
+@click.option("--combine", type=click.Choice(["and", "or", "both"]), default="both", show_default=True)
+@click.option("--preprocess", default="none", show_default=True, help=PREPROCESS_HELP)
+@click.option("--limit", type=int, help="Use only the first N samples.")
+@click.option("-o", "--out-dir", default="onnxlrp-mask", show_default=True)
+def mask_command(model, data, threshold, **kw):
+    """Class masks: pixel-wise AND / OR of the B-relevance of every sample of a class (semiring LRP, Sec. 3.1);
+    DATA as in evaluate (builtin:digits, .npz, folder)."""
+    from .apps.masks import run_mask
+
+    run_mask(model, data, **kw, **({"threshold": threshold} if threshold is not None else {}))
+
+
+@cli.command("prune")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("data")
+@click.option("--tensor", required=True, help="The inner tensor whose neurons are ranked and pruned.")
+@click.option("--rules", default="lrp0,viterbi,boolean,counting", show_default=True,
+              help="Rankings by average relevance (L1/L2 weight norms are added).")
+@click.option("--rank-data", help="Data to rank the neurons on (default: DATA).")
+@click.option("--steps", help="Comma-separated numbers of pruned neurons (default: 0 to all in 25 steps).")
+@click.option("--preprocess", default="none", show_default=True, help=PREPROCESS_HELP)
+@click.option("--limit", type=int, help="Use only the first N samples.")
+@click.option("-o", "--out-dir", default="onnxlrp-prune", show_default=True)
+def prune_command(model, data, steps, **kw):
+    """Neuron ranking by average relevance and pruning curves (accuracy, loss) against L1/L2 norms (Sec. 3.2)."""
+    from .apps.pruning import run_prune
+
+    run_prune(model, data, steps=parse_counts(steps, "--steps"), **kw)
+
+
+@cli.command("perturb")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("data")
+@click.option("--rules", default="lrp0,viterbi,boolean,counting", show_default=True)
+@click.option("--pixels", help="Comma-separated pixel counts (default: 0 to half the image in 10 steps).")
+@click.option("--repeats", type=int, default=3, show_default=True, help="Random draws averaged.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--preprocess", default="none", show_default=True, help=PREPROCESS_HELP)
+@click.option("--limit", type=int, help="Use only the first N samples.")
+@click.option("-o", "--out-dir", default="onnxlrp-perturb", show_default=True)
+def perturb_command(model, data, pixels, **kw):
+    """Accuracy when pixels drawn with P = softmax(-R) are perturbed, against uniform draws (Sec. 3.3)."""
+    from .apps.perturbation import run_perturb
+
+    run_perturb(model, data, pixels=parse_counts(pixels, "--pixels"), **kw)
+
+
+def parse_counts(text: str | None, option: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise OnnxlrpError(f"{option} {text!r}: expected comma-separated integers") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; user errors become one line on stderr and exit code 1 (2 for unsupported ops)."""
     argv = list(sys.argv[1:] if argv is None else argv)

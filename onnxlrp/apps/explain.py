@@ -21,6 +21,7 @@ from .files import PATH_TYPES, check_out_dir, ensure_dir, write_npy
 from .layout import image_layout
 from .models import input_shape, prepare
 from .preprocess import make_preprocess
+from .semiring_view import heatmap_view
 
 __all__ = ["HEATMAP_MIN_SIDE", "run_explain", "unique_stems"]
 
@@ -110,6 +111,7 @@ def run_explain(model, images, *, out_dir, target="predicted", preprocess="none"
     if prepared.chw != chw:
         raise OnnxlrpError(f"{show(model)}: the compiled model takes {list(prepared.chw)}, not {list(chw)}")
     explainer = Explainer(prepared.model)
+    view = heatmap_view(prepared.model)  # a semiring's channels meet with its plus
     out = Path(out_dir)
     stems = unique_stems(paths)
     scale = _upscale(height, width)
@@ -140,7 +142,7 @@ def run_explain(model, images, *, out_dir, target="predicted", preprocess="none"
                 k = int(classes[j])
                 score = float(scores[j, k])
                 png, npy = out / f"{stems[i]}.png", out / f"{stems[i]}.npy"
-                write_atomic(png, _png(layout.to_chw(relevance[j]), raw[j] if overlay else None, scale))
+                write_atomic(png, _png(view(layout.to_chw(relevance[j])), raw[j] if overlay else None, scale))
                 write_npy(npy, relevance[j])
                 results.append({"file": str(paths[i]), "class": k, "score": score, "png": str(png),
                                 "npy": str(npy)})

@@ -144,7 +144,7 @@ def double_counts(ann: Annotator, layer, r_pos, r_neg, w_pos, w_neg, both):
     halves = [col] if not both else b.op("Split", [col, b.const([jg, jg], "split", np.int64)], "col", n_out=2,
                                          axis=2)
     shape = b.const([0, groups * cin_g, taps, *wd.out_spatial], "shape", np.int64)
-    sums = [ann.scatter_taps(b.op("Reshape", [h, shape], "col"), wd, groups * cin_g) for h in halves]
+    sums = [ann.scatter_taps(b.op("Reshape", [h, shape], "col"), wd) for h in halves]
     return sums[0], (sums[1] if both else None)
 
 

@@ -134,7 +134,7 @@ class Annotator:
     def plus(self, terms: list[str]) -> str:
         return self.ctx.add_relevance(terms)
 
-    def contract(self, theta: str, r_row: str, kg: int) -> str:
+    def contract(self, theta: str, r_row: str) -> str:
         """``plus_k Theta_jk times R_k`` over the last axis of ``theta`` (``[..., J, Kg]``) with ``r_row``
         ``[..., 1, Kg]``: a MatMul for (sum, mul) (integers below 2**24 stay exact in float32, counts use float64),
         otherwise times and a reduction. Returns ``[..., J]``."""
@@ -148,7 +148,7 @@ class Annotator:
 
     # ------------------------------------------------------------ taps back to input positions
 
-    def scatter_taps(self, col: str, window, channels: int) -> str:
+    def scatter_taps(self, col: str, window) -> str:
         """``col`` ``[N, C, K, *out]`` (one value per window tap and output position) added back at the input
         positions the taps read, with the semiring's plus (overlapping windows meet there); padded taps are
         dropped. Each tap's values are spread by the strides (the semiring's zero in between) and shifted into
@@ -274,7 +274,7 @@ class PairLayout:
         cin, wd = self.groups * layer.weight.shape[1], layer.window
         col = b.op("Reshape", [col, b.const([0, cin, int(np.prod(wd.kernel)), *wd.out_spatial], "shape", np.int64)],
                    "col")
-        return self.ann.scatter_taps(col, wd, cin)
+        return self.ann.scatter_taps(col, wd)
 
 
 def general_linear(ann: Annotator, layer, r: str) -> str:
@@ -301,7 +301,7 @@ def general_linear(ann: Annotator, layer, r: str) -> str:
                 bias_size = None if bias is None else pairs.weight(
                     ann.log_weights(bias) if "log_c" in pieces else np.abs(bias).astype(np.float32), "bias_size")
                 pieces.update(column_max(ann, c, pieces.get("log_c"), bias_size, axis=-2))
-            parts.append(ann.contract(ann.annotate(c, **pieces), cut(pairs.r5, True), w.shape[-1]))
+            parts.append(ann.contract(ann.annotate(c, **pieces), cut(pairs.r5, True)))
         rows.append(ann.plus(parts))
     return pairs.to_input(rows)
 
@@ -432,7 +432,7 @@ def window_average(ann: Annotator, view, r: str) -> str:
     z = b.op("Unsqueeze", [view.y, b.const([2], "axes", np.int64)], "z")
     pieces = pool_pieces(ann, c, patches, weight, z, [2])
     col = ann.times(ann.annotate(c, **pieces), b.op("Unsqueeze", [r, b.const([2], "axes", np.int64)], "R"))
-    return ann.scatter_taps(col, wd, channels)
+    return ann.scatter_taps(col, wd)
 
 
 def axes_average(ann: Annotator, view, r: str) -> str:
@@ -474,7 +474,7 @@ def window_max(ann: Annotator, view, r: str) -> str:
     winner = first_max_taps(b, patches, 2, int(np.prod(wd.kernel)), wd.rank)
     col = b.op("Where", [winner, b.op("Unsqueeze", [r, b.const([2], "axes", np.int64)], "R"),
                          ann.relevance_const(ann.s.zero, "zero")], "routed")
-    return ann.scatter_taps(col, wd, channels)
+    return ann.scatter_taps(col, wd)
 
 
 def global_max(ann: Annotator, view, r: str) -> str:

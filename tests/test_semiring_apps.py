@@ -49,6 +49,8 @@ def test_masks_are_the_and_and_or_of_boolean_relevance(tmp_path):
         got_or = np.load(tmp_path / "out" / f"mask_class{c}_or.npy")
         np.testing.assert_array_equal(got_and, np.all(marks[classes == c], axis=0))
         np.testing.assert_array_equal(got_or, np.any(marks[classes == c], axis=0))
+        frequency = np.load(tmp_path / "out" / f"mask_class{c}_frequency.npy")
+        np.testing.assert_allclose(frequency, marks[classes == c].mean(axis=0), rtol=1e-6)
         assert not got_or[4:].any() and got_or[:4].any()  # the lower half is never relevant
         assert (tmp_path / "out" / f"mask_class{c}_or.png").exists()
     assert json.loads((tmp_path / "out" / "masks.json").read_text())["classes"][str(classes[0])]["samples"] > 0
@@ -62,8 +64,9 @@ def test_mask_command_one_class(tmp_path, capsys):
     data, _ = dataset(tmp_path, rng, shape)
     assert main(["mask", str(model_path), str(data), "--class", "1", "--combine", "and", "-o",
                  str(tmp_path / "m")]) == 0
-    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["mask_class1_and.npy", "mask_class1_and.png",
-                                                                   "masks.json"]
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [
+        "mask_class1_and.npy", "mask_class1_and.png", "mask_class1_frequency.npy", "mask_class1_frequency.png",
+        "masks.json"]
     assert main(["mask", str(model_path), str(data), "--combine", "xor", "-o", str(tmp_path / "n")]) != 0
     assert not (tmp_path / "n").exists()
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -91,13 +92,14 @@ def heatmaps(results: dict) -> None:
 
 
 def mask_grid(folder: Path, classes: list[int], title: str, name: str) -> str:
-    fig = Figure(figsize=(1.4 * len(classes), 3.2))
+    kinds = ("and", "or", "frequency")
+    fig = Figure(figsize=(1.4 * len(classes), 4.6))
     for i, c in enumerate(classes):
-        for j, how in enumerate(("and", "or")):
-            ax = fig.add_subplot(2, len(classes), j * len(classes) + i + 1)
+        for j, how in enumerate(kinds):
+            ax = fig.add_subplot(len(kinds), len(classes), j * len(classes) + i + 1)
             path = folder / f"mask_class{c}_{how}.npy"
             ax.imshow(np.load(path) if path.exists() else np.zeros((2, 2)), cmap="gray", vmin=0, vmax=1)
-            ax.set_title(f"{c} {how.upper()}", fontsize=8)
+            ax.set_title(f"{c} {how.upper() if how != 'frequency' else 'freq.'}", fontsize=8)
             ax.axis("off")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -120,12 +122,13 @@ def stacked(results: dict, work: Path) -> None:
     classes = [int(c) for c, e in summary["classes"].items() if e["samples"]]
     masks = {how: [np.load(work / "stacked" / f"mask_class{c}_{how}.npy") for c in classes] for how in ("and", "or")}
     overall = {"and": np.all(masks["and"], axis=0), "or": np.any(masks["or"], axis=0)}
-    fig = Figure(figsize=(6.0, 3.6))
+    fig = Figure(figsize=(7.5, 3.6))
     images = [("AND, all pairs", overall["and"]), ("OR, all pairs", overall["or"]),
               ("AND, class 0", np.load(work / "stacked" / "mask_class0_and.npy")),
-              ("OR, class 0", np.load(work / "stacked" / "mask_class0_or.npy"))]
+              ("OR, class 0", np.load(work / "stacked" / "mask_class0_or.npy")),
+              ("frequency, class 0", np.load(work / "stacked" / "mask_class0_frequency.npy"))]
     for i, (title, mask) in enumerate(images):
-        ax = fig.add_subplot(1, 4, i + 1)
+        ax = fig.add_subplot(1, len(images), i + 1)
         ax.imshow(mask, cmap="gray", vmin=0, vmax=1)
         ax.axhline(27.5, color="red", linewidth=0.8)
         ax.set_title(title, fontsize=8)
@@ -138,7 +141,20 @@ def stacked(results: dict, work: Path) -> None:
         r = relevance(STACKED, rule, x)
         r = np.abs(r.get("relevance_exact", r["relevance"])[:, 0].astype(np.float64))
         shares[rule] = float(r[:, 28:].sum() / r.sum())
+    sweep = {}
+    for theta in (1e-9, 1e-3, 1e-2, 1e-1):  # Sec. 4.3: a larger threshold on the first layer only
+        toml = work / "first_layer.toml"
+        toml.write_text(f'[[layer]]\nrule = "boolean"\nop = "Gemm"\nposition = [0, 0]\nthreshold = {theta}\n'
+                        '[[layer]]\nrule = "boolean"\n')
+        r = relevance(STACKED, "unused", x, composite=toml)["relevance"][:, 0].astype(np.float64)
+        sweep[f"{theta:g}"] = {"lower_half_share": float(r[:, 28:].sum() / r.sum()),
+                               "marked_upper": float(r[:, :28].mean()), "marked_lower": float(r[:, 28:].mean())}
+    weights = next(v for v in (onnx.numpy_helper.to_array(t) for t in onnx.load(STACKED).graph.initializer)
+                   if v.shape == (300, 56 * 28))
     results["stacked"] = {"figure": save(fig, "stacked_masks.png"), "per_class": summary["classes"],
+                          "first_layer_threshold_sweep": sweep,
+                          "first_layer_mean_abs_weight": {"upper": float(np.abs(weights[:, :784]).mean()),
+                                                          "lower": float(np.abs(weights[:, 784:]).mean())},
                           "or_mask_lower_half_fraction": float(overall["or"][28:].mean()),
                           "or_mask_upper_half_fraction": float(overall["or"][:28].mean()),
                           "class0_or_lower_half_fraction": float(images[3][1][28:].mean()),

@@ -7,8 +7,9 @@ with AND (pixels marked in every sample) and OR (pixels marked in some sample) g
 recognize ``c``: the paper's ring around the center for class 0, or, on images of two stacked digits labelled by
 the upper one, the upper half (Fig. 3.2-3.3).
 
-Writes ``mask_class<c>_<and|or>.png`` (white: in the mask) and ``.npy`` (bool ``[H, W]``) per class, and
-``masks.json`` (samples per class, the fraction of pixels in each mask).
+Writes ``mask_class<c>_<and|or>.png`` (white: in the mask) and ``.npy`` (bool ``[H, W]``) per class, the fraction
+of the class's samples that mark each pixel (``mask_class<c>_frequency``: 1 is the AND, above 0 the OR; float
+``[H, W]``, PNG in grey levels), and ``masks.json`` (samples per class, the fraction of pixels in each mask).
 """
 
 from __future__ import annotations
@@ -43,14 +44,16 @@ def class_masks(marks: np.ndarray, classes: np.ndarray, wanted: list[int]) -> di
     out = {}
     for c in wanted:
         chosen = marks[classes == c]
-        out[c] = {"and": np.all(chosen, axis=0), "or": np.any(chosen, axis=0), "samples": len(chosen)}
+        out[c] = {"and": np.all(chosen, axis=0), "or": np.any(chosen, axis=0), "samples": len(chosen),
+                  "frequency": chosen.mean(axis=0) if len(chosen) else np.zeros(marks.shape[1:])}
     return out
 
 
 def mask_png(mask: np.ndarray):
-    """A writer for ``mask`` as a black-and-white PNG, scaled up to at least 224 pixels a side."""
+    """A writer for ``mask`` (bool, or a fraction in [0, 1]) as a grey-level PNG, white for 1, scaled up to at least
+    224 pixels a side."""
     scale = max(1, math.ceil(224 / max(min(mask.shape), 1)))
-    image = Image.fromarray(np.where(mask, 255, 0).astype(np.uint8)).resize(
+    image = Image.fromarray(np.round(np.asarray(mask, dtype=np.float64) * 255).astype(np.uint8)).resize(
         (mask.shape[1] * scale, mask.shape[0] * scale), Image.NEAREST)
     return lambda tmp: image.save(tmp, format="PNG")
 
@@ -93,6 +96,9 @@ def run_mask(model, data: str, *, out_dir: str, rule: str = "boolean", target_cl
             write_atomic(stem.with_suffix(".png"), mask_png(m[how]))
             write_npy(stem.with_suffix(".npy"), m[how])
             entry[f"{how}_fraction"] = float(m[how].mean())
+        stem = out / f"mask_class{c}_frequency"
+        write_atomic(stem.with_suffix(".png"), mask_png(m["frequency"]))
+        write_npy(stem.with_suffix(".npy"), m["frequency"].astype(np.float32))
         summary["classes"][str(c)] = entry
         click.echo(f"class {c}: {m['samples']} samples; " + ", ".join(
             f"{how.upper()} mask {entry[f'{how}_fraction']:.1%} of the pixels" for how in COMBINE

@@ -97,7 +97,7 @@ def run_perturb(model, data: str, *, out_dir: str, rules: str = "lrp0,viterbi,bo
                              ("gap_to_uniform", "perturbation_gap.png", "accuracy - uniform draws")):
         write_atomic(out / name, lambda tmp, key=key, label=label: save_plot(
             tmp, pixels, {m: e[key] for m, e in results["methods"].items()},
-            title=f"Pixels drawn with P = softmax(-R) (Eq. 3.3.1), {len(x)} samples x {repeats} draws",
+            title=f"P = softmax(-R) (Eq. 3.3.1): {len(x)} samples x {repeats} draws",
             xlabel="pixels perturbed (x <- lo + hi - x)", ylabel=label))
     click.echo(f"wrote perturbation.csv, perturbation.json and the plots to {show(out)}")
     return results

@@ -60,6 +60,9 @@ def rule_options(fn):
                      help="Graph output to explain (default: the class scores: an output made by a Softmax or "
                           "Sigmoid, else the largest [batch, K] one, else the first float output)."),
         click.option("--node-output", help="Intermediate tensor to explain instead of a graph output."),
+        click.option("--node-input", multiple=True,
+                     help="Intermediate tensor to give relevance to instead of the graph inputs (e.g. a spectrogram "
+                          "or an embedding behind a front-end without a rule); repeatable."),
         click.option("--input-shape", multiple=True, help="NAME=D1,D2,... fixes open input dims (repeatable)."),
         click.option("--precision", type=click.Choice(["fp32", "fp16"]),
                      help="fp16: a float16 forward pass (for GPUs); relevance is always float32."),
@@ -76,8 +79,8 @@ def compile_kwargs(kw: dict) -> dict:
         kw.pop(k, None)
     return dict(rule=kw.pop("rule"), composite=kw.pop("composite"), flat_layers=kw.pop("flat_layers"),
                 opset=kw.pop("opset"), output=kw.pop("output_name"), node_output=kw.pop("node_output"),
-                input_shapes=parse_input_shapes(kw.pop("input_shape")), precision=kw.pop("precision"),
-                relevance_at=list(kw.pop("relevance_at")), **params)
+                node_input=list(kw.pop("node_input")) or None, relevance_at=list(kw.pop("relevance_at")),
+                input_shapes=parse_input_shapes(kw.pop("input_shape")), precision=kw.pop("precision"), **params)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -144,7 +147,7 @@ def rules_command():
     click.echo("rules (applied to every Conv/Gemm/MatMul):")
     for name in RULES:
         click.echo(f"  {name:28s} {COMPOSITES[name].description}")
-    click.echo("rules for joins and pools (in a TOML composite; defaults: "
+    click.echo("rules for joins, pools, resizes and element-wise Max/Min (in a TOML composite; defaults: "
                + ", ".join(f"{kind} -> {cls.name}" for kind, cls in DEFAULTS.items()) + "):")
     for name, cls in NODE_RULES.items():
         click.echo(f"  {name:28s} {cls.summary}")

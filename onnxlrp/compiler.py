@@ -12,7 +12,7 @@ from pathlib import Path
 import onnx
 from onnx import helper
 
-from onnxlrp.passes.canonicalize import canonicalize
+from onnxlrp.passes.canonicalize import FoldedConstants, canonicalize, restore_folded
 from onnxlrp.passes.families import ClassicFamily, Family
 from onnxlrp.passes.relevance import RelevancePass, rule_table
 from onnxlrp.passes.rlrp import RLRPFamily
@@ -73,7 +73,8 @@ def family_of(composite: Composite, params: dict, flat_layers: int) -> Family:
 
 
 def _pass(model: onnx.ModelProto, composite: Composite, *, params: dict, flat_layers: int, output, node_output,
-          opset, input_shapes, precision=None, source=None, relevance_at=()) -> RelevancePass:
+          opset, input_shapes, precision=None, source=None, node_input=None, relevance_at=()
+          ) -> tuple[RelevancePass, FoldedConstants]:
     unknown = set(params) - set(PARAMETER_NAMES)
     if unknown:
         raise OnnxlrpError(f"unknown parameter(s) {', '.join(sorted(unknown))}; valid: {', '.join(PARAMETER_NAMES)}")
@@ -82,33 +83,38 @@ def _pass(model: onnx.ModelProto, composite: Composite, *, params: dict, flat_la
         raise OnnxlrpError("--flat-layers must be at least 1")
     family = family_of(composite, params, flat_layers)
     composite.check_parameters(params)
+    node_inputs = [node_input] if isinstance(node_input, str) else list(node_input) if node_input else None
     with naming_the_model(source):
-        canonical, shapes = canonicalize(model, opset=opset, input_shapes=input_shapes, precision=precision)
+        canonical, shapes, folded = canonicalize(model, opset=opset, input_shapes=input_shapes, precision=precision)
         return RelevancePass(canonical, shapes, family, output=output, node_output=node_output,
-                             relevance_at=tuple(relevance_at or ()))
+                             node_inputs=node_inputs, relevance_at=tuple(relevance_at or ())), folded
 
 
 def compile(model_or_path, rule: str = "epsilon", *, composite: str | Path | None = None, output: str | None = None,
-            node_output: str | None = None, opset: int | None = None,
+            node_output: str | None = None, node_input: str | list[str] | None = None, opset: int | None = None,
             input_shapes: dict[str, list[int]] | None = None, flat_layers: int = 1, precision: str | None = None,
             relevance_at: list[str] | tuple[str, ...] = (), **params) -> onnx.ModelProto:
     """Compile ``model_or_path`` (a ModelProto or a file) with ``rule`` (a rule, composite or semiring name, see
     ``onnxlrp rules``) or a TOML ``composite``. Parameters: epsilon, gamma, alpha, beta, low, high, stabilizer,
     threshold (semirings). ``precision="fp16"`` makes the forward pass float16 (relevance is always computed in
-    float32). ``relevance_at``: inner tensors whose relevance is output too (``relevance@TENSOR``).
+    float32). ``node_input``: one intermediate tensor (or several) explained instead of the float graph inputs, e.g.
+    a spectrogram behind an STFT or an embedding behind a token lookup; the nodes before it need no rule.
+    ``relevance_at``: inner tensors whose relevance is output too (``relevance@TENSOR``).
 
     The result keeps every original input and output and adds the optional input ``target`` (int64 [batch], -1
-    or absent: explain the predicted class) and the outputs ``relevance`` and ``explained_class``.
+    or absent: explain the predicted class) and the outputs ``relevance`` (``relevance.<name>`` per input or node
+    input when there are several) and ``explained_class``.
     """
     model, digest = read_model(model_or_path)
     comp = choose_composite(rule, composite)
-    rp = _pass(model, comp, params=params, flat_layers=flat_layers, output=output, node_output=node_output,
-               opset=opset, input_shapes=input_shapes, precision=precision, source=model_or_path,
-               relevance_at=relevance_at)
+    rp, folded = _pass(model, comp, params=params, flat_layers=flat_layers, output=output, node_output=node_output,
+                       opset=opset, input_shapes=input_shapes, precision=precision, source=model_or_path,
+                       node_input=node_input, relevance_at=relevance_at)
     with naming_the_model(model_or_path):
         relevance = rp.run()
-        rp.finish(relevance)
+        outputs = rp.finish(relevance)
     compiled = rp.model
+    restore_folded(compiled.graph, folded)
     compiled.producer_name, compiled.producer_version = "onnxlrp", __version__
     meta = {
         "onnxlrp.version": __version__,
@@ -116,6 +122,7 @@ def compile(model_or_path, rule: str = "epsilon", *, composite: str | Path | Non
         "onnxlrp.plan": json.dumps(rule_table(rp.plan)),
         "onnxlrp.explained": rp.target,
         "onnxlrp.explained_why": rp.explained_why,
+        "onnxlrp.relevance_of": json.dumps(dict(zip(outputs, rp.sources, strict=True))),
         "onnxlrp.source_sha256": digest,
     }
     if comp.semiring is not None:
@@ -130,13 +137,13 @@ def compile(model_or_path, rule: str = "epsilon", *, composite: str | Path | Non
     return compiled
 
 
-def inspect(model_or_path, rule: str = "epsilon", *, composite=None, output=None, node_output=None, opset=None,
-            input_shapes=None, flat_layers: int = 1, precision=None, relevance_at=(), **params) -> Plan:
+def inspect(model_or_path, rule: str = "epsilon", *, composite=None, output=None, node_output=None, node_input=None,
+            opset=None, input_shapes=None, flat_layers: int = 1, precision=None, relevance_at=(), **params) -> Plan:
     """The rule plan and the unsupported nodes on the relevance path, without emitting anything."""
     model, _ = read_model(model_or_path)
-    rp = _pass(model, choose_composite(rule, composite), params=params, flat_layers=flat_layers, output=output,
-               node_output=node_output, opset=opset, input_shapes=input_shapes, precision=precision,
-               source=model_or_path, relevance_at=relevance_at)
+    rp, _ = _pass(model, choose_composite(rule, composite), params=params, flat_layers=flat_layers, output=output,
+                  node_output=node_output, opset=opset, input_shapes=input_shapes, precision=precision,
+                  source=model_or_path, node_input=node_input, relevance_at=relevance_at)
     with naming_the_model(model_or_path):
         problems = rp.unsupported()
         plan = {} if problems else rp.family.plan(rp.plan_nodes())

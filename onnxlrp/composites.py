@@ -1,10 +1,11 @@
 """Composites: which rule each rule-bearing node gets, by selectors; first match wins (Zennit's names and defaults).
 
 Rule-bearing nodes are linear layers (Conv, Gemm, MatMul with a constant weight), joins (Add/Sum/Sub of several
-relevance-carrying tensors) and pools (average and max). An entry applies to a node when its selectors match and
-its rule is one for the node's kind (:attr:`onnxlrp.rules.Rule.kinds`). A linear layer that no entry selects is an
-error; a join or pool gets its kind's default (:data:`onnxlrp.node_rules.DEFAULTS`: Norm, winner-take-all) with the
-composite's parameters (``--stabilizer`` reaches joins and pools, as Zennit passes it to its Norm rule).
+relevance-carrying tensors), pools (average and max), resizes, and element-wise Max/Min of several relevance-carrying
+tensors. An entry applies to a node when its selectors match and its rule is one for the node's kind
+(:attr:`onnxlrp.rules.Rule.kinds`). A linear layer that no entry selects is an error; any other node gets its kind's
+default (:data:`onnxlrp.node_rules.DEFAULTS`: Norm, winner-take-all) with the composite's parameters
+(``--stabilizer`` reaches joins, pools and resizes, as Zennit passes it to its Norm rule).
 
 A composite is propagated by a family: ``classic``, or ``rlrp`` when every entry's rule is ``rlrp`` (R-LRP is a
 whole-sweep method and cannot be mixed per layer, see :mod:`onnxlrp.passes.rlrp`), or ``semiring`` when its rules

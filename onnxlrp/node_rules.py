@@ -3,10 +3,11 @@
 A composite gives them to nodes like the linear rules (selectors by op type, name, position); a node that no entry
 selects gets its kind's default rule here, with the composite's parameters that the rule has (``--stabilizer``).
 
-- :class:`Norm` (joins ``z = sum_k u_k`` and average pools ``z = W x``): relevance in proportion to each
-  contribution, ``R_k = u_k * R / stab(z)``, for a pool ``R_in = x * W^T (R / stab(z))`` (Zennit's Norm rule, the
-  epsilon rule with the stabilizer as epsilon; Zennit's default 1e-6).
-- :class:`WinnerTakesAll` (max pools): each window's relevance goes to its first arg-max, as the gradient routes it.
+- :class:`Norm` (joins ``z = sum_k u_k``, average pools and resizes ``z = W x``): relevance in proportion to each
+  contribution, ``R_k = u_k * R / stab(z)``, for a pool or resize ``R_in = x * W^T (R / stab(z))`` (Zennit's Norm
+  rule, the epsilon rule with the stabilizer as epsilon; Zennit's default 1e-6).
+- :class:`WinnerTakesAll` (max pools, element-wise Max/Min of branches): each window's relevance goes to its first
+  arg-max, as the gradient routes it; for ``Max(u_0, u_1, ...)`` the operands at one position are the window.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ class Norm(Rule):
 
     stabilizer: float = STABILIZER
     name = "norm"
-    summary = "joins and average pools: relevance in proportion to each contribution (Zennit's Norm rule)"
-    kinds = ("join", "average_pool")
+    summary = "joins, average pools, resizes: relevance in proportion to each contribution (Zennit's Norm rule)"
+    kinds = ("join", "average_pool", "resize")
     multiplies_by_input = True
 
     def join(self, ctx, node, r: str, on_path: list[int]) -> dict[int, str]:
@@ -43,7 +44,8 @@ class Norm(Rule):
         return {i: b.op("Neg", [v], "R") if node.op_type == "Sub" and i == 1 else v for i, v in shares.items()}
 
     def average(self, ctx, view, r: str) -> str:
-        """``x * W^T (R / stab(z))`` (see :class:`onnxlrp.passes.ops.pooling.AveragingView`)."""
+        """``x * W^T (R / stab(z))`` for average pools and resizes (see
+        :class:`onnxlrp.passes.ops.pooling.AveragingView`)."""
         b = ctx.b
         return product(b, view.x, view.spread(b, divide_relevance(b, r, view.y, self.stabilizer)))
 
@@ -51,14 +53,18 @@ class Norm(Rule):
 @dataclass(frozen=True)
 class WinnerTakesAll(Rule):
     """Max pooling: each window's relevance to the first arg-max of the window (the arg-max the gradient picks);
-    overlapping windows add up."""
+    overlapping windows add up. Element-wise Max/Min of several relevance-carrying operands: ``R`` to the first
+    operand that attains the extremum (:class:`onnxlrp.passes.ops.extremum.ExtremumView`)."""
 
     name = "winner-take-all"
-    summary = "max pools: each window's relevance to its first arg-max"
-    kinds = ("max_pool",)
+    summary = "max pools and element-wise Max/Min of branches: each window's relevance to its first arg-max"
+    kinds = ("max_pool", "elementwise_max")
     preserves_zero = True  # routing: an input that is 0 gets relevance only where a window's maximum is 0
 
     def max_pool(self, ctx, view, r: str) -> str:
+        return view.route_first(ctx.b, r)
+
+    def elementwise_max(self, ctx, view, r: str) -> dict[int, str]:
         return view.route_first(ctx.b, r)
 
 
@@ -77,4 +83,4 @@ class RecurrentEpsilon(Rule):
 
 NODE_RULES: dict[str, type[Rule]] = {cls.name: cls for cls in (Norm, WinnerTakesAll, RecurrentEpsilon)}
 DEFAULTS: dict[str, type[Rule]] = {"join": Norm, "average_pool": Norm, "max_pool": WinnerTakesAll,
-                                   "recurrent": RecurrentEpsilon}
+                                   "elementwise_max": WinnerTakesAll, "resize": Norm, "recurrent": RecurrentEpsilon}

@@ -56,7 +56,7 @@ class PlanNode:
 
     name: str
     op_type: str
-    kind: str  # "linear", "join", "average_pool" or "max_pool"
+    kind: str  # "linear", "join", "average_pool", "max_pool", "resize" or "elementwise_max"
     index: int  # position among the nodes of its kind, topological order
     depth: int  # linear layers on the longest input path up to and including this node (first layer: 1)
 

@@ -111,7 +111,7 @@ def fused_node_list(graph: onnx.GraphProto, matches: list[Match]) -> list[onnx.N
 
 # unary element-wise ops, and binary ones when the other operand is a constant
 UNARY = {"Sigmoid", "Tanh", "Erf", "Softplus", "HardSigmoid", "Relu", "Neg", "Exp", "Abs", "Softsign", "Identity",
-         "Cast", "Clip", "Gelu", "Mish", "HardSwish", "Elu", "Selu", "Celu", "LeakyRelu"}
+         "Cast", "Clip", "Gelu", "Mish", "HardSwish", "Elu", "Selu", "Celu", "LeakyRelu", "Reciprocal", "Sqrt"}
 WITH_CONSTANT = {"Add", "Sub", "Mul", "Div", "Pow"}
 
 
@@ -139,8 +139,10 @@ def activation_product(scope: Scope, node: onnx.NodeProto):
     (SiLU/Swish ``x * Sigmoid(x)``, HardSwish ``x * HardSigmoid(x)`` or ``x * Clip(x + 3, 0, 6) / 6``, GELU
     ``0.5 x (1 + erf(x / sqrt 2))`` and its tanh form, Mish ``x * tanh(softplus(x))``): one element-wise activation
     ``ElementwiseActivation(x)``, which gets the identity rule (a Mul/Div by a constant after it, HardSwish's ``/ 6``,
-    passes relevance anyway)."""
-    if node.op_type != "Mul" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+    passes relevance anyway). The reciprocal forms are the same activations: ``x / (1 + exp(-x))``,
+    ``x * Reciprocal(1 + exp(-x))``, ``x * (1 / (1 + exp(-x)))`` (a Div by, or of, a constant is arithmetic with a
+    constant in the chain)."""
+    if node.op_type not in ("Mul", "Div") or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
         return None
     a, b = node.input
     if scope.is_constant(a) or scope.is_constant(b) or a == b:

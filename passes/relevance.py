@@ -120,6 +120,7 @@ class RelevancePass:
     family: Family
     output: str | None = None
     node_output: str | None = None
+    node_inputs: list[str] | None = None  # intermediate tensors explained instead of the float graph inputs
     relevance_at: tuple[str, ...] = ()  # inner tensors whose relevance is output too (``relevance@TENSOR``)
     graph: onnx.GraphProto = field(init=False)
     view: GraphView = field(init=False)
@@ -138,14 +139,16 @@ class RelevancePass:
         self.b = GraphBuilder(self.graph)
         self.algebra = self.family.algebra
         self.opset = next(i.version for i in self.model.opset_import if i.domain in ("", "ai.onnx"))
-        self.sources = [v.name for v in data_inputs(self.graph)]
+        self.sources = self.start_tensors() if self.node_inputs else [v.name for v in data_inputs(self.graph)]
         if not self.sources:
-            raise OnnxlrpError("the model has no float data input to explain")
+            raise OnnxlrpError("the model has no float data input to explain (--node-input names a float tensor "
+                               "to explain instead, e.g. an embedding)")
         self.target, self.explained_why = explained_tensor(self.graph, self.view, self.output, self.node_output,
                                                            self.shapes)
         self.tensors = self.view.relevance_tensors(self.sources, self.target)
         if not self.tensors:
-            raise OnnxlrpError(f"no data path leads from the inputs to {self.target!r}")
+            origin = "--node-input " + ", ".join(self.sources) if self.node_inputs else "the inputs"
+            raise OnnxlrpError(f"no data path leads from {origin} to {self.target!r}")
         self.nodes = self.view.relevance_nodes(self.tensors)
         for name in self.relevance_at:
             if name not in self.tensors:
@@ -174,6 +177,33 @@ class RelevancePass:
     def unsupported_nodes(self) -> list[tuple[onnx.NodeProto, str]]:
         """Every node on the relevance path that cannot carry relevance, with the reason."""
         return [(node, reason) for node in self.nodes if (reason := unsupported_reason(self, node))]
+
+    def start_tensors(self) -> list[str]:
+        """The ``node_inputs``, checked: float tensors that a node writes (or graph inputs), outside the subgraphs
+        that patterns fuse into one node, none computed from another. They replace the float graph inputs as the
+        sources of the relevance path: the nodes before them need no rule."""
+        names = list(dict.fromkeys(self.node_inputs))
+        graph_inputs = {v.name for v in self.graph.input} - {t.name for t in self.graph.initializer}
+        written = {o for n in self.graph.node for o in n.output}
+        for name in names:
+            if name not in written and name not in graph_inputs:
+                raise OnnxlrpError(f"--node-input {name!r} is not written by any node" +
+                                   (" (it is a constant)" if name in self.constants else ""))
+            if name not in self.view.flow and name not in graph_inputs:
+                raise OnnxlrpError(f"--node-input {name!r} lies inside a subgraph fused into one node (an activation "
+                                   "pattern); name its input or output instead")
+            if self.elem_type(name) not in FLOAT_TYPES:
+                raise OnnxlrpError(f"--node-input {name!r} is not a float tensor")
+        for a in names:
+            for b in names:
+                if a != b and a in self.view.flow and b in self.view.flow and nx.has_path(self.view.flow, a, b):
+                    raise OnnxlrpError(f"--node-input {b!r} is computed from --node-input {a!r}; name one of them")
+        return names
+
+    def source_value_info(self, name: str) -> onnx.ValueInfoProto | None:
+        """The declared or inferred type and shape of a relevance source."""
+        return next((vi for vi in list(self.graph.input) + list(self.graph.value_info) + list(self.graph.output)
+                     if vi.name == name), None)
 
     def unsupported(self) -> list[str]:
         """Every node on the relevance path that cannot carry relevance, one line each (``inspect`` prints them)."""
@@ -217,7 +247,8 @@ class RelevancePass:
         return "?"
 
     def plan_nodes(self) -> list[PlanNode]:
-        """The rule-bearing nodes in topological order: linear layers, joins with several relevance inputs, pools.
+        """The rule-bearing nodes in topological order: linear layers, pools, resizes, and joins (Add/Sum/Sub,
+        element-wise Max/Min) with several relevance inputs.
         ``depth`` counts the linear layers on the longest path from an input up to and including the node (the first
         layer has depth 1); ``index`` is the position among the nodes of the same kind."""
         linear_out = set(self.layer_output.values())
@@ -230,7 +261,7 @@ class RelevancePass:
         for node in self.nodes:
             kind = spec(node).kind
             if kind is None or (kind == "linear" and node.name not in self.layers) or \
-                    (kind == "join" and len(path_inputs(self, node)) < 2):
+                    (spec(node).join and len(path_inputs(self, node)) < 2):
                 continue
             out = self.layer_output[node.name] if kind == "linear" else \
                 next(o for o in node.output if o in self.tensors)
@@ -470,21 +501,24 @@ class RelevancePass:
     def finish(self, relevance: dict[str, str]) -> list[str]:
         """Scale (the family's final step), name and declare the outputs: the relevance of every data input, of
         every ``relevance_at`` tensor (each finished on its own), and the family's exact companions of both
-        (:meth:`Family.exact`); returns the relevance output names."""
+        (:meth:`Family.exact`); returns the names of the sources' relevance outputs, in the order of the
+        sources."""
         b = self.b
         b.scope = "outputs"
-        raw = {vi.name: relevance.get(vi.name) or self.zeros_like(vi.name) for vi in data_inputs(self.graph)}
+        raw = {name: relevance.get(name) or self.zeros_like(name) for name in self.sources}
         relevance = self.family.finish(self, dict(raw))
         single = len(self.sources) == 1
         names = []
-        for vi in data_inputs(self.graph):
-            r = relevance[vi.name]
-            if vi.type.tensor_type.elem_type != TensorProto.FLOAT:
+        for name in self.sources:
+            r = relevance[name]
+            if self.elem_type(name) != TensorProto.FLOAT:
                 r = b.op("Cast", [r], "R", to=TensorProto.FLOAT)
-            out = relevance_output(vi.name, single)
-            shape = [d.dim_param or d.dim_value or None for d in vi.type.tensor_type.shape.dim]
+            out = relevance_output(name, single)
+            vi = self.source_value_info(name)
+            shape = None if vi is None or not vi.type.tensor_type.HasField("shape") else \
+                [d.dim_param or d.dim_value or None for d in vi.type.tensor_type.shape.dim]
             names.append(self.declare_output(out, r, shape))
-            exact = self.family.exact(self, raw[vi.name])
+            exact = self.family.exact(self, raw[name])
             if exact is not None:
                 self.declare_output(exact_output(out), exact, shape, self.algebra.dtype)
         batch_name = self.batch_dim()
@@ -493,7 +527,7 @@ class RelevancePass:
             shape = [d if isinstance(d, int) else None for d in self.shapes.get(name) or []] or None
             if shape:
                 shape[0] = batch_name
-            names.append(self.declare_output(inner_output(name), self.family.finish(self, {name: r})[name], shape))
+            self.declare_output(inner_output(name), self.family.finish(self, {name: r})[name], shape)
             exact = self.family.exact(self, r)
             if exact is not None:
                 self.declare_output(exact_output(inner_output(name)), exact, shape, self.algebra.dtype)
@@ -525,7 +559,9 @@ class RelevancePass:
         info = declared.get(self.target)
         if info is not None and info.type.tensor_type.shape.dim and info.type.tensor_type.shape.dim[0].dim_param:
             return info.type.tensor_type.shape.dim[0].dim_param
-        dims = input_dims(data_inputs(self.graph)[0])
+        inits = {t.name for t in self.graph.initializer}
+        first = (data_inputs(self.graph) or [v for v in self.graph.input if v.name not in inits])[0]
+        dims = input_dims(first)
         axis, _ = batch_axis(dims)
         return dims[axis] if axis is not None and dims[axis] != "?" else "batch"
 

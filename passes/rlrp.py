@@ -3,6 +3,8 @@
 - Linear layers: Eq. 8 (dense) and Eq. 10-12 (convolution), :class:`onnxlrp.rules.RLRP`.
 - Pools (Prop. 13): average pooling is a convolution with the pool's weights, max pooling one whose mask is 1 at
   every arg-max of the window; both times ``Card(J_i) / (N P1 P2)`` and the layer input (:class:`RelativePool`).
+  An element-wise Max/Min of branches is a max pool over its operands, and a join for Eq. 13. A Resize is a linear
+  map with its interpolation weights (Eq. 6-7, ``Card(J)`` and the fan-in from their sparsity pattern).
 - Joins (Prop. 14): each branch of an Add/Sum/Sub gets the full relevance of the join (:class:`RelativeJoin`);
   Concat branches get their slices.
 - Forks (Eq. 13): at the immediate dominator of a join (its fork), each branch's contribution ``c`` is rescaled per
@@ -56,15 +58,23 @@ class RelativePool(Rule):
 
     name = "rlrp"
     summary = "R-LRP pooling (Prop. 13)"
-    kinds = ("average_pool", "max_pool")
+    kinds = ("average_pool", "max_pool", "elementwise_max", "resize")
 
     def average(self, ctx, view, r):
+        """Average pools (Prop. 13) and resizes (Eq. 6-7 with the interpolation weights): ``x`` times the view's
+        ``rlrp_spread``."""
         b = ctx.b
-        return times_relative(b, mul(b, view.x, view.spread(b, r, up_to_scale=True)), view.rlrp_factor())
+        return mul(b, view.x, view.rlrp_spread(b, r))
 
     def max_pool(self, ctx, view, r):
         b = ctx.b
         return times_relative(b, mul(b, view.x, view.route_all(b, r)), view.rlrp_factor())
+
+    def elementwise_max(self, ctx, view, r):
+        """Element-wise Max/Min of branches: the max-pool mask over the operands at each position, times the operand
+        (``Card(J_i) / (N M)`` is uniform: each input feeds one output, each output reads every operand)."""
+        b = ctx.b
+        return {i: mul(b, view.operands[i], routed) for i, routed in view.route_all(b, r).items()}
 
 
 class RLRPFamily(Family):
@@ -80,7 +90,8 @@ class RLRPFamily(Family):
         self.join_reach: dict[tuple[str, str], list[int]] = {}
 
     def plan(self, nodes):
-        rules = {"linear": RLRP(), "join": RelativeJoin(), "average_pool": RelativePool(), "max_pool": RelativePool()}
+        rules = {"linear": RLRP(), "join": RelativeJoin(), "average_pool": RelativePool(), "max_pool": RelativePool(),
+                 "elementwise_max": RelativePool(), "resize": RelativePool()}
         for node in nodes:
             if node.kind not in rules:
                 raise OnnxlrpError(f"node {node.name!r} ({node.op_type}): R-LRP is defined for feed-forward layers "

@@ -26,6 +26,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from onnxlrp.builder import GraphBuilder
+from onnxlrp.weights import concat, reshape, sign_mask, transpose
 
 from .semiring_pairs import Annotator, to_positions
 
@@ -64,18 +65,18 @@ def fast_threshold_linear(ann: Annotator, layer, r: str) -> str:
 # ---------------------------------------------------------------- sign-matching counts
 
 def sign_counts(ann: Annotator, layer, r_pos: str, r_neg: str, both: bool) -> tuple[str, str | None]:
-    """``(W+^T R+ + W-^T R-, W-^T R+ + W+^T R-)`` (the second only when the input may be negative)."""
+    """``(W+^T R+ + W-^T R-, W-^T R+ + W+^T R-)`` (the second only when the input may be negative). The 0/1
+    kernels are ops over the model's weight (:func:`onnxlrp.weights.sign_mask`), folded by onnxruntime."""
     if layer.kind == "dense":
         return dense_counts(ann, layer, r_pos, r_neg, both)
-    w = layer.weight
-    w_pos, w_neg = (w > 0).astype(np.float64), (w < 0).astype(np.float64)
+    w_pos, w_neg = sign_mask(layer.weight, True), sign_mask(layer.weight, False)
     if ann.dtype == TensorProto.DOUBLE:
         return double_counts(ann, layer, r_pos, r_neg, w_pos, w_neg, both)
     b = ann.b
     if layer.group == 1:
         g = b.op("Concat", [r_pos, r_neg], "R_pm", axis=1)
-        s_plus = layer.transpose(b, g, np.concatenate([w_pos, w_neg]), "W01_pm")
-        s_minus = layer.transpose(b, g, np.concatenate([w_neg, w_pos]), "W01_mp") if both else None
+        s_plus = layer.transpose(b, g, concat([w_pos, w_neg], 0), "W01_pm")
+        s_minus = layer.transpose(b, g, concat([w_neg, w_pos], 0), "W01_mp") if both else None
         return s_plus, s_minus
 
     def pair(first, second, tag):
@@ -85,17 +86,17 @@ def sign_counts(ann: Annotator, layer, r_pos: str, r_neg: str, both: bool) -> tu
 
 
 def stored_weight(b, layer) -> tuple[str, bool]:
-    """A dense layer's weight as a float32 tensor: the model's own initializer when the layer uses it unchanged
-    (``(name, True)`` when it is stored as ``[K, J]``), else a constant ``[J, K]``."""
-    if layer.source is not None:
-        return layer.source
-    return b.const(layer.weight.astype(np.float32), "W"), False
+    """A dense layer's weight as a float32 tensor: ``(name, True)`` when the model stores it as ``[K, J]`` (Gemm
+    ``transB = 1``: read as it is, not transposed), else ``[J, K]``."""
+    w = layer.weight
+    if w.op == "transpose" and w.inputs[0].is_initializer:
+        return w.inputs[0].emit(b, "W"), True
+    return w.emit(b, "W"), False
 
 
 def dense_counts(ann: Annotator, layer, r_pos, r_neg, both):
-    """:func:`sign_counts` of a dense layer with its 0/1 matrices made at run time from the weight, a chunk of
-    :data:`DENSE_CHUNK` weights at a time (VGG16's first dense layer has 10**8: as constants they would triple
-    the model)."""
+    """:func:`sign_counts` of a dense layer with its 0/1 matrices made from the weight, a chunk of
+    :data:`DENSE_CHUNK` weights at a time (VGG16's first dense layer has 10**8)."""
     b, dtype = ann.b, ann.dtype
     j, k = layer.weight.shape
     weight, transposed = stored_weight(b, layer)
@@ -137,10 +138,11 @@ def double_counts(ann: Annotator, layer, r_pos, r_neg, w_pos, w_neg, both):
     by_group = b.const([0, groups, kg, positions], "shape", np.int64)
     g = b.op("Concat", [b.op("Reshape", [r_pos, by_group], "R_pos"), b.op("Reshape", [r_neg, by_group], "R_neg")],
              "R_pm", axis=2)  # [N, G, 2Kg, positions]
-    wp = w_pos.reshape(groups, kg, jg).transpose(0, 2, 1)  # [G, J, Kg]
-    wn = w_neg.reshape(groups, kg, jg).transpose(0, 2, 1)
-    kernels = [np.concatenate([wp, wn], 2)] + ([np.concatenate([wn, wp], 2)] if both else [])
-    col = b.op("MatMul", [b.const(np.concatenate(kernels, 1), "W01", np.float64), g], "col")  # [N, G, J', P]
+    wp = transpose(reshape(w_pos, (groups, kg, jg)), (0, 2, 1))  # [G, J, Kg]
+    wn = transpose(reshape(w_neg, (groups, kg, jg)), (0, 2, 1))
+    kernels = [concat([wp, wn], 2)] + ([concat([wn, wp], 2)] if both else [])
+    stacked = b.op("Cast", [concat(kernels, 1).emit(b, "W01")], "W01", to=TensorProto.DOUBLE)
+    col = b.op("MatMul", [stacked, g], "col")  # [N, G, J', P]
     halves = [col] if not both else b.op("Split", [col, b.const([jg, jg], "split", np.int64)], "col", n_out=2,
                                          axis=2)
     shape = b.const([0, groups * cin_g, taps, *wd.out_spatial], "shape", np.int64)
@@ -204,7 +206,7 @@ def dense_tables(ann: Annotator, layer, r: str) -> Tables:
     weight, transposed = stored_weight(b, layer)
     return Tables(kind="dense", weights=weight, transposed=transposed,
                   inv_z=ann.inverse(b.op("Reshape", [layer.z, shape], "z")),
-                  r=b.op("Reshape", [r, shape], "R"), w_min=nonzero_min(layer.weight, (1,))[None],
+                  r=b.op("Reshape", [r, shape], "R"), w_min=nonzero_min(layer.weight.value, (1,))[None],
                   pairs_per_neuron=k, k=k)
 
 
@@ -213,16 +215,17 @@ def conv_tables(ann: Annotator, layer, r: str) -> Tables:
     wd, groups = layer.window, layer.group
     cout, cin_g = layer.weight.shape[:2]
     taps, kg, positions = int(np.prod(wd.kernel)), cout // groups, int(np.prod(wd.out_spatial))
-    weights = layer.weight.reshape(groups, kg, cin_g, taps).transpose(0, 2, 3, 1).reshape(groups * cin_g, taps, kg)
+    weights = reshape(transpose(reshape(layer.weight, (groups, kg, cin_g, taps)), (0, 2, 3, 1)),
+                      (groups * cin_g, taps, kg))  # [Cin, taps, Kg]
     pad_row = b.const([0, 0, 0, 0, 0, 1, 0, 0], "pads", np.int64)  # one more output position: the sentinel
 
     def by_position(t, hint, fill):
         return b.op("Pad", [to_positions(b, t, groups, kg, positions), pad_row, fill], hint)
     rank = len(layer.x_shape)
-    return Tables(kind="conv", weights=b.const(weights.astype(np.float32), "W_by_input"),
+    return Tables(kind="conv", weights=weights.emit(b, "W_by_input"),
                   inv_z=by_position(ann.inverse(layer.z), "inv_z_table", b.const(0.0, "zero")),
                   r=by_position(r, "R_table", ann.relevance_const(0.0, "zero")),
-                  w_min=nonzero_min(weights, (1, 2)).reshape(1, -1, *[1] * (rank - 2)),
+                  w_min=nonzero_min(weights.value, (1, 2)).reshape(1, -1, *[1] * (rank - 2)),
                   pairs_per_neuron=taps * kg, taps=taps, kg=kg, cin_g=cin_g,
                   positions_of=b.const(output_positions(wd), "output_positions", np.int64),
                   spatial_strides=b.const(np.cumprod([1, *wd.in_spatial[::-1]])[:-1][::-1].copy(),

@@ -22,6 +22,7 @@ import itertools
 import numpy as np
 
 from onnxlrp.semirings import VITERBI_EPS, Semiring
+from onnxlrp.weights import log_magnitude, magnitude, reshape, transpose
 
 from .ops.pooling import first_max_taps, tap_validity, window_patches
 
@@ -226,7 +227,7 @@ class PairLayout:
             self.x5 = b.op("Reshape", [layer.x, b.const([-1, 1, 1, j, 1], "shape", np.int64)], "x_pairs")
             to5 = b.const([-1, 1, 1, 1, k], "shape", np.int64)
             self.z5, self.r5 = b.op("Reshape", [layer.z, to5], "z_pairs"), b.op("Reshape", [r, to5], "R_pairs")
-            self.w3 = layer.weight[None]
+            self.w3 = reshape(layer.weight, (1, j, k))
         else:
             wd, g = layer.window, layer.group
             cout, cin_g = layer.weight.shape[:2]
@@ -238,20 +239,39 @@ class PairLayout:
             self.z5 = b.op("Unsqueeze", [to_positions(b, layer.z, g, self.kg, self.positions), second_last],
                            "z_pairs")
             self.r5 = b.op("Unsqueeze", [to_positions(b, r, g, self.kg, self.positions), second_last], "R_pairs")
-            self.w3 = layer.weight.reshape(g, self.kg, self.jg).transpose(0, 2, 1)
+            self.w3 = transpose(reshape(layer.weight, (g, self.kg, self.jg)), (0, 2, 1))
         self.bias3 = None if layer.bias is None else layer.bias.reshape(self.groups, 1, self.kg)
-        self.constants: dict = {}
+        self.tensors: dict = {}
 
-    def weight(self, w: np.ndarray, hint: str) -> str:
-        """A constant for a chunk's (transformed) weights, made once: every chunk of positions reuses it."""
-        key = (hint, w.shape, w.tobytes())
-        if key not in self.constants:
-            self.constants[key] = self.ann.b.const(w, hint)
-        return self.constants[key]
+    def weight(self, kind: str, k: tuple[int, int]) -> str:
+        """The weights ``w3`` of output channels ``k`` as ``kind``: ``"W"``, ``"abs"`` (``|w|``) or ``"log"``
+        (``log |w|``, the semiring's zero where ``w = 0``): ops over the model's initializer (onnxruntime folds
+        them), made once and shared by every chunk of positions."""
+        key = (kind, k)
+        if key not in self.tensors:
+            b = self.ann.b
+            w = {"W": self.w3, "abs": magnitude(self.w3), "log": log_magnitude(self.w3, self.ann.s.zero)}[kind]
+            t = w.emit(b, f"W_{kind}")
+            if k != (0, self.kg):
+                t = b.op("Slice", [t, b.const([k[0]], "start", np.int64), b.const([k[1]], "end", np.int64),
+                                   b.const([-1], "axes", np.int64)], f"W_{kind}")
+            self.tensors[key] = t
+        return self.tensors[key]
+
+    def bias(self, bias: np.ndarray | None, log: bool) -> str | None:
+        """``|b_k|`` (or ``log |b_k|``) of a chunk, for the max of Eq. 2.2.3 (a small constant)."""
+        if bias is None:
+            return None
+        key = ("bias", log, bias.tobytes())
+        if key not in self.tensors:
+            self.tensors[key] = self.ann.b.const(self.ann.log_weights(bias) if log else
+                                                 np.abs(bias).astype(np.float32), "bias_size")
+        return self.tensors[key]
 
     def chunks(self):
-        """Per chunk of output positions, its chunks of output channels: ``(cut, w, bias)`` with ``cut(t,
-        per_output)`` the slicer of a pair-layout tensor and ``w``, ``bias`` the chunk's weights and bias."""
+        """Per chunk of output positions, its chunks of output channels: ``(cut, k, bias)`` with ``cut(t,
+        per_output)`` the slicer of a pair-layout tensor, ``k`` the chunk's output channels and ``bias`` their
+        bias."""
         b = self.ann.b
         per_position = self.groups * self.jg * self.kg
         step_a = max(1, CHUNK_PAIRS // per_position)
@@ -262,7 +282,7 @@ class PairLayout:
             for k0 in range(0, self.kg, step_k):
                 k = (k0, min(k0 + step_k, self.kg))
                 bias = None if self.bias3 is None else self.bias3[..., k[0]:k[1]]
-                row.append((chunk_of(b, a, k, self.positions, self.kg), self.w3[..., k[0]:k[1]], bias))
+                row.append((chunk_of(b, a, k, self.positions, self.kg), k, bias))
             yield row
 
     def to_input(self, rows: list[str]) -> str:
@@ -287,20 +307,18 @@ def general_linear(ann: Annotator, layer, r: str) -> str:
     rows = []
     for row in pairs.chunks():
         parts = []
-        for cut, w, bias in row:
-            c = b.op("Mul", [cut(pairs.x5, False), pairs.weight(w.astype(np.float32), "W")], "c")
+        for cut, k, bias in row:
+            c = b.op("Mul", [cut(pairs.x5, False), pairs.weight("W", k)], "c")
             pieces = {}
             if inv_z5 is not None:
                 pieces["inv_z"] = cut(inv_z5, True)
             if log_x5 is not None:
-                pieces["log_c"] = b.op("Add", [cut(log_x5, False), pairs.weight(ann.log_weights(w), "log_W")],
-                                       "log_c")
+                pieces["log_c"] = b.op("Add", [cut(log_x5, False), pairs.weight("log", k)], "log_c")
             if log_z5 is not None:
                 pieces["log_z"] = cut(log_z5, True)
             if ann.needs_max():
-                bias_size = None if bias is None else pairs.weight(
-                    ann.log_weights(bias) if "log_c" in pieces else np.abs(bias).astype(np.float32), "bias_size")
-                pieces.update(column_max(ann, c, pieces.get("log_c"), bias_size, axis=-2))
+                pieces.update(column_max(ann, c, pieces.get("log_c"), pairs.bias(bias, "log_c" in pieces),
+                                         axis=-2))
             parts.append(ann.contract(ann.annotate(c, **pieces), cut(pairs.r5, True)))
         rows.append(ann.plus(parts))
     return pairs.to_input(rows)
@@ -327,13 +345,12 @@ def abs_normalized_linear(ann: Annotator, layer, r: str) -> str:
     rows, scaled = [], []
     for row in pairs.chunks():
         parts, gs = [], []
-        for cut, w, bias in row:
-            w_size = pairs.weight(ann.log_weights(w) if log else np.abs(w).astype(np.float32), "W_size")
+        for cut, k, bias in row:
+            w_size = pairs.weight("log" if log else "abs", k)
             m = ann.ctx.reduce("ReduceMax", b.op(combine, [cut(size, False), w_size], "c_size"), [-2], keepdims=1,
                                hint="max_c")
             if bias is not None:
-                bias_size = ann.log_weights(bias) if log else np.abs(bias).astype(np.float32)
-                m = b.op("Max", [m, pairs.weight(bias_size, "bias_size")], "max_c")
+                m = b.op("Max", [m, pairs.bias(bias, log)], "max_c")
             r_cut = cut(pairs.r5, True)
             g = b.op("Sub", [r_cut, ann.log_scale(m)], "g") if log else b.op("Mul", [r_cut, ann.scale(m)], "g")
             if ann.s.plus == "sum":
@@ -351,7 +368,7 @@ def abs_normalized_linear(ann: Annotator, layer, r: str) -> str:
     # plus = sum: |a| * |W|^T g, with g back in the layer output's layout
     g = scaled[0] if len(scaled) == 1 else b.op("Concat", scaled, "g", axis=1)  # [N, positions, G, 1, Kg]
     g = b.op("Reshape", [b.op("Transpose", [g], "g", perm=[0, 2, 3, 4, 1]), b.op("Shape", [layer.z])], "g")
-    return b.op("Mul", [b.op("Abs", [layer.x]), layer.transpose(b, g, np.abs(layer.weight), "W_abs")], "R")
+    return b.op("Mul", [b.op("Abs", [layer.x]), layer.transpose(b, g, magnitude(layer.weight), "W_abs")], "R")
 
 
 def to_positions(b, t: str, groups: int, per_group: int, positions: int) -> str:

@@ -235,11 +235,11 @@ def test_unsupported_error_line_is_capped_grouped_and_names_the_file(tmp_path):
             "block_2/squeeze_excite/gate_mul_2, ...: a product of two relevance-carrying tensors has no LRP rule)"
             in line)
     assert "my.domain.Weird x5 (custom_0, custom_1, custom_2, ...: no relevance rule for this op)" in line
-    assert "Div x1 (normalize: a division by a relevance-carrying tensor has no LRP rule)" in line
+    assert "Div x1 (normalize: a quotient of two relevance-carrying tensors has no LRP rule)" in line
     done = run_cli("inspect", path)  # inspect keeps the full list, one line per node
     assert done.returncode == 2
     listed = [ln for ln in done.stdout.splitlines() if ln.startswith("  ") and "domain" in ln]
-    assert len(listed) == 36 and "  normalize (Div, domain ai.onnx, opset 17): a division by" in done.stdout
+    assert len(listed) == 36 and "  normalize (Div, domain ai.onnx, opset 17): a quotient of two" in done.stdout
 
 
 def test_unsupported_error_counts_what_does_not_fit():

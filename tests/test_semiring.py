@@ -422,3 +422,22 @@ def test_chunked_evaluation_equals_the_reference(rule, model, monkeypatch, tmp_p
         relevant = expected > -1e29
         np.testing.assert_array_equal(got > -1e29, relevant)
         assert_close_relative(got[relevant], expected[relevant], 1e-5)
+
+
+# ---------------------------------------------------------------- file size
+
+@pytest.mark.parametrize("rule", ["boolean", "counting", "viterbi", "real", "tropical"])
+def test_compiled_size_holds_each_weight_once(rule, tmp_path):
+    """As for the other rules (test_size.py): at most 1.05x the source plus 1 MB. The 0/1 kernels, |W|, log |W| and
+    the rearranged weights of the pair-by-pair evaluation are ops over the model's initializers."""
+    from test_size import RATIO, SLACK_BYTES, resnet_like, saved_size
+
+    rng = np.random.default_rng(42)
+    layers, shape = resnet_like(rng)
+    model = ns.to_onnx(layers, shape)
+    source_bytes = saved_size(model, tmp_path / "source.onnx")
+    options = {"composite": semiring_file(tmp_path, TROPICAL)} if rule == "tropical" else {}
+    compiled = onnxlrp.compile(model, rule if rule != "tropical" else "unused", **options)
+    assert saved_size(compiled, tmp_path / "compiled.onnx") <= RATIO * source_bytes + SLACK_BYTES
+    out = run(model, rng.uniform(-1.0, 1.0, size=shape), rule if rule != "tropical" else "unused", **options)
+    assert np.any(out["relevance"] != (-1e30 if rule == "tropical" else 0))

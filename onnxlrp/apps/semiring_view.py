@@ -24,14 +24,16 @@ def semiring_of(model: onnx.ModelProto) -> dict | None:
 
 
 def heatmap_view(model: onnx.ModelProto) -> Callable[[np.ndarray], np.ndarray]:
-    """``[C, H, W]`` relevance -> what the heatmap shows: unchanged for the real families (the heatmap sums the
-    channels), the semiring's plus over the channels for a semiring."""
+    """``[C, H, W]`` (or ``[H, W]``) relevance -> what the heatmap shows: unchanged for the real families (the
+    heatmap sums the channels), the semiring's plus over the channels for a semiring."""
     semiring = semiring_of(model)
     if semiring is None:
         return lambda r: r
 
     def view(r: np.ndarray) -> np.ndarray:
-        r = CHANNEL_PLUS[semiring["plus"]](np.asarray(r, dtype=np.float64), axis=0)
+        r = np.asarray(r, dtype=np.float64)
+        if r.ndim == 3:  # [C, H, W]: the channels meet with plus
+            r = CHANNEL_PLUS[semiring["plus"]](r, axis=0)
         if semiring["times"] == "add":
             best = r.max() if semiring["plus"] == "max" else r.min()
             if abs(best) >= abs(semiring["zero"]) / 2:  # nothing relevant

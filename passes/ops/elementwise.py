@@ -11,15 +11,26 @@ from .registry import backward, declare
 declare("Shape", "Size", "ArgMax", "ArgMin", "Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Not", "And",
         "Or", "Xor", "NonZero", "IsNaN", "IsInf", "TopK", "ConstantOfShape", "Constant", "EyeLike", data_inputs=())
 declare("RandomNormalLike", "RandomUniformLike", data_inputs=(), foldable=False)
-declare("RandomNormal", "RandomUniform", "Multinomial", "If", "Loop", "Scan", foldable=False)
+declare("RandomNormal", "RandomUniform", "Multinomial", foldable=False)
+
+
+def control_flow_reason(ctx, node):
+    if node.op_type == "If":
+        return "an If whose condition is not a constant has no relevance rule (one with a constant condition is " \
+               "replaced by its branch)"
+    return f"control flow ({node.op_type}) has no relevance rule"
+
+
+declare("If", "Loop", "Scan", foldable=False, check=control_flow_reason)
+declare("Reciprocal", check=lambda ctx, node: "the reciprocal of a relevance-carrying tensor has no LRP rule (on "
+        "constants it is folded; inside x * f(x) activations it is part of the activation)")
 declare("Softmax", nonnegative="always")
 declare("Exp", nonnegative="always")
-declare("Max", "Min", nonnegative="all")
 declare("LpPool", nonnegative="first")
 declare("ReduceMax", "ReduceMin", data_inputs=(0,), nonnegative="first")
 declare("ReduceSum", data_inputs=(0,))
 declare("Expand", "Tile", data_inputs=(0,), nonnegative="first")
-declare("Resize", "Upsample", "ConvTranspose", data_inputs=(0,))
+declare("Upsample", "ConvTranspose", data_inputs=(0,))  # Upsample: Resize after canonicalization
 declare("InstanceNormalization", "LayerNormalization", data_inputs=(0,))
 
 
@@ -68,7 +79,9 @@ def check_arith(ctx, node):
     on_path = path_inputs(ctx, node)
     if node.op_type == "Mul" and len(on_path) > 1:
         return "a product of two relevance-carrying tensors has no LRP rule"
-    if node.op_type == "Div" and 1 in on_path:
+    if node.op_type == "Div" and len(on_path) > 1:
+        return "a quotient of two relevance-carrying tensors has no LRP rule"
+    if node.op_type == "Div" and on_path == [1]:
         return "a division by a relevance-carrying tensor has no LRP rule"
     return None
 

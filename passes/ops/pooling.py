@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from onnxlrp.layers import Window
-from onnxlrp.rules import factors_of, mul
+from onnxlrp.rules import factors_of, mul, times_relative
 
 from .helpers import attr, explicit_pads, float_mask, reshape_like
 from .registry import backward
@@ -109,6 +109,10 @@ class AveragingView:
 
     def rlrp_factor(self) -> np.ndarray | None:
         return None
+
+    def rlrp_spread(self, b, g: str) -> str:
+        """R-LRP's ``Card(J_i) / (N M) W^T g`` (Prop. 13 with Eq. 12), up to a positive factor."""
+        return times_relative(b, self.spread(b, g, up_to_scale=True), self.rlrp_factor())
 
 
 class WindowAverage(AveragingView):

@@ -9,6 +9,17 @@ import onnx
 from onnx import helper
 
 
+def node_reads(node: onnx.NodeProto) -> list[str]:
+    """The tensors ``node`` reads: its inputs and, for control flow (Loop, If, Scan), every name that the nodes of
+    its subgraphs read (outer-scope values among them)."""
+    names = list(node.input)
+    for a in node.attribute:
+        for graph in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+            for inner in graph.node:
+                names.extend(node_reads(inner))
+    return names
+
+
 class GraphBuilder:
     """Emit ops in order; every output gets a fresh name under the ``lrp/`` prefix."""
 
@@ -71,7 +82,7 @@ class GraphBuilder:
         for node in reversed(self.nodes):
             if any(o in needed for o in node.output):
                 kept.append(node)
-                needed.update(node.input)
+                needed.update(node_reads(node))
         self.nodes = kept[::-1]
         self.initializers = [(name, array) for name, array in self.initializers if name in needed]
         self._constants = {k: v for k, v in self._constants.items() if v in needed}

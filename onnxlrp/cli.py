@@ -48,6 +48,11 @@ def rule_options(fn):
         click.option("--stabilizer", type=float,
                      help="Stabilizer of z+, alpha-beta, gamma, flat, w^2, z-box and of the Norm rule at joins and "
                           "average pools (default 1e-6)."),
+        click.option("--threshold", type=float,
+                     help="Threshold of the boolean and counting semirings (default 1e-9); per layer in a TOML "
+                          "composite."),
+        click.option("--relevance-at", multiple=True,
+                     help="Also output relevance@TENSOR, the relevance of an inner tensor (repeatable)."),
         click.option("--flat-layers", type=int, default=1, show_default=True,
                      help="How many linear layers from the input get the flat rule in *-flat composites and cmp."),
         click.option("--opset", type=int, help="Upgrade the model to this opset first (at least 13)."),
@@ -68,13 +73,13 @@ def rule_options(fn):
 
 
 def compile_kwargs(kw: dict) -> dict:
-    names = ("epsilon", "gamma", "alpha", "beta", "low", "high", "stabilizer")
+    names = ("epsilon", "gamma", "alpha", "beta", "low", "high", "stabilizer", "threshold")
     params = {k: kw.pop(k) for k in names if kw.get(k) is not None}
     for k in names:
         kw.pop(k, None)
     return dict(rule=kw.pop("rule"), composite=kw.pop("composite"), flat_layers=kw.pop("flat_layers"),
                 opset=kw.pop("opset"), output=kw.pop("output_name"), node_output=kw.pop("node_output"),
-                node_input=list(kw.pop("node_input")) or None,
+                node_input=list(kw.pop("node_input")) or None, relevance_at=list(kw.pop("relevance_at")),
                 input_shapes=parse_input_shapes(kw.pop("input_shape")), precision=kw.pop("precision"), **params)
 
 
@@ -141,6 +146,7 @@ def rules_command():
     from .composites import COMPOSITES
     from .node_rules import DEFAULTS, NODE_RULES
     from .rules import RULES
+    from .semirings import rules_listing
 
     click.echo("rules (applied to every Conv/Gemm/MatMul):")
     for name in RULES:
@@ -152,8 +158,10 @@ def rules_command():
         click.echo(f"  {name:28s} {cls.summary}")
     click.echo("composites:")
     for name, comp in COMPOSITES.items():
-        if name not in RULES:
+        if name not in RULES and comp.semiring is None:
             click.echo(f"  {name:28s} {comp.description}")
+    for line in rules_listing():
+        click.echo(line)
 
 
 @cli.command("explain")
@@ -221,6 +229,69 @@ def demo_command(out_dir):
     from .apps import run_demo
 
     run_demo(out_dir)
+
+
+@cli.command("mask")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("data")
+@click.option("--rule", "-r", default="boolean", show_default=True, help="A semiring (boolean: B-relevance).")
+@click.option("--composite", type=click.Path(dir_okay=False), help="TOML composite (per-layer thresholds).")
+@click.option("--threshold", type=float, help="Threshold of the boolean semiring (default 1e-9).")
+@click.option("--class", "target_class", type=int, help="Only this class (default: every predicted class).")
+@click.option("--combine", type=click.Choice(["and", "or", "both"]), default="both", show_default=True)
+@click.option("--preprocess", default="none", show_default=True, help=PREPROCESS_HELP)
+@click.option("--limit", type=int, help="Use only the first N samples.")
+@click.option("-o", "--out-dir", default="onnxlrp-mask", show_default=True)
+def mask_command(model, data, threshold, **kw):
+    """Class masks: pixel-wise AND / OR of the B-relevance of every sample of a class (semiring LRP, Sec. 3.1);
+    DATA as in evaluate (builtin:digits, .npz, folder)."""
+    from .apps.masks import run_mask
+
+    run_mask(model, data, **kw, **({"threshold": threshold} if threshold is not None else {}))
+
+
+@cli.command("prune")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("data")
+@click.option("--tensor", required=True, help="The inner tensor whose neurons are ranked and pruned.")
+@click.option("--rules", default="lrp0,viterbi,boolean,counting", show_default=True,
+              help="Rankings by average relevance (L1/L2 weight norms are added).")
+@click.option("--rank-data", help="Data to rank the neurons on (default: DATA).")
+@click.option("--steps", help="Comma-separated numbers of pruned neurons (default: 0 to all in 25 steps).")
+@click.option("--preprocess", default="none", show_default=True, help=PREPROCESS_HELP)
+@click.option("--limit", type=int, help="Use only the first N samples.")
+@click.option("-o", "--out-dir", default="onnxlrp-prune", show_default=True)
+def prune_command(model, data, steps, **kw):
+    """Neuron ranking by average relevance and pruning curves (accuracy, loss) against L1/L2 norms (Sec. 3.2)."""
+    from .apps.pruning import run_prune
+
+    run_prune(model, data, steps=parse_counts(steps, "--steps"), **kw)
+
+
+@cli.command("perturb")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("data")
+@click.option("--rules", default="lrp0,viterbi,boolean,counting", show_default=True)
+@click.option("--pixels", help="Comma-separated pixel counts (default: 0 to half the image in 10 steps).")
+@click.option("--repeats", type=int, default=3, show_default=True, help="Random draws averaged.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--preprocess", default="none", show_default=True, help=PREPROCESS_HELP)
+@click.option("--limit", type=int, help="Use only the first N samples.")
+@click.option("-o", "--out-dir", default="onnxlrp-perturb", show_default=True)
+def perturb_command(model, data, pixels, **kw):
+    """Accuracy when pixels drawn with P = softmax(-R) are perturbed, against uniform draws (Sec. 3.3)."""
+    from .apps.perturbation import run_perturb
+
+    run_perturb(model, data, pixels=parse_counts(pixels, "--pixels"), **kw)
+
+
+def parse_counts(text: str | None, option: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise OnnxlrpError(f"{option} {text!r}: expected comma-separated integers") from None
 
 
 def main(argv: list[str] | None = None) -> int:

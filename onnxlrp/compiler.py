@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from contextlib import contextmanager
@@ -15,6 +16,7 @@ from onnxlrp.passes.canonicalize import FoldedConstants, canonicalize, restore_f
 from onnxlrp.passes.families import ClassicFamily, Family
 from onnxlrp.passes.relevance import RelevancePass, rule_table
 from onnxlrp.passes.rlrp import RLRPFamily
+from onnxlrp.passes.semiring import SemiringFamily
 
 from . import __version__
 from .attributes import make_explicit
@@ -24,7 +26,7 @@ from .io import clamp_ir_version, read_model
 from .io.load import IN_MEMORY
 from .messages import show
 
-PARAMETER_NAMES = ("epsilon", "gamma", "alpha", "beta", "low", "high", "stabilizer")
+PARAMETER_NAMES = ("epsilon", "gamma", "alpha", "beta", "low", "high", "stabilizer", "threshold")
 
 
 @dataclass
@@ -61,15 +63,19 @@ def choose_composite(rule: str, composite: str | Path | None) -> Composite:
 
 
 def family_of(composite: Composite, params: dict, flat_layers: int) -> Family:
-    """The propagation family of a composite: R-LRP, or the classic rules (never chosen by the composite's name)."""
+    """The propagation family of a composite: R-LRP, a semiring, or the classic rules (never chosen by the
+    composite's name)."""
     if composite.family == "rlrp":
         composite.check_parameters(params)
         return RLRPFamily()
+    if composite.family == "semiring":
+        composite.check_parameters(params)
+        return SemiringFamily(composite, params)
     return ClassicFamily(composite, params, flat_layers)
 
 
 def _pass(model: onnx.ModelProto, composite: Composite, *, params: dict, flat_layers: int, output, node_output,
-          opset, input_shapes, precision=None, source=None, node_input=None
+          opset, input_shapes, precision=None, source=None, node_input=None, relevance_at=()
           ) -> tuple[RelevancePass, FoldedConstants]:
     unknown = set(params) - set(PARAMETER_NAMES)
     if unknown:
@@ -83,18 +89,19 @@ def _pass(model: onnx.ModelProto, composite: Composite, *, params: dict, flat_la
     with naming_the_model(source):
         canonical, shapes, folded = canonicalize(model, opset=opset, input_shapes=input_shapes, precision=precision)
         return RelevancePass(canonical, shapes, family, output=output, node_output=node_output,
-                             node_inputs=node_inputs), folded
+                             node_inputs=node_inputs, relevance_at=tuple(relevance_at or ())), folded
 
 
 def compile(model_or_path, rule: str = "epsilon", *, composite: str | Path | None = None, output: str | None = None,
             node_output: str | None = None, node_input: str | list[str] | None = None, opset: int | None = None,
             input_shapes: dict[str, list[int]] | None = None, flat_layers: int = 1, precision: str | None = None,
-            **params) -> onnx.ModelProto:
-    """Compile ``model_or_path`` (a ModelProto or a file) with ``rule`` (a rule or composite name, see
-    ``onnxlrp rules``) or a TOML ``composite``. Parameters: epsilon, gamma, alpha, beta, low, high, stabilizer.
-    ``precision="fp16"`` makes the forward pass float16 (relevance is always computed in float32).
-    ``node_input``: one intermediate tensor (or several) explained instead of the float graph inputs, e.g. a
-    spectrogram behind an STFT or an embedding behind a token lookup; the nodes before it need no rule.
+            relevance_at: list[str] | tuple[str, ...] = (), **params) -> onnx.ModelProto:
+    """Compile ``model_or_path`` (a ModelProto or a file) with ``rule`` (a rule, composite or semiring name, see
+    ``onnxlrp rules``) or a TOML ``composite``. Parameters: epsilon, gamma, alpha, beta, low, high, stabilizer,
+    threshold (semirings). ``precision="fp16"`` makes the forward pass float16 (relevance is always computed in
+    float32). ``node_input``: one intermediate tensor (or several) explained instead of the float graph inputs, e.g.
+    a spectrogram behind an STFT or an embedding behind a token lookup; the nodes before it need no rule.
+    ``relevance_at``: inner tensors whose relevance is output too (``relevance@TENSOR``).
 
     The result keeps every original input and output and adds the input ``target`` (int64 [batch], -1: explain
     the predicted class) and the outputs ``relevance`` (``relevance.<name>`` per input or node input when there
@@ -104,7 +111,7 @@ def compile(model_or_path, rule: str = "epsilon", *, composite: str | Path | Non
     comp = choose_composite(rule, composite)
     rp, folded = _pass(model, comp, params=params, flat_layers=flat_layers, output=output, node_output=node_output,
                        opset=opset, input_shapes=input_shapes, precision=precision, source=model_or_path,
-                       node_input=node_input)
+                       node_input=node_input, relevance_at=relevance_at)
     with naming_the_model(model_or_path):
         relevance = rp.run()
         outputs = rp.finish(relevance)
@@ -121,6 +128,8 @@ def compile(model_or_path, rule: str = "epsilon", *, composite: str | Path | Non
         "onnxlrp.relevance_of": json.dumps(dict(zip(outputs, rp.sources, strict=True))),
         "onnxlrp.source_sha256": digest,
     }
+    if comp.semiring is not None:
+        meta["onnxlrp.semiring"] = json.dumps(dataclasses.asdict(comp.semiring))
     kept = [p for p in compiled.metadata_props if not p.key.startswith("onnxlrp.")]
     del compiled.metadata_props[:]
     compiled.metadata_props.extend(kept)
@@ -132,12 +141,12 @@ def compile(model_or_path, rule: str = "epsilon", *, composite: str | Path | Non
 
 
 def inspect(model_or_path, rule: str = "epsilon", *, composite=None, output=None, node_output=None, node_input=None,
-            opset=None, input_shapes=None, flat_layers: int = 1, precision=None, **params) -> Plan:
+            opset=None, input_shapes=None, flat_layers: int = 1, precision=None, relevance_at=(), **params) -> Plan:
     """The rule plan and the unsupported nodes on the relevance path, without emitting anything."""
     model, _ = read_model(model_or_path)
     rp, _ = _pass(model, choose_composite(rule, composite), params=params, flat_layers=flat_layers, output=output,
                   node_output=node_output, opset=opset, input_shapes=input_shapes, precision=precision,
-                  source=model_or_path, node_input=node_input)
+                  source=model_or_path, node_input=node_input, relevance_at=relevance_at)
     with naming_the_model(model_or_path):
         problems = rp.unsupported()
         plan = {} if problems else rp.family.plan(rp.plan_nodes())

@@ -10,7 +10,9 @@ winner-take-all, value, linearized, recurrent-epsilon) with the composite's para
 joins, pools, resizes and normalizations, as Zennit passes it to its Norm rule).
 
 A composite is propagated by a family: ``classic``, or ``rlrp`` when every entry's rule is ``rlrp`` (R-LRP is a
-whole-sweep method and cannot be mixed per layer, see :mod:`onnxlrp.passes.rlrp`).
+whole-sweep method and cannot be mixed per layer, see :mod:`onnxlrp.passes.rlrp`), or ``semiring`` when its rules
+name one semiring (:mod:`onnxlrp.semirings`; its entries select per-layer thresholds, and nodes that none selects
+get the semiring with ``--threshold``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 from .errors import OnnxlrpError
 from .node_rules import DEFAULTS, NODE_RULES
 from .rules import RULES, Rule, make_rule
+from .semirings import BUILTIN, Semiring, check_threshold, semiring_from_table
 
 ALL_RULES: dict[str, type[Rule]] = {**RULES, **NODE_RULES}
 
@@ -32,7 +35,8 @@ DENSE = ("Gemm", "MatMul")
 
 # Command-line parameter -> the rule field it sets.
 PARAMETERS = {"epsilon": "epsilon", "gamma": "gamma", "alpha": "alpha", "beta": "beta", "low": "low",
-              "high": "high", "stabilizer": "stabilizer"}
+              "high": "high", "stabilizer": "stabilizer", "threshold": "threshold"}
+SEMIRING_KINDS = ("linear", "join", "average_pool", "max_pool")  # a semiring annotates every rule-bearing node
 
 
 @dataclass
@@ -51,8 +55,9 @@ class Entry:
         """Whether the selectors select ``node`` (a :class:`onnxlrp.passes.families.PlanNode`): its op type, its
         kind, whether it lies within the first ``flat_layers`` linear layers from the input (``first``), a regex on
         its name, and its position among the ``n_of_kind`` nodes of its kind (negative positions count from the
-        end). A virtual node of a recognized pattern has the op type ``Normalization`` (decomposed norms)."""
-        if node.kind not in ALL_RULES[self.rule].kinds:
+        end). A virtual node of a recognized pattern has the op type ``Normalization`` (decomposed norms). A
+        semiring (not a rule) annotates the kinds :data:`SEMIRING_KINDS`."""
+        if node.kind not in (ALL_RULES[self.rule].kinds if self.rule in ALL_RULES else SEMIRING_KINDS):
             return False
         if self.ops is not None and node.op_type not in self.ops:
             return False
@@ -74,7 +79,8 @@ class Composite:
     name: str
     entries: list[Entry]
     description: str = ""
-    family: str = "classic"  # or "rlrp": see the module docstring
+    family: str = "classic"  # or "rlrp" or "semiring": see the module docstring
+    semiring: Semiring | None = None
 
     def rule_classes(self) -> list[type[Rule]]:
         """The rules this composite can give: its entries' and, for the classic family, the kinds' defaults."""
@@ -87,6 +93,8 @@ class Composite:
         is accepted (``inspect`` says which parameters a model leaves unused)."""
         if self.family == "rlrp":
             unused = sorted(params)
+        elif self.family == "semiring":
+            unused = sorted(p for p in params if p != "threshold" or not self.semiring.uses_threshold)
         else:
             fields = {f for cls in self.rule_classes() for f in cls.__dataclass_fields__}
             unused = sorted(p for p in params if PARAMETERS[p] not in fields)
@@ -149,6 +157,10 @@ COMPOSITES.update({
 })
 
 
+COMPOSITES.update({name: Composite(name, [Entry(name)], s.summary, family="semiring",
+                                   semiring=s) for name, s in BUILTIN.items()})
+
+
 def get_composite(name: str) -> Composite:
     if name not in COMPOSITES:
         raise OnnxlrpError(f"unknown rule {name!r}; valid rules and composites: {', '.join(COMPOSITES)}")
@@ -166,6 +178,9 @@ def load_composite(path: str | Path) -> Composite:
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
         raise OnnxlrpError(f"{path}: not a valid TOML composite: {err}") from err
     layers = data.get("layer")
+    if "semiring" in data or (isinstance(layers, list) and any(
+            isinstance(t, dict) and t.get("rule") in BUILTIN for t in layers)):
+        return load_semiring_composite(path, data)
     if not isinstance(layers, list) or not layers:
         raise OnnxlrpError(f"{path}: a composite needs at least one [[layer]] table")
     entries = []
@@ -174,17 +189,7 @@ def load_composite(path: str | Path) -> Composite:
         rule = table.pop("rule", None)
         if rule not in ALL_RULES:
             raise OnnxlrpError(f"{path}: layer {i + 1}: unknown rule {rule!r}; valid rules: {', '.join(ALL_RULES)}")
-        ops = table.pop("op", None)
-        given_kinds = table.pop("kind", None)
-        kinds = (given_kinds,) if isinstance(given_kinds, str) else given_kinds
-        position = table.pop("position", None)
-        if kinds is not None and (not isinstance(kinds, list | tuple) or any(k not in KINDS for k in kinds)):
-            raise OnnxlrpError(f"{path}: layer {i + 1}: unknown kind {given_kinds!r}; valid kinds: "
-                               f"{', '.join(KINDS)}")
-        entry = Entry(rule, ops=(ops,) if isinstance(ops, str) else tuple(ops) if ops else None,
-                      kinds=tuple(kinds) if kinds else None,
-                      first=table.pop("first", None), name=table.pop("name", None),
-                      position=tuple(position) if position else None)
+        entry = Entry(rule, **selectors(table, f"{path}: layer {i + 1}"))
         entry.params = table
         make_rule(rule, ALL_RULES, **entry.params)  # validates parameter names now, with a clear message
         entries.append(entry)
@@ -197,3 +202,54 @@ def load_composite(path: str | Path) -> Composite:
                            "\"rlrp\" in every [[layer]] table, or --rule rlrp")
     return Composite(str(data.get("name", path.stem)), entries, f"composite from {path.name}",
                      family="rlrp" if relative else "classic")
+
+
+def selectors(table: dict, where: str) -> dict:
+    """The selectors of a ``[[layer]]`` table (removed from it): op, kind, first, name, position."""
+    ops = table.pop("op", None)
+    given_kinds = table.pop("kind", None)
+    kinds = (given_kinds,) if isinstance(given_kinds, str) else given_kinds
+    if kinds is not None and (not isinstance(kinds, list | tuple) or any(k not in KINDS for k in kinds)):
+        raise OnnxlrpError(f"{where}: unknown kind {given_kinds!r}; valid kinds: {', '.join(KINDS)}")
+    position = table.pop("position", None)
+    return dict(ops=(ops,) if isinstance(ops, str) else tuple(ops) if ops else None,
+                kinds=tuple(kinds) if kinds else None, first=table.pop("first", None),
+                name=table.pop("name", None), position=tuple(position) if position else None)
+
+
+def load_semiring_composite(path: Path, data: dict) -> Composite:
+    """A semiring composite: a user-defined ``[semiring]`` table or ``rule = "<built-in semiring>"`` entries, and
+    ``[[layer]]`` tables with selectors and a ``threshold`` (Sec. 4.3: one per layer). One semiring for the whole
+    sweep: mixing it with other rules or semirings is refused."""
+    table = data.get("semiring")
+    if table is not None and not isinstance(table, dict):
+        raise OnnxlrpError(f"{path}: [semiring] must be a table")
+    semiring = semiring_from_table(table, str(path), path.stem) if table is not None else None
+    layers = data.get("layer", [])
+    if not isinstance(layers, list):
+        raise OnnxlrpError(f"{path}: [[layer]] must be an array of tables")
+    entries = []
+    for i, layer in enumerate(layers):
+        layer = dict(layer)
+        where = f"{path}: layer {i + 1}"
+        rule = layer.pop("rule", semiring.name if semiring else None)
+        if semiring is not None and rule in BUILTIN and rule != semiring.name:
+            raise OnnxlrpError(f"{where}: semiring {rule!r} after {semiring.name!r}: one semiring per composite "
+                               "(one algebra for the whole sweep)")
+        if rule != (semiring.name if semiring else rule) or (semiring is None and rule not in BUILTIN):
+            raise OnnxlrpError(f"{where}: rule {rule!r}: semiring LRP cannot be mixed per layer with other rules "
+                               "(one algebra for the whole sweep); use the semiring's name or leave rule out")
+        semiring = semiring or BUILTIN[rule]
+        params = {}
+        if "threshold" in layer:
+            if not semiring.uses_threshold:
+                raise OnnxlrpError(f"{where}: {semiring.name!r} has no threshold (annotation "
+                                   f"{semiring.annotation})")
+            params["threshold"] = check_threshold(layer.pop("threshold"), where)
+        entry = Entry(rule, params, **selectors(layer, where))
+        if layer:
+            raise OnnxlrpError(f"{where}: unknown key(s) {', '.join(sorted(layer))}; valid: rule, threshold, op, "
+                               "first, name, position")
+        entries.append(entry)
+    return Composite(str(data.get("name", path.stem)), entries or [Entry(semiring.name)],
+                     semiring.summary, family="semiring", semiring=semiring)

@@ -8,6 +8,11 @@
 - ``relevance`` (float32, shaped like the data input), or ``relevance.<input name>`` per float input when there are
   several.
 - ``explained_class`` (int64 ``[batch]``): the class that was explained.
+- ``relevance@TENSOR`` (float32, shaped like ``TENSOR``): with ``--relevance-at TENSOR``, the relevance of an inner
+  tensor's neurons.
+- ``relevance_exact`` (and ``relevance_exact.<input name>``, ``relevance_exact@TENSOR``): beside each relevance
+  output of the counting semiring, the path counts in float64 (exact up to 2**53; ``relevance`` is their float32
+  rounding).
 """
 
 TARGET_INPUT = "target"
@@ -23,3 +28,13 @@ def relevance_output(input_name: str, single: bool) -> str:
 
 def is_relevance_output(name: str) -> bool:
     return name == RELEVANCE_OUTPUT or name.startswith(RELEVANCE_OUTPUT + ".")
+
+
+def inner_output(tensor: str) -> str:
+    """The output that holds the relevance of the inner tensor ``tensor`` (``--relevance-at``)."""
+    return f"{RELEVANCE_OUTPUT}@{tensor}"
+
+
+def exact_output(relevance_name: str) -> str:
+    """The float64 companion of a relevance output (``relevance_exact``, ``relevance_exact.x``, ...)."""
+    return "relevance_exact" + relevance_name[len(RELEVANCE_OUTPUT):]

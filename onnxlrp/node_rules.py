@@ -42,7 +42,7 @@ class Norm(Rule):
         denominator (:func:`onnxlrp.rules.divide_behind_relu`), and an operand that a Conv or BatchNormalization
         produces for this join alone may be read through its stand-in (``RelevancePass.join_stand_in``)."""
         b = ctx.b
-        y = ctx.relu_behind(node.output[0])
+        y = ctx.relu_behind(node.output[0]) if self.stabilizer > 0 else None  # y / (y + 0) is 0/0 where y = 0
         s = divide_behind_relu(b, r, y, self.stabilizer) if y else \
             divide_relevance(b, r, ctx.value(node.output[0]), self.stabilizer)
         operands = {i: ctx.value(node.input[i]) for i in on_path}

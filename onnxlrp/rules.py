@@ -189,6 +189,11 @@ class Rule:
     def relevance(self, b: GraphBuilder, layer: Linear, r: str) -> str:
         raise NotImplementedError
 
+    def linear(self, ctx, layer: Linear, r: str) -> str:
+        """What the sweep calls for a linear layer; rules that need the pass itself (``ctx``: shapes, the algebra,
+        the opset) override it, the others implement :meth:`relevance`."""
+        return self.relevance(ctx.b, layer, r)
+
     def describe(self) -> str:
         params = ", ".join(f"{k}={v}" for k, v in self.__dict__.items())
         return f"{self.name}({params})" if params else self.name

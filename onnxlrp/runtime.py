@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -85,11 +85,14 @@ def with_target(session, feeds: dict[str, np.ndarray], target=None) -> dict[str,
 
 @dataclass
 class Explanation:
-    """The original outputs (by name), the relevance (one array, or one per float input) and the class."""
+    """The original outputs (by name), the relevance (one array, or one per float input) and the class; ``extra``:
+    the other relevance outputs (``relevance@TENSOR`` of inner tensors, the counting semiring's float64
+    ``relevance_exact``), by name."""
 
     outputs: dict[str, np.ndarray]
     relevance: np.ndarray | dict[str, np.ndarray]
     explained_class: np.ndarray
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class Explainer:
@@ -105,9 +108,11 @@ class Explainer:
         self.provider = self.session.get_providers()[0]
         names = [i.name for i in self.session.get_inputs()]
         self.data_inputs = [n for n in names if n != TARGET_INPUT]
-        self.relevance_outputs = [o.name for o in self.session.get_outputs() if is_relevance_output(o.name)]
+        added = [o.name for o in self.session.get_outputs() if o.name.startswith(RELEVANCE_OUTPUT)]
+        self.relevance_outputs = [name for name in added if is_relevance_output(name)]
+        self.extra_outputs = [name for name in added if not is_relevance_output(name)]
         self.original_outputs = [o.name for o in self.session.get_outputs()
-                                 if o.name not in self.relevance_outputs and o.name != CLASS_OUTPUT]
+                                 if o.name not in added and o.name != CLASS_OUTPUT]
 
     def __call__(self, *inputs, target=None, **named) -> Explanation:
         feeds = dict(zip(self.data_inputs, inputs, strict=False)) | named
@@ -121,4 +126,5 @@ class Explainer:
             outputs={k: results[k] for k in self.original_outputs},
             relevance=relevance[RELEVANCE_OUTPUT] if list(relevance) == [RELEVANCE_OUTPUT] else relevance,
             explained_class=results[CLASS_OUTPUT],
+            extra={k: results[k] for k in self.extra_outputs},
         )

@@ -213,6 +213,32 @@ def flip(w: Weight, axes: tuple[int, ...]) -> Weight:
     return Weight("flip", (w,), (axes,), w.shape)
 
 
+def sign_mask(w: Weight, positive: bool) -> Weight:
+    """``[w > 0]`` (``positive``) or ``[w < 0]`` as 0/1: the sign patterns whose transposed products count the
+    pairs of semiring LRP's threshold annotations (:mod:`onnxlrp.passes.semiring_fast`)."""
+    return Weight("above0" if positive else "below0", (w,), (), w.shape)
+
+
+def magnitude(w: Weight) -> Weight:
+    """``|w|`` (Eq. 2.2.3 of semiring LRP)."""
+    return Weight("abs", (w,), (), w.shape)
+
+
+def log_magnitude(w: Weight, zero: float) -> Weight:
+    """``log |w|``, and ``zero`` (a log-domain semiring's ``log 0``) where ``w = 0``."""
+    return Weight("log_abs", (w,), (float(zero),), w.shape)
+
+
+def _log_abs(w: Weight, a: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore"):
+        return np.where(a == 0, w.params[0], np.log(np.abs(a)))
+
+
+def _emit_log_abs(w: Weight, b: GraphBuilder, hint: str, a: str) -> str:
+    is_zero = b.op("Equal", [a, b.const(0.0, "zero")])
+    return b.op("Where", [is_zero, b.const(w.params[0], "log_zero"), b.op("Log", [b.op("Abs", [a])])], hint)
+
+
 def _full_rank(w: Weight) -> np.ndarray:
     """A scale's factor with as many axes as the weight."""
     factor = _factor_array(w)
@@ -238,6 +264,10 @@ _EVALUATE = {
     "transpose": lambda w, a: np.ascontiguousarray(np.transpose(a, w.params[0])),
     "reshape": lambda w, a: a.reshape(w.params[0]),
     "flip": lambda w, a: np.ascontiguousarray(np.flip(a, axis=w.params[0])),
+    "above0": lambda w, a: (a > 0).astype(np.float64),
+    "below0": lambda w, a: (a < 0).astype(np.float64),
+    "abs": lambda w, a: np.abs(a),
+    "log_abs": _log_abs,
 }
 
 
@@ -275,4 +305,10 @@ _EMIT = {
     "transpose": lambda w, b, hint, a: b.op("Transpose", [a], hint, perm=list(w.params[0])),
     "reshape": lambda w, b, hint, a: b.op("Reshape", [a, b.const(list(w.params[0]), "shape", np.int64)], hint),
     "flip": _emit_flip,
+    "above0": lambda w, b, hint, a: b.op("Cast", [b.op("Greater", [a, b.const(0.0, "zero")])], hint,
+                                         to=TensorProto.FLOAT),
+    "below0": lambda w, b, hint, a: b.op("Cast", [b.op("Less", [a, b.const(0.0, "zero")])], hint,
+                                         to=TensorProto.FLOAT),
+    "abs": lambda w, b, hint, a: b.op("Abs", [a], hint),
+    "log_abs": _emit_log_abs,
 }

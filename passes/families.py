@@ -27,13 +27,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from onnx import TensorProto
+
 from onnxlrp.rules import Rule, product
 
 
 @dataclass(frozen=True)
 class Algebra:
     """A commutative semiring ``(K, plus, times, 0, 1)`` and the ONNX ops that compute it on relevance tensors:
-    ``plus_op`` (n-ary, e.g. Sum, Max), ``reduce_op`` (``plus`` along axes, e.g. ReduceSum), ``times_op`` (Mul)."""
+    ``plus_op`` (n-ary, e.g. Sum, Max), ``reduce_op`` (``plus`` along axes, e.g. ReduceSum), ``times_op`` (Mul), and
+    the element type of relevance inside the graph (``dtype``, a TensorProto type: float32, or float64 for exact
+    path counts)."""
 
     name: str
     plus_op: str
@@ -41,6 +45,7 @@ class Algebra:
     times_op: str
     zero: float
     one: float
+    dtype: int = TensorProto.FLOAT
 
 
 REAL = Algebra("real", plus_op="Sum", reduce_op="ReduceSum", times_op="Mul", zero=0.0, one=1.0)
@@ -95,8 +100,13 @@ class Family:
         return ctx.add_relevance([r for _, _, r in parts])
 
     def finish(self, ctx, relevance: dict[str, str | None]) -> dict[str, str | None]:
-        """The input relevance as the compiled model outputs it."""
+        """The input relevance as the compiled model outputs it (float32)."""
         return relevance
+
+    def exact(self, ctx, r: str) -> str | None:
+        """An extra output beside a relevance output, in the algebra's own type, when float32 loses information
+        (the counting semiring's float64 path counts); None for the real families."""
+        return None
 
 
 class ClassicFamily(Family):

@@ -16,8 +16,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxlrp.builder import GraphBuilder
-from onnxlrp.contract import CLASS_OUTPUT, TARGET_INPUT, relevance_output
+from onnxlrp.builder import GraphBuilder, node_reads
+from onnxlrp.contract import CLASS_OUTPUT, TARGET_INPUT, exact_output, inner_output, relevance_output
 from onnxlrp.errors import OnnxlrpError, UnsupportedOpError
 from onnxlrp.graph import GraphView
 from onnxlrp.messages import quote
@@ -122,6 +122,7 @@ class RelevancePass:
     output: str | None = None
     node_output: str | None = None
     node_inputs: list[str] | None = None  # intermediate tensors explained instead of the float graph inputs
+    relevance_at: tuple[str, ...] = ()  # inner tensors whose relevance is output too (``relevance@TENSOR``)
     graph: onnx.GraphProto = field(init=False)
     view: GraphView = field(init=False)
     b: GraphBuilder = field(init=False)
@@ -152,6 +153,12 @@ class RelevancePass:
             origin = "--node-input " + ", ".join(self.sources) if self.node_inputs else "the inputs"
             raise OnnxlrpError(f"no data path leads from {origin} to {self.target!r}")
         self.nodes = self.view.relevance_nodes(self.tensors)
+        for name in self.relevance_at:
+            if name not in self.tensors:
+                known = name in self.view.producer or name in self.sources
+                raise OnnxlrpError(f"--relevance-at {name!r}: " + (
+                    "not on the relevance path (no data path from an input through it to the explained tensor "
+                    f"{self.target!r})" if known else "no tensor of that name in the (canonicalized) model"))
         self.float32: dict[str, str] = {}
         self.layer_output: dict[str, str] = {}  # linear node -> its forward output (with the bias Add)
         self.layers = {}
@@ -412,18 +419,22 @@ class RelevancePass:
         return terms[0] if len(terms) == 1 else self.b.op(self.algebra.plus_op, terms, "R")
 
     def zeros_like(self, tensor: str) -> str:
-        """The algebra's zero in ``tensor``'s shape (relevance of an output nothing reads)."""
+        """The algebra's zero, in its type, in ``tensor``'s shape (relevance of an output nothing reads)."""
         b = self.b
-        zero = self.algebra.zero
-        value = None if zero == 0 else helper.make_tensor("value", TensorProto.FLOAT, [1], [zero])
+        zero, dtype = self.algebra.zero, self.algebra.dtype
+        value = None if zero == 0 and dtype == TensorProto.FLOAT else helper.make_tensor("value", dtype, [1], [zero])
         return b.op("ConstantOfShape", [b.op("Shape", [tensor])], "zeros", value=value)
+
+    def relevance_const(self, value, hint: str = "const") -> str:
+        """A constant in the algebra's type."""
+        return self.b.const(value, hint, helper.tensor_dtype_to_np_dtype(self.algebra.dtype))
 
     def pad_with_zero(self, r: str, pads: list[int]) -> str:
         """``r`` padded with the algebra's zero."""
         b = self.b
         inputs = [r, b.const(pads, "pads", np.int64)]
-        if self.algebra.zero != 0:
-            inputs.append(b.const(self.algebra.zero, "zero"))
+        if self.algebra.zero != 0 or self.algebra.dtype != TensorProto.FLOAT:
+            inputs.append(self.relevance_const(self.algebra.zero, "zero"))
         return b.op("Pad", inputs, "R")
 
     # ------------------------------------------------------------ the sweep
@@ -465,6 +476,7 @@ class RelevancePass:
         for name in self.sources:
             parts = received.get(name)
             result[name] = self.family.combine(self, name, parts) if parts else None
+        self.inner_relevance = {name: relevance.get(name, result.get(name)) for name in self.relevance_at}
         return result
 
     def initial_relevance(self) -> tuple[str, str]:
@@ -497,25 +509,38 @@ class RelevancePass:
         return self._types.get(name, TensorProto.FLOAT)
 
     def finish(self, relevance: dict[str, str]) -> list[str]:
-        """Scale (the family's final step), name and declare the outputs; returns the relevance output names."""
+        """Scale (the family's final step), name and declare the outputs: the relevance of every data input, of
+        every ``relevance_at`` tensor (each finished on its own), and the family's exact companions of both
+        (:meth:`Family.exact`); returns the names of the sources' relevance outputs, in the order of the
+        sources."""
         b = self.b
         b.scope = "outputs"
-        relevance = self.family.finish(self, relevance)
+        raw = {name: relevance.get(name) or self.zeros_like(name) for name in self.sources}
+        relevance = self.family.finish(self, dict(raw))
         single = len(self.sources) == 1
         names = []
         for name in self.sources:
-            r = relevance.get(name)
-            if r is None:
-                r = self.zeros_like(name)
-            elif self.elem_type(name) != TensorProto.FLOAT:
+            r = relevance[name]
+            if self.elem_type(name) != TensorProto.FLOAT:
                 r = b.op("Cast", [r], "R", to=TensorProto.FLOAT)
             out = relevance_output(name, single)
-            b.nodes.append(helper.make_node("Identity", [r], [out], name=b.fresh(out)))
             vi = self.source_value_info(name)
             shape = None if vi is None or not vi.type.tensor_type.HasField("shape") else \
                 [d.dim_param or d.dim_value or None for d in vi.type.tensor_type.shape.dim]
-            self.graph.output.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, shape))
-            names.append(out)
+            names.append(self.declare_output(out, r, shape))
+            exact = self.family.exact(self, raw[name])
+            if exact is not None:
+                self.declare_output(exact_output(out), exact, shape, self.algebra.dtype)
+        batch_name = self.batch_dim()
+        for name in self.relevance_at:
+            r = self.inner_relevance.get(name) or self.zeros_like(self.value(name))
+            shape = [d if isinstance(d, int) else None for d in self.shapes.get(name) or []] or None
+            if shape:
+                shape[0] = batch_name
+            self.declare_output(inner_output(name), self.family.finish(self, {name: r})[name], shape)
+            exact = self.family.exact(self, r)
+            if exact is not None:
+                self.declare_output(exact_output(inner_output(name)), exact, shape, self.algebra.dtype)
         b.nodes.append(helper.make_node("Identity", [self.class_tensor], [CLASS_OUTPUT], name=b.fresh(CLASS_OUTPUT)))
         batch = self.batch_dim()
         self.graph.output.append(helper.make_tensor_value_info(CLASS_OUTPUT, TensorProto.INT64, [batch]))
@@ -526,6 +551,11 @@ class RelevancePass:
         b.nodes = activation_work_first(b.nodes, TARGET_INPUT)
         b.commit()
         return names
+
+    def declare_output(self, name: str, tensor: str, shape, elem_type: int = TensorProto.FLOAT) -> str:
+        self.b.nodes.append(helper.make_node("Identity", [tensor], [name], name=self.b.fresh(name)))
+        self.graph.output.append(helper.make_tensor_value_info(name, elem_type, shape))
+        return name
 
     def batch_dim(self):
         """The batch of ``target`` and ``explained_class``: axis 0 of the explained tensor (the seed takes one row
@@ -558,7 +588,7 @@ def activation_work_first(nodes: list[onnx.NodeProto], relevance_source: str) ->
     carrying = {relevance_source}
     first, second = [], []
     for node in nodes:
-        if any(i in carrying for i in node.input):
+        if any(i in carrying for i in node_reads(node)):
             carrying.update(node.output)
             second.append(node)
         else:

@@ -21,6 +21,7 @@ from .files import PATH_TYPES, check_out_dir, ensure_dir, write_npy
 from .layout import image_layout
 from .models import input_shape, prepare
 from .preprocess import make_preprocess
+from .semiring_view import heatmap_view
 
 __all__ = ["HEATMAP_MIN_SIDE", "run_explain", "unique_stems"]
 
@@ -115,6 +116,7 @@ def run_explain(model, images, *, out_dir, target="predicted", preprocess="none"
     if prepared.chw != chw:
         raise OnnxlrpError(f"{show(model)}: the compiled model takes {list(prepared.chw)}, not {list(chw)}")
     explainer = Explainer(prepared.model)
+    view = heatmap_view(prepared.model)  # a semiring's channels meet with its plus
     out = Path(out_dir)
     stems = unique_stems(paths)
     scale = _upscale(height, width)
@@ -149,7 +151,7 @@ def run_explain(model, images, *, out_dir, target="predicted", preprocess="none"
                 drawn = shown.ndim in (2, 3)
                 if drawn:
                     like_image = shown.shape[-2:] == (height, width)
-                    write_atomic(png, _png(shown, raw[j] if overlay and like_image else None,
+                    write_atomic(png, _png(view(shown), raw[j] if overlay and like_image else None,
                                            scale if like_image else _upscale(*shown.shape[-2:])))
                 write_npy(npy, relevance[j])
                 results.append({"file": str(paths[i]), "class": k, "score": score, "png": str(png) if drawn else None,

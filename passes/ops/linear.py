@@ -19,7 +19,7 @@ def linear(ctx, node, r_out):
     then the family's per-layer step."""
     b = ctx.b
     layer = ctx.layers[node.name]
-    r_in = ctx.family.after_layer(ctx, ctx.rule(node).relevance(b, layer, r_out[0]), r_out[0])
+    r_in = ctx.family.after_layer(ctx, ctx.rule(node).linear(ctx, layer, r_out[0]), r_out[0])
     if layer.transpose_x:  # Gemm transA=1 reads x^T: the layer sees x^T (batch first), R goes back to x's layout
         r_in = b.op("Transpose", [r_in], "R", perm=[1, 0])
     return {0: r_in}

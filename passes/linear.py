@@ -52,7 +52,10 @@ def linear_layer(ctx, node: onnx.NodeProto) -> Linear | None:
 def model_weight(ctx, name: str) -> Weight:
     """The initializer ``name`` as a :class:`Weight`. A graph input's default (an initializer a caller may override)
     is not read by the relevance graph: onnxruntime does not fold ops on it, so the rules get a copy of the default
-    (the value the compile-time analysis saw)."""
+    (the value the compile-time analysis saw). A quantized model's integer weight seen dequantized
+    (:mod:`onnxlrp.passes.quantized`) is its expression."""
+    if name in ctx.quantized.weights:
+        return ctx.quantized.weights[name]
     return Weight.initializer(name, ctx.constants[name], readable=name not in {i.name for i in ctx.graph.input})
 
 

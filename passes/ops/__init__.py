@@ -6,10 +6,11 @@ from . import (  # noqa: F401  (each module registers its ops)
     linear,
     magnitude,
     pooling,
+    quantized,
     recurrent,
     reindex,
     resize,
 )
-from .registry import OPS, OpSpec, data_input_indices, lookup, spec, unsupported_reason
+from .registry import OPS, OpSpec, data_input_indices, data_output_indices, lookup, spec, unsupported_reason
 
-__all__ = ["OPS", "OpSpec", "data_input_indices", "lookup", "spec", "unsupported_reason"]
+__all__ = ["OPS", "OpSpec", "data_input_indices", "data_output_indices", "lookup", "spec", "unsupported_reason"]

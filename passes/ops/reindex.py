@@ -241,7 +241,7 @@ def gather(ctx, node, r_out):
     if indices.ndim == 0:
         r = b.op("Unsqueeze", [r, b.const([axis], "axes", np.int64)], "R")
     elif indices.ndim > 1:  # the output has indices.shape in place of the axis: one axis of len(sources) again
-        x_shape = b.op("Shape", [node.input[0]])
+        x_shape = ctx.shape_of(node.input[0])
         target = b.op("Concat", [b.op("Slice", [x_shape, b.const([0], "start", np.int64),
                                                 b.const([axis], "end", np.int64)]),
                                  b.const([len(sources)], "size", np.int64),

@@ -247,9 +247,16 @@ def restore_folded(graph: onnx.GraphProto, folded: FoldedConstants) -> None:
     """Replace the folded values that ``graph`` still reads by the nodes that computed them, wherever that makes the
     file smaller: per connected group of folded nodes, when the constants they read (and ``graph`` lacks) take
     fewer bytes than the values they produce. onnxruntime folds them again when it creates the session, as it does
-    for the source model. The nodes go first in the graph (they read only constants)."""
+    for the source model. The nodes go first in the graph (they read only constants). A folded node's constant input
+    that the graph reads itself (a QDQ model's integer weight, which the rules dequantize with ops of their own) is
+    put back whatever is restored."""
     initializers = {t.name: t for t in graph.initializer}
     read = _used_names(graph)
+    written = {o for n in graph.node for o in n.output} | {v.name for v in graph.input}
+    for name in sorted(read - set(initializers) - written):  # a leaf the relevance graph reads itself
+        if name in folded.leaves:
+            graph.initializer.append(folded.leaves[name])
+            initializers[name] = graph.initializer[-1]
     producer = {o: i for i, n in enumerate(folded.nodes) for o in n.output if o}
     wanted = [name for name in read if name in producer and name in initializers]
     closure: set[int] = set()

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from onnxlrp.weights import Weight
 
@@ -374,3 +374,24 @@ def integer_layer(e: Expander, node) -> bool:
     e.skip.update(e.source.index(n) for n in (cast, scaled))
     e.result.hidden.update(hidden)
     return True
+
+
+# ---------------------------------------------------------------- QDQ weights
+
+def folded_dequantization(folded, name: str) -> Weight | None:
+    """A QDQ model's weight ``name``, folded at canonicalization from ``DequantizeLinear(q, scale, zero_point)`` of
+    constants (:class:`onnxlrp.passes.canonicalize.FoldedConstants`), as the expression over the integer ``q``: its
+    ops fold when onnxruntime creates the session, where ops on the DequantizeLinear's output would run on every
+    call (onnxruntime keeps DequantizeLinear nodes for its quantized kernels)."""
+    node = next((n for n in folded.nodes if name in n.output), None) if folded is not None else None
+    if node is None or node.op_type != "DequantizeLinear" or any(a.name == "block_size" for a in node.attribute):
+        return None
+    leaves = [node.input[i] if i < len(node.input) else "" for i in range(3)]
+    if any(n and n not in folded.leaves for n in leaves):
+        return None
+    q, scale = (numpy_helper.to_array(folded.leaves[n]) for n in leaves[:2])
+    zero_point = numpy_helper.to_array(folded.leaves[leaves[2]]) if leaves[2] else np.zeros((), np.float32)
+    axis = _axis(node)
+    axis = 1 if axis is None else axis
+    s, zp = (along_axis(a, axis, q.ndim).astype(np.float32) for a in (scale, zero_point))
+    return Weight.dequantized(leaves[0], q, s, zp)

@@ -123,6 +123,7 @@ class RelevancePass:
     output: str | None = None
     node_output: str | None = None
     node_inputs: list[str] | None = None  # intermediate tensors explained instead of the float graph inputs
+    folded: object = None  # the constant subgraphs canonicalization folded (FoldedConstants), for QDQ weights
     graph: onnx.GraphProto = field(init=False)
     view: GraphView = field(init=False)
     b: GraphBuilder = field(init=False)

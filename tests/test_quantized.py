@@ -202,7 +202,8 @@ def test_channels_last_pool_is_refused():
     """An operator-form node that is not rewritten names itself and the reason in the one-line error."""
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 4, 2])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 1, 2])
-    init = [numpy_helper.from_array(np.array(0.1, np.float32), "s"), numpy_helper.from_array(np.array(0, np.uint8), "z")]
+    init = [numpy_helper.from_array(np.array(0.1, np.float32), "s"),
+            numpy_helper.from_array(np.array(0, np.uint8), "z")]
     nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
              helper.make_node("QLinearGlobalAveragePool", ["xq", "s", "z", "s", "z"], ["yq"], name="gap",
                               domain="com.microsoft", channels_last=1),

@@ -89,7 +89,7 @@ def _pass(model: onnx.ModelProto, composite: Composite, *, params: dict, flat_la
     with naming_the_model(source):
         canonical, shapes, folded = canonicalize(model, opset=opset, input_shapes=input_shapes, precision=precision)
         return RelevancePass(canonical, shapes, family, output=output, node_output=node_output,
-                             node_inputs=node_inputs, relevance_at=tuple(relevance_at or ())), folded
+                             node_inputs=node_inputs, relevance_at=tuple(relevance_at or ()), folded=folded), folded
 
 
 def compile(model_or_path, rule: str = "epsilon", *, composite: str | Path | None = None, output: str | None = None,

@@ -1,9 +1,10 @@
 """Read-only analysis views of an ONNX graph (networkx): the ONNX proto stays the one source of truth.
 
 The data-flow view has one vertex per tensor name. An edge ``a -> b`` means a node reads ``a`` through a
-*data* input and writes ``b``. Shape and index inputs (a Reshape's shape, a Slice's starts, ...) and ops whose
-output is shape arithmetic (Shape, Size) carry no relevance, so they have no data edges: which inputs carry data is
-a fact of each op type in the op registry (:mod:`onnxlrp.passes.ops`).
+*data* input and writes ``b`` as a *data* output. Shape and index inputs (a Reshape's shape, a Slice's starts, ...),
+ops whose output is shape arithmetic (Shape, Size) and outputs such as a MaxPool's Indices or the scale that
+DynamicQuantizeLinear computes carry no relevance, so they have no data edges: which inputs and outputs carry data
+are facts of each op type in the op registry (:mod:`onnxlrp.passes.ops`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 import networkx as nx
 import onnx
 
-from onnxlrp.passes.ops import data_input_indices
+from onnxlrp.passes.ops import data_input_indices, data_output_indices
 from onnxlrp.scopes import implicit_inputs, subgraphs  # noqa: F401 - subgraphs: re-exported
 
 
@@ -44,9 +45,8 @@ class GraphView:
                     consumers.setdefault(name, []).append((node, i))
             sources = [node.input[i] for i in data_input_indices(node)] + sorted(implicit_inputs(node))
             for name in sources:
-                for out in node.output:
-                    if out:
-                        flow.add_edge(name, out)
+                for k in data_output_indices(node):
+                    flow.add_edge(name, node.output[k])
         return cls(graph, nodes, flow, producer, consumers)
 
     def relevance_tensors(self, sources: list[str], target: str) -> set[str]:

@@ -47,6 +47,14 @@ class Weight:
         constant, not a graph input a caller could override); otherwise the graph gets one float32 copy of it."""
         return cls("initializer", (), (name, bool(readable), np.dtype(value.dtype).str), value.shape, value)
 
+    @classmethod
+    def dequantized(cls, name: str, value: np.ndarray, scale: np.ndarray, zero_point: np.ndarray) -> Weight:
+        """``(q - zero_point) * scale`` of the integer initializer ``name`` (a quantized model's weight), with
+        ``scale`` and ``zero_point`` broadcastable against it (per-channel ones reshaped along their axis): a Cast,
+        a Sub and a Mul, the float32 value DequantizeLinear gives."""
+        params = tuple((a.shape, np.asarray(a, np.float32).tobytes()) for a in (scale, zero_point))
+        return cls("dequantize", (cls.initializer(name, value, readable=True),), params, value.shape)
+
     @property
     def ndim(self) -> int:
         return len(self.shape)
@@ -251,8 +259,19 @@ def _initializer_value(w: Weight) -> np.ndarray:
     return np.asarray(w._value, dtype=np.float64)
 
 
+def _quantization(w: Weight) -> tuple[np.ndarray, np.ndarray]:
+    """A dequantized weight's float32 scale and zero point, each shaped to broadcast against the weight."""
+    return tuple(np.frombuffer(data, dtype=np.float32).reshape(shape) for shape, data in w.params)
+
+
+def _dequantized_value(w: Weight, q: np.ndarray) -> np.ndarray:
+    scale, zero_point = _quantization(w)
+    return ((q.astype(np.float32) - zero_point) * scale).astype(np.float64)  # float32 arithmetic, as DQ computes
+
+
 _EVALUATE = {
     "initializer": _initializer_value,
+    "dequantize": _dequantized_value,
     "scale": lambda w, a: a * _factor_array(w),
     "relu": lambda w, a: np.maximum(a, 0),
     "min0": lambda w, a: np.minimum(a, 0),
@@ -291,8 +310,18 @@ def _emit_flip(w: Weight, b: GraphBuilder, hint: str, a: str) -> str:
                           b.const(axes, "axes", np.int64), minus_ones], hint)
 
 
+def _emit_dequantized(w: Weight, b: GraphBuilder, hint: str, q: str) -> str:
+    """``(q - zero_point) * scale`` on the Cast integer weight: constants only, folded by onnxruntime (a
+    DequantizeLinear node would not be: onnxruntime keeps those for its quantized kernels)."""
+    scale, zero_point = _quantization(w)
+    if np.any(zero_point != 0):
+        q = b.op("Sub", [q, b.const(zero_point, "zero_point")], hint)
+    return b.op("Mul", [q, b.const(scale, "scale")], hint)
+
+
 _EMIT = {
     "initializer": _emit_initializer,
+    "dequantize": _emit_dequantized,
     "scale": lambda w, b, hint, a: b.op("Mul", [a, b.const(_factor_array(w), "weight_scale")], hint),
     "relu": lambda w, b, hint, a: b.op("Relu", [a], hint),
     "min0": lambda w, b, hint, a: b.op("Min", [a, b.const(0.0, "zero")], hint),

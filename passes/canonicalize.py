@@ -29,6 +29,7 @@ from onnxlrp.graph import implicit_inputs
 
 from .control_flow import every_name, inline_if
 from .ops import spec
+from .quantized import has_quantized_operators, standard_form
 
 MIN_OPSET = 13
 MAX_FOLD_ELEMENTS = 1 << 28
@@ -246,9 +247,16 @@ def restore_folded(graph: onnx.GraphProto, folded: FoldedConstants) -> None:
     """Replace the folded values that ``graph`` still reads by the nodes that computed them, wherever that makes the
     file smaller: per connected group of folded nodes, when the constants they read (and ``graph`` lacks) take
     fewer bytes than the values they produce. onnxruntime folds them again when it creates the session, as it does
-    for the source model. The nodes go first in the graph (they read only constants)."""
+    for the source model. The nodes go first in the graph (they read only constants). A folded node's constant input
+    that the graph reads itself (a QDQ model's integer weight, which the rules dequantize with ops of their own) is
+    put back whatever is restored."""
     initializers = {t.name: t for t in graph.initializer}
     read = _used_names(graph)
+    written = {o for n in graph.node for o in n.output} | {v.name for v in graph.input}
+    for name in sorted(read - set(initializers) - written):  # a leaf the relevance graph reads itself
+        if name in folded.leaves:
+            graph.initializer.append(folded.leaves[name])
+            initializers[name] = graph.initializer[-1]
     producer = {o: i for i, n in enumerate(folded.nodes) for o in n.output if o}
     wanted = [name for name in read if name in producer and name in initializers]
     closure: set[int] = set()
@@ -315,7 +323,16 @@ def drop_dead_nodes(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> list
     return kept[::-1]
 
 
+#: onnx's reference evaluator implements these from opset 19 on; for integer inputs the earlier versions compute the
+#: same (opset 19 added float8 types, 21 blocked quantization), so the weights of a QDQ model exported at opset 13-18
+#: are folded with opset 19's implementation
+QUANTIZATION_OPS = ("DequantizeLinear", "QuantizeLinear")
+
+
 def _evaluate(node, values, opset_imports):
+    if node.op_type in QUANTIZATION_OPS and node.domain in ("", "ai.onnx"):
+        opset_imports = [helper.make_opsetid(i.domain, max(i.version, 19)) if i.domain in ("", "ai.onnx") else i
+                         for i in opset_imports]
     sub_inputs = [helper.make_tensor_value_info(n, onnx.TensorProto.UNDEFINED, None) for n in node.input if n]
     sub_outputs = [helper.make_tensor_value_info(n, onnx.TensorProto.UNDEFINED, None) for n in node.output if n]
     model = helper.make_model(helper.make_graph([node], "fold", sub_inputs, sub_outputs),
@@ -396,10 +413,23 @@ def infer_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, lis
 
     It runs on a light copy in which large initializers (inference needs only their shapes) are graph inputs, so
     big weights are never copied or serialized and models past protobuf's 2 GB limit work too. The inferred
-    value_info is stored in ``model``, which is returned with the static shape of every tensor."""
+    value_info is stored in ``model``, which is returned with the static shape of every tensor.
+
+    Quantized operator nodes (onnxruntime's ``com.microsoft`` QLinearAdd, QGemm, ..., which onnx does not infer) are
+    inferred in their standard form (:func:`onnxlrp.passes.quantized.standard_form`); the shapes returned include the
+    tensors of that form, which the relevance pass's analysis view has too."""
     light = onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import, functions=model.functions)
     graph = light.graph
-    graph.node.extend(model.graph.node)
+    virtual: set[str] = set()
+    if has_quantized_operators(model.graph.node):
+        expansion = standard_form(list(model.graph.node), {t.name: numpy_helper.to_array(t)
+                                                           for t in model.graph.initializer})
+        graph.node.extend(expansion.nodes)
+        graph.input.extend(helper.make_tensor_value_info(name, TensorProto.FLOAT, value.shape)
+                           for name, value in expansion.constants.items())
+        virtual = expansion.virtual
+    else:
+        graph.node.extend(model.graph.node)
     graph.input.extend(model.graph.input)
     graph.output.extend(model.graph.output)
     for t in model.graph.initializer:
@@ -413,7 +443,7 @@ def infer_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, lis
     except Exception as err:
         raise OnnxlrpError(f"the model is not valid: {str(err).strip().splitlines()[0]}") from err
     del model.graph.value_info[:]
-    model.graph.value_info.extend(inferred.value_info)
+    model.graph.value_info.extend(vi for vi in inferred.value_info if vi.name not in virtual)
     shapes = {t.name: list(t.dims) for t in model.graph.initializer}
     for vi in list(inferred.value_info) + list(inferred.input) + list(inferred.output):
         if vi.type.tensor_type.HasField("shape"):

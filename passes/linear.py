@@ -10,6 +10,7 @@ from onnxlrp.layers import Linear, Window
 from onnxlrp.weights import Weight
 
 from .ops.helpers import attr, explicit_pads
+from .quantized import folded_dequantization
 
 
 def linear_layer(ctx, node: onnx.NodeProto) -> Linear | None:
@@ -52,7 +53,14 @@ def linear_layer(ctx, node: onnx.NodeProto) -> Linear | None:
 def model_weight(ctx, name: str) -> Weight:
     """The initializer ``name`` as a :class:`Weight`. A graph input's default (an initializer a caller may override)
     is not read by the relevance graph: onnxruntime does not fold ops on it, so the rules get a copy of the default
-    (the value the compile-time analysis saw)."""
+    (the value the compile-time analysis saw). A quantized model's integer weight seen dequantized
+    (:mod:`onnxlrp.passes.quantized`), or a QDQ model's weight folded from its DequantizeLinear, is its expression
+    over the integer initializer."""
+    if name in ctx.quantized.weights:
+        return ctx.quantized.weights[name]
+    dequantized = folded_dequantization(ctx.folded, name)
+    if dequantized is not None:
+        return dequantized
     return Weight.initializer(name, ctx.constants[name], readable=name not in {i.name for i in ctx.graph.input})
 
 

@@ -26,11 +26,13 @@ from onnxlrp.rules import Rule
 from . import signal_patterns  # noqa: F401  (registers its recognizers)
 from .diagnostics import batch_axis, input_dims, unsupported_summary
 from .families import Family, PlanNode
+from .forward_reads import ForwardReads
 from .linear import linear_layer
 from .ops import data_input_indices, lookup, spec, unsupported_reason
 from .ops.gates import describe_gate
 from .ops.helpers import path_inputs
 from .patterns import find_matches, fused_node_list
+from .quantized import standard_form
 
 FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
 
@@ -123,6 +125,7 @@ class RelevancePass:
     node_output: str | None = None
     node_inputs: list[str] | None = None  # intermediate tensors explained instead of the float graph inputs
     relevance_at: tuple[str, ...] = ()  # inner tensors whose relevance is output too (``relevance@TENSOR``)
+    folded: object = None  # the constant subgraphs canonicalization folded (FoldedConstants), for QDQ weights
     graph: onnx.GraphProto = field(init=False)
     view: GraphView = field(init=False)
     b: GraphBuilder = field(init=False)
@@ -138,8 +141,11 @@ class RelevancePass:
         self.matches = find_matches(self.graph, self.constants, self.shapes)
         for found in self.matches:
             self.constants.update(found.constants)
-        self.view = GraphView.of(self.graph, fused_node_list(self.graph, self.matches))
+        self.quantized = standard_form(fused_node_list(self.graph, self.matches), self.constants)
+        self.constants.update(self.quantized.constants)
+        self.view = GraphView.of(self.graph, self.quantized.nodes)
         self.b = GraphBuilder(self.graph)
+        self.forward = ForwardReads(self, self.quantized)
         self.algebra = self.family.algebra
         self.opset = next(i.version for i in self.model.opset_import if i.domain in ("", "ai.onnx"))
         self.sources = self.start_tensors() if self.node_inputs else [v.name for v in data_inputs(self.graph)]
@@ -399,13 +405,20 @@ class RelevancePass:
 
     def value(self, name: str) -> str:
         """A forward tensor as float32: relevance is always computed in float32 (float16 models keep their float16
-        forward pass; each forward value the rules read is cast once)."""
-        if self.elem_type(name) == TensorProto.FLOAT:
-            return name
+        forward pass; each forward value the rules read is cast once). In a quantized model, a tensor that
+        onnxruntime computes inside a fused integer kernel is recomputed (:class:`ForwardReads`)."""
         if name not in self.float32:
-            self.b.scope = "float32"
-            self.float32[name] = self.b.op("Cast", [name], "f32", to=TensorProto.FLOAT)
+            scope, value = self.b.scope, self.forward.read(name)
+            if self.elem_type(name) != TensorProto.FLOAT and name not in self.forward.float_valued:
+                self.b.scope = "float32"
+                value = self.b.op("Cast", [value], "f32", to=TensorProto.FLOAT)
+            self.b.scope = scope
+            self.float32[name] = value
         return self.float32[name]
+
+    def shape_of(self, name: str) -> str:
+        """``Shape`` of a forward tensor (its static shape where reading it would change the forward pass)."""
+        return self.forward.shape(name)
 
     def reduce(self, op: str, x: str, axes: list[int], keepdims: int = 1, hint: str | None = None) -> str:
         """A Reduce* op in the attribute (opset < 18) or input (opset >= 18) form (ReduceSum: input from 13)."""
@@ -423,7 +436,7 @@ class RelevancePass:
         b = self.b
         zero, dtype = self.algebra.zero, self.algebra.dtype
         value = None if zero == 0 and dtype == TensorProto.FLOAT else helper.make_tensor("value", dtype, [1], [zero])
-        return b.op("ConstantOfShape", [b.op("Shape", [tensor])], "zeros", value=value)
+        return b.op("ConstantOfShape", [self.shape_of(tensor)], "zeros", value=value)
 
     def relevance_const(self, value, hint: str = "const") -> str:
         """A constant in the algebra's type."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from .patterns import Match, Scope, recognizer, virtual_node
+from .patterns import Scope, match, recognizer, virtual_node
 
 
 def squared(scope: Scope, tensor: str) -> tuple[str, onnx.NodeProto] | None:
@@ -45,5 +45,5 @@ def magnitude(scope: Scope, node: onnx.NodeProto):
     interior += [inner] + [n for _, n in terms]
     if not scope.private(interior, node):
         return None
-    return Match(virtual_node("Magnitude", [terms[0][0], terms[1][0]], node.output[0],
-                              f"{node.name}/magnitude"), [n.name for n in interior] + [node.name])
+    return match(virtual_node("Magnitude", [terms[0][0], terms[1][0]], node.output[0], f"{node.name}/magnitude"),
+                 interior + [node])

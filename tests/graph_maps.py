@@ -211,6 +211,7 @@ def node_windows(node, in_shape, out_shape, axes=None) -> Windows:
     return mean_windows(in_shape, [a - 1 for a in axes])
 
 
-def evaluator(model64: onnx.ModelProto) -> ReferenceEvaluator:
-    """onnx's ReferenceEvaluator with the spec-exact LRN, inference-mode BatchNormalization and MaxPool."""
-    return ReferenceEvaluator(model64, new_ops=[LRN, BatchNormalization, MaxPool])
+def evaluator(model64: onnx.ModelProto, extra_ops=()) -> ReferenceEvaluator:
+    """onnx's ReferenceEvaluator with the spec-exact LRN, inference-mode BatchNormalization and MaxPool (and the
+    kernels of ``extra_ops``)."""
+    return ReferenceEvaluator(model64, new_ops=[LRN, BatchNormalization, MaxPool, *extra_ops])

@@ -93,10 +93,14 @@ class Layer:
 class GraphReference:
     """The reference for one model: ``relevance(x, rule)`` and ``plan(rule)``.
 
+    ``extra_ops``: ReferenceEvaluator kernels of ops in other domains (a subclass's activations).
+
     ``explained``: the tensor whose target entry is explained (the logits, e.g. a Softmax's input).
     ``float32_forward``: run the forward pass in float32 and the rules in float64 on those values. It measures how
     much float32 rounding of the activations alone moves a rule's result (how ill-conditioned a case is), the least
     error a float32 implementation can be held to."""
+
+    extra_ops: tuple = ()
 
     def __init__(self, model: onnx.ModelProto, explained: str, input_name: str | None = None,
                  float32_forward: bool = False):
@@ -116,7 +120,7 @@ class GraphReference:
         for node in self.nodes:
             for name in node.input:
                 self.readers.setdefault(name, []).append(node)
-        self.evaluator = evaluator(self.model)
+        self.evaluator = evaluator(self.model, self.extra_ops)
         self.analyzed = False
         self.cache: dict = {}
 

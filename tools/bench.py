@@ -90,13 +90,38 @@ def inferred(model: onnx.ModelProto, batch: int) -> tuple[onnx.ModelProto, dict[
     return done, shapes | {t.name: list(t.dims) for t in done.graph.initializer}
 
 
+def standard_form(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with its quantized operator nodes (QLinearConv, QGemm, ConvInteger, ...) written as the float ops
+    they compute (onnxlrp's analysis view, :func:`onnxlrp.passes.quantized.standard_form`): ONNX shape inference
+    knows those, and their multiply-adds are counted like the float model's."""
+    from onnx import numpy_helper
+    from onnxlrp.passes.quantized import has_quantized_operators
+    from onnxlrp.passes.quantized import standard_form as expand
+
+    if not has_quantized_operators(model.graph.node):
+        return model
+    expansion = expand(list(model.graph.node), {t.name: numpy_helper.to_array(t) for t in model.graph.initializer})
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.node[:]
+    out.graph.node.extend(expansion.nodes)
+    out.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in expansion.constants.items())
+    return out
+
+
 def multiply_adds(model: onnx.ModelProto, batch: int) -> int:
-    """Multiply-accumulates of the Conv, ConvTranspose, MatMul and Gemm nodes at this batch size: the arithmetic
-    that no element-wise rewrite can remove. Shapes come from ONNX shape inference with the batch fixed."""
-    model, shapes = inferred(model, batch)
+    """Multiply-accumulates of the Conv, ConvTranspose, MatMul and Gemm nodes (quantized ones as their float ops)
+    and of the LSTM, GRU and RNN nodes (``W x + R h`` at every step) at this batch size: the arithmetic that no
+    element-wise rewrite can remove. Shapes come from ONNX shape inference with the batch fixed."""
+    model, shapes = inferred(standard_form(model), batch)
     total = 0
     for node in model.graph.node:
-        if node.op_type in ("Conv", "ConvTranspose"):
+        if node.op_type in ("LSTM", "GRU", "RNN"):
+            x = shapes[node.input[0]]
+            batch_first = any(a.name == "layout" and a.i for a in node.attribute)
+            steps, rows = (x[1], x[0]) if batch_first else (x[0], x[1])
+            total += steps * rows * (int(np.prod(shapes[node.input[1]])) + int(np.prod(shapes[node.input[2]])))
+        elif node.op_type in ("Conv", "ConvTranspose"):
             w = shapes[node.input[1]]
             # Conv: each output element reads Cin/g * k inputs; ConvTranspose: each input element feeds Cout/g * k
             total += int(np.prod(shapes[node.output[0] if node.op_type == "Conv" else node.input[0]])) * \

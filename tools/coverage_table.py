@@ -17,17 +17,22 @@ Sources (all under tests/):
   embedding); their relevance has the node input's shape;
 * ``gated_models`` (torch and torchvision; Keras rows need tensorflow and tf2onnx): EfficientNet-B0, MobileNetV3-Small,
   ConvNeXt-T and a YOLO-like SiLU network by both torch exporters, Keras EfficientNetB0, MobileNetV3Small and a
-  LayerNorm/GroupNorm network through tf2onnx, and a paddle-style hand-built graph (``test_gated_models``).
+  LayerNorm/GroupNorm network through tf2onnx, and a paddle-style hand-built graph (``test_gated_models``);
+* recurrent, quantized and audio models (:func:`sequence_quantized_audio_cases`): the torch LSTM/GRU classifiers and
+  the Keras LSTM of ``test_recurrent``, the CNN and MLP of ``test_quantized`` in each form onnxruntime's quantizer
+  writes, the wake-word model of ``test_audio`` (to the waveform and at its spectrogram).
 
 Each cell compiles the model *as given*. "pass" means: it compiles, runs in onnxruntime, the original outputs match
 the source model's, and the relevance is sane (right shape, finite, not all zero; for R-LRP also
 ``sum|R| == |logit|``). A cell that fails with a known compiler bug (see ``zoo_models.known_bug``) is marked with the
-bug and the result of the same checks on a work-around (see ``compile_known``).
+bug and the result of the same checks on a work-around (see ``compile_known``). A cell whose rule the compiler refuses
+for that model by design (R-LRP for recurrent layers) says so: ``refused``.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import platform
 import sys
@@ -63,11 +68,12 @@ class Case:
     logits: str | None = None  # the tensor explained (None: found behind the Softmax of the explained output)
     kwargs: dict = field(default_factory=dict)  # extra compile arguments (output=...)
     bias_free: Callable[[], tuple[onnx.ModelProto, str | None]] | None = None  # (model, logits) for conservation
+    refused: dict[str, str] = field(default_factory=dict)  # rule -> the one-line refusal the compiler gives by design
 
 
 @dataclass
 class Cell:
-    status: str  # "pass", "FAIL", "xfail"
+    status: str  # "pass", "FAIL", "xfail", "refused"
     deviation: float | None = None
     sanity: str = ""
     error: str = ""
@@ -196,6 +202,8 @@ def graph_feature_cases() -> tuple[list[Case], str]:
     except Exception as err:  # noqa: BLE001
         notes.append(f"tf2onnx If row left out: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
     return cases, "; ".join(notes)
+
+
 def gated_cases(with_tf: bool) -> tuple[list[Case], str]:
     """Networks with gated activations, gates and normalizations (tests/gated_models.py)."""
     try:
@@ -224,6 +232,90 @@ def gated_cases(with_tf: bool) -> tuple[list[Case], str]:
                       lambda: tgm.paddle_style()[0],
                       lambda: {"x": np.random.default_rng(6).normal(size=(2, 6)).astype(np.float32)}))
     return cases, ""
+
+
+def sequence_quantized_audio_cases() -> tuple[list[Case], str]:
+    """The models of tests/test_recurrent.py, test_quantized.py and test_audio.py."""
+    import tempfile
+    from pathlib import Path as _Path
+
+    cases, notes = [], []
+    refuse_rlrp = {"rlrp": "R-LRP is defined for feed-forward layers"}
+
+    def sequences():
+        import test_recurrent as trc
+        return np.random.default_rng(3).normal(size=(trc.B, trc.T, trc.IN)).astype(np.float32)
+    try:
+        import test_recurrent as trc
+        import torch
+
+        version = torch.__version__.split("+")[0]
+        for kind, bidirectional in (("LSTM", False), ("LSTM", True), ("GRU", True)):
+            for dynamo in (False, True):
+                name = f"{'bidirectional ' if bidirectional else ''}{kind} classifier ({trc.T} steps)"
+                label = f"torch {version} {'dynamo (opset 18' if dynamo else 'torchscript (opset 17'}, batch {trc.B})"
+
+                def build(kind=kind, bidirectional=bidirectional, dynamo=dynamo):
+                    _, module = trc.torch_classifier(kind, bidirectional)
+                    x = torch.from_numpy(sequences())
+                    if dynamo:
+                        return torch.onnx.export(module, (x,), dynamo=True, opset_version=18).model_proto
+                    buffer = io.BytesIO()
+                    torch.onnx.export(module, (x,), buffer, dynamo=False, opset_version=17, input_names=["x"])
+                    return onnx.load_from_string(buffer.getvalue())
+                cases.append(Case(name, label, build, lambda: {"x": sequences()}, refused=refuse_rlrp))
+    except Exception as err:  # noqa: BLE001
+        notes.append(f"PyTorch recurrent rows left out: {err}")
+    try:
+        import tensorflow as tf
+        import test_recurrent as trc
+        import tf2onnx
+
+        def keras_lstm():
+            tf.keras.utils.set_random_seed(0)
+            inputs = tf.keras.Input((trc.T, trc.IN), name="x")
+            keras = tf.keras.Model(inputs, tf.keras.layers.Dense(trc.K)(tf.keras.layers.LSTM(trc.H)(inputs)))
+            spec = [tf.TensorSpec((None, trc.T, trc.IN), tf.float32, name="x")]
+            return tf2onnx.convert.from_keras(keras, input_signature=spec, opset=17)[0]
+        cases.append(Case(f"Keras LSTM classifier ({trc.T} steps)", f"tf2onnx {tf2onnx.__version__} (TF "
+                          f"{tf.__version__}, opset 17)", keras_lstm, lambda: {"x": sequences()}, refused=refuse_rlrp))
+    except Exception as err:  # noqa: BLE001
+        notes.append(f"tf2onnx LSTM row left out: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+    try:
+        import onnxruntime
+        import test_quantized as tq
+
+        tmp = _Path(tempfile.mkdtemp(prefix="coverage-quantized-"))
+        forms = {"qdq": "static QDQ", "qoperator": "static operator form", "qoperator-u8-per-channel":
+                 "static operator form, uint8 activations, per-channel weights", "dynamic": "dynamic"}
+        for arch in tq.ARCHS:
+            for fmt, form in forms.items():
+                cases.append(Case(f"quantized {arch.upper()} ({form})", f"onnxruntime.quantization "
+                                  f"{onnxruntime.__version__} of a torch export (opset 17)",
+                                  lambda arch=arch, fmt=fmt: tq.quantized_model(arch, fmt, tmp),
+                                  lambda arch=arch: {"x": tq.inputs(arch, 7)}, "logits"))
+    except Exception as err:  # noqa: BLE001
+        notes.append(f"quantized rows left out: {err}")
+    try:
+        import test_audio as tau
+        import torch
+        import torch_models as tm
+
+        for export in tau.EXPORTS:
+            exporter, opset = tm.EXPORTS[export]
+            label = f"torch {torch.__version__.split('+')[0]} {exporter} (opset {opset}, batch 2)"
+
+            def build(exporter=exporter, opset=opset):
+                torch.manual_seed(0)
+                return tm.export(tau.WakeWord().eval(), torch.from_numpy(tau.waves()), exporter=exporter, opset=opset)
+            cases.append(Case("wake word: reflect Pad, Conv STFT, magnitude, log-mel, Conv1d", label, build,
+                              lambda: {tm.INPUT_NAME: tau.waves()}))
+            model = build()
+            cases.append(Case("wake word, node_input=log-mel spectrogram", label, build,
+                              lambda: {tm.INPUT_NAME: tau.waves()}, kwargs={"node_input": tau.spectrogram(model)}))
+    except Exception as err:  # noqa: BLE001
+        notes.append(f"audio rows left out: {err}")
+    return cases, "; ".join(notes)
 
 
 # ---------------------------------------------------------------- known compiler bugs
@@ -338,7 +430,12 @@ def run_cell(case: Case, rule: str) -> Cell:
     try:
         compiled, bugs = compile_known(model, rule, logits, **case.kwargs)
     except OnnxlrpError as err:
+        if rule in case.refused and case.refused[rule] in str(err) and "\n" not in str(err):
+            return Cell("refused", error=case.refused[rule], seconds=time.perf_counter() - start)
         return Cell("FAIL", error=str(err)[:160], seconds=time.perf_counter() - start)
+    if rule in case.refused:
+        return Cell("FAIL", error=f"compiled, but the compiler refuses {rule} here by design",
+                    seconds=time.perf_counter() - start)
     outputs = [o.name for o in model.graph.output]
     try:
         want = dict(zip(outputs, zm.session(model).run(outputs, feeds), strict=True))
@@ -402,6 +499,8 @@ def bug_ids(bugs: list[str]) -> str:
 
 
 def render_cell(cell: Cell) -> str:
+    if cell.status == "refused":
+        return f"refused ({cell.error})"
     if cell.status == "FAIL" and cell.deviation is None:
         return "**FAIL**: " + cell.error.replace("|", "\\|")
     dev = f"{cell.deviation:.0e}" if cell.deviation else "0"
@@ -450,7 +549,8 @@ def write_doc(path: Path, argv: list[str], rules: list[str], rows: list[tuple[Ca
         "and, for R-LRP, "
         "`sum|R| == |logit|` per sample (rtol 1e-4). `xfail [B#]`: the compile fails, or its result does not load, "
         "because of a known compiler bug (below); the bracket gives the same checks on a work-around. "
-        "`FAIL`: anything else.",
+        "`refused (...)`: the compiler refuses the rule for this model by design, in one line (R-LRP for recurrent "
+        "layers: README, \"Rules and composites\"). `FAIL`: anything else.",
         "",
         "Known compiler bugs met in this table: " + ("none." if not seen else ""),
         "",
@@ -500,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     notes: list[str] = []
     cases = zoo_cases()
-    for source in (sklearn_cases, graph_feature_cases, None if args.no_tf else tf_cases,
+    for source in (sklearn_cases, graph_feature_cases, sequence_quantized_audio_cases, None if args.no_tf else tf_cases,
                    None if args.no_torch else lambda: torch_cases(
                        args.torch_exports.split(",") if args.torch_exports else None),
                    None if args.no_gated else lambda: gated_cases(not args.no_tf)):

@@ -8,10 +8,11 @@ from . import (  # noqa: F401  (each module registers its ops)
     magnitude,
     normalization,
     pooling,
+    quantized,
     recurrent,
     reindex,
     resize,
 )
-from .registry import OPS, OpSpec, data_input_indices, lookup, spec, unsupported_reason
+from .registry import OPS, OpSpec, data_input_indices, data_output_indices, lookup, spec, unsupported_reason
 
-__all__ = ["OPS", "OpSpec", "data_input_indices", "lookup", "spec", "unsupported_reason"]
+__all__ = ["OPS", "OpSpec", "data_input_indices", "data_output_indices", "lookup", "spec", "unsupported_reason"]

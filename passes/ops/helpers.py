@@ -32,13 +32,13 @@ def unbroadcast(ctx, r: str, to: str, frm: str) -> str:
     if axes:
         r = ctx.reduce(ctx.algebra.reduce_op, r, axes, hint="unbroadcast")
     if lead:
-        r = b.op("Reshape", [r, b.op("Shape", [to])], "unbroadcast")
+        r = b.op("Reshape", [r, ctx.shape_of(to)], "unbroadcast")
     return r
 
 
 def reshape_like(ctx, r: str, like: str) -> str:
     b = ctx.b
-    return b.op("Reshape", [r, b.op("Shape", [like])], "R")
+    return b.op("Reshape", [r, ctx.shape_of(like)], "R")
 
 
 def float_mask(b, condition: str) -> str:

@@ -41,8 +41,6 @@ def pool_window(ctx, node, *, with_ceil: bool = True) -> Window | None:
 def check_pool(ctx, node):
     if pool_window(ctx, node) is None:
         return "needs static input and output shapes (give --input-shape)"
-    if node.op_type == "MaxPool" and len(node.output) > 1 and node.output[1] in ctx.tensors:
-        return "the Indices output carries no relevance"
     return None
 
 
@@ -335,7 +333,8 @@ def max_rule(ctx, node, view: MaxView, r: str) -> dict:
     return {0: ctx.family.after_layer(ctx, ctx.rule(node).max_pool(ctx, view, r), r)}
 
 
-@backward("MaxPool", kind="max_pool", nonnegative=pool_nonnegative, zero_preserving=True, check=check_pool)
+@backward("MaxPool", data_outputs=(0,), kind="max_pool", nonnegative=pool_nonnegative, zero_preserving=True,
+          check=check_pool)
 def max_pool(ctx, node, r_out):
     return max_rule(ctx, node, WindowMax(ctx, node), r_out[0])
 

@@ -259,4 +259,4 @@ def gather(ctx, node, r_out):
     matrix = np.zeros((n, indices.size), dtype=np.float32)
     matrix[indices, np.arange(indices.size)] = 1.0
     back = b.op("MatMul", [b.const(matrix, "gather_T"), flat], "R")
-    return {0: b.op("Reshape", [back, b.op("Shape", [node.input[0]])], "R")}
+    return {0: b.op("Reshape", [back, ctx.shape_of(node.input[0])], "R")}

@@ -58,7 +58,8 @@ def _one_error_line(stderr: str) -> str:
 
 def test_explain_bundled_samples(tmp_path, capsys):
     out = tmp_path / "heat"
-    assert main(["explain", str(MODEL), str(SAMPLES), "-o", str(out)]) == 0
+    files = sorted(str(p) for p in SAMPLES.glob("*.png"))  # image files: a heatmap and an .npy each
+    assert main(["explain", str(MODEL), *files, "-o", str(out)]) == 0
     lines = [m for m in map(LINE.match, capsys.readouterr().out.splitlines()) if m]
     assert len(lines) == 10
     for m in lines:

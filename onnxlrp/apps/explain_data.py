@@ -138,8 +138,8 @@ def run_dataset_explain(model, data, *, out_dir, target=None, preprocess="none",
     progress = Progress(source.count, done=store.done_samples(), label="explain", quiet=quiet)
     keep_raw = heatmaps and overlay
     scale = heatmap_scale(spec.layout.height, spec.layout.width) if spec.layout is not None else 1
-    try:
-        with sigterm_guard("onnxlrp explain"):
+    with sigterm_guard("onnxlrp explain"):
+        try:
             if engine == "ray":
                 from .ray_engine import ray_units
 
@@ -154,11 +154,11 @@ def run_dataset_explain(model, data, *, out_dir, target=None, preprocess="none",
                     store.write(shard, source.name, layout=spec.layout, overlay=overlay, scale=scale)
                 progress.update(unit.stop - unit.start)
             explained, errors = store.finish(source.listing_errors)
-    except (KeyboardInterrupt, SigtermReceived):
-        progress.close()
-        click.echo(f"interrupted: {len(store.done)} of {store.shards} shards are complete in {show(out)}; "
-                   "run the same command with --resume to finish", err=True)
-        raise
+        except (KeyboardInterrupt, SigtermReceived):
+            progress.close()
+            click.echo(f"interrupted: {len(store.done)} of {store.shards} shards are complete in {show(out)}; "
+                       "run the same command with --resume to finish", err=True)
+            raise
     progress.close()
     echo(f"wrote {show(out / 'index.csv')}: {explained} sample(s) explained, {errors} unreadable "
          f"(listed in {show(out / 'errors.csv')}); relevance in {show(out / 'shards')}/relevance-*.npy")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -34,8 +35,14 @@ class Progress:
         if self.stream.isatty():
             from tqdm import tqdm
 
+            try:
+                sized = os.get_terminal_size(self.stream.fileno()).columns > 0
+            except (OSError, ValueError):
+                sized = False
+            # a terminal that reports no size (a bare pty) gets a fixed one: tqdm hides bars on a 0-line screen
             self.bar = tqdm(total=total, initial=done, unit=" samples", desc=label, file=self.stream,
-                            dynamic_ncols=True, smoothing=0.1)
+                            dynamic_ncols=sized, ncols=None if sized else 100, nrows=None if sized else 24,
+                            smoothing=0.1)
 
     def update(self, n: int) -> None:
         self.count += n

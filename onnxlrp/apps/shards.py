@@ -130,7 +130,7 @@ class ShardStore:
 
     def heatmap_name(self, sample: int, source_name: str) -> str:
         width = max(len(str(max(self.count - 1, 0))), 1)
-        stem = safe_filename(Path(source_name.replace("[", "_").replace("]", "")).stem or "sample", max_len=60)
+        stem = safe_filename(Path(source_name).stem or "sample", max_len=60)  # "d.npy[3]" -> "d"
         return f"{sample:0{width}d}-{stem}.png"
 
     def write(self, result: ShardResult, names, *, layout=None, overlay: bool = True, scale: int = 1) -> None:

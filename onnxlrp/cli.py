@@ -183,7 +183,8 @@ def explain_command(model, data, target, preprocess, out_dir, overlay, batch_siz
 @cli.command("evaluate")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--data", default="builtin:digits", show_default=True,
-              help="builtin:digits, a .npz with images/labels, or a folder with one sub-folder per class index.")
+              help="builtin:digits, a folder with one sub-folder per class index, a .npz with images and labels, or "
+                   "Parquet with an image or tensor column and a label column; streamed in batches.")
 @click.option("--rules", default="rlrp,lrp0,epsilon", show_default=True, help="Comma-separated rules to compare.")
 @click.option("--percent", default="1,5,10,15,20,25,40,50,60,75,80,85,90,95,99", show_default=True)
 @click.option("--abs", "absolute", is_flag=True, help="Rank by |relevance| instead of signed relevance.")
@@ -194,6 +195,9 @@ def explain_command(model, data, target, preprocess, out_dir, overlay, batch_siz
 @click.option("--batch-size", type=int, default=128, show_default=True)
 @click.option("--masks", help="A .npz with object 'masks' [N,H,W] or 'boxes' [N,4] (x0,y0,x1,y1): adds the "
               "pointing game and the relevance mass ratios mu, mu_w.")
+@click.option("--column", help="Parquet: the column holding the images or tensors.")
+@click.option("--label-column", help="Parquet: the column holding the labels (default: label or labels).")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors (no progress).")
 def evaluate_command(model, **kw):
     """Masked-input accuracy (the R-LRP paper's study), pixel-flipping AOPC, localization with --masks; CSV, JSON
     and plots."""

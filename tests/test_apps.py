@@ -236,7 +236,7 @@ def test_evaluate_bad_data(tmp_path, capsys):
     assert "'cat' is not a class index" in _one_error_line(capsys.readouterr().err)
     np.savez(tmp_path / "wrong.npz", images=np.zeros((4, 32, 32), np.uint8), labels=np.zeros(4, np.int64))
     assert main(["evaluate", str(MODEL), "--data", str(tmp_path / "wrong.npz"), "-o", str(tmp_path / "e")]) == 1
-    assert "[N, 1, 28, 28]" in _one_error_line(capsys.readouterr().err)
+    assert "the model takes [1, 28, 28]" in _one_error_line(capsys.readouterr().err)
     assert not (tmp_path / "e").exists()
 
 

@@ -275,3 +275,82 @@ def test_progress_bar_on_a_terminal(tmp_path):
     assert proc.wait(timeout=60) == 0
     text = seen.decode(errors="replace")
     assert "explain: 100%" in text and "200/200" in text and "samples/s" in text  # tqdm: count, rate, ETA
+
+
+# ------------------------------------------------------------------------------------------------ evaluate
+
+
+def test_evaluate_streams_any_source_and_batching_does_not_change_the_numbers(tmp_path, capsys):
+    """100 digits as a .npz (batch 64) and as Parquet image bytes with a corrupt row (batch 7): the same numbers,
+    the corrupt row skipped and listed."""
+    import io
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    np.savez(tmp_path / "d.npz", images=IMAGES[:100], labels=LABELS[:100])
+    cells = []
+    for a in IMAGES[:100]:
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format="PNG")
+        cells.append(buf.getvalue())
+    cells.insert(40, b"\x89PNG\r\n\x1a\n broken")
+    labels = list(LABELS[:100])
+    labels.insert(40, 0)
+    pq.write_table(pa.table({"img": cells, "label": labels}), tmp_path / "d.parquet", row_group_size=30)
+    results = []
+    for data, batch in (("d.npz", "64"), ("d.parquet", "7")):
+        out = tmp_path / f"ev-{data}"
+        assert main(["evaluate", str(MODEL), "--data", str(tmp_path / data), "--rules", "rlrp,epsilon", "--percent",
+                     "5,25,75", "--batch-size", batch, "-o", str(out), "--quiet"]) == 0
+        assert capsys.readouterr() == ("", "")
+        results.append(json.loads((out / "results.json").read_text()))
+        errors = _errors(out)
+        assert errors == ([] if data == "d.npz" else [["40", "d.parquet[40]", errors[0][2]]])
+    a, b = results
+    assert a["samples"] == b["samples"] == 100 and b["unreadable"] == 1
+    assert a["correctly_classified"] == b["correctly_classified"]
+    for rule in ("rlrp", "epsilon"):
+        ra, rb = a["rules"][rule], b["rules"][rule]
+        assert ra["accuracy_correct"] == rb["accuracy_correct"] and ra["accuracy_all"] == rb["accuracy_all"]
+        np.testing.assert_allclose(ra["perturbation_curve"], rb["perturbation_curve"], rtol=1e-5)
+        assert ra["aopc"] == pytest.approx(rb["aopc"], rel=1e-5) and ra["aopc_std"] == pytest.approx(rb["aopc_std"],
+                                                                                                     rel=1e-4)
+
+
+def test_evaluate_memory_stays_that_of_a_few_batches(tmp_path, monkeypatch):
+    """200 RGB images of 128 x 128 (39 MB as float32) through a small CNN in batches of 2: the traced peak while
+    streaming stays far below the data set's size."""
+    import tracemalloc
+
+    import netspec as ns
+
+    from onnxlrp.apps import evaluate as evaluate_module
+
+    rng = np.random.default_rng(3)
+    model = ns.to_onnx([ns.conv(rng, 3, 4, 3, stride=2), ns.Relu(), ns.GlobalAvgPool(), ns.Flatten(),
+                        ns.dense(rng, 4, 3)], (1, 3, 128, 128))
+    (tmp_path / "cnn.onnx").write_bytes(model.SerializeToString())
+    images = rng.integers(0, 256, (200, 3, 128, 128), dtype=np.uint8)
+    np.savez(tmp_path / "big.npz", images=images, labels=rng.integers(0, 3, 200))
+    streamed = evaluate_module.read_ahead
+    peaks = []
+
+    def read_ahead(source, units):  # the peak from the first batch (after compiling) to the last (before plotting)
+        for k, item in enumerate(streamed(source, units)):
+            if k == 0:
+                tracemalloc.reset_peak()
+            yield item
+        peaks.append(tracemalloc.get_traced_memory()[1])
+
+    monkeypatch.setattr(evaluate_module, "read_ahead", read_ahead)
+    tracemalloc.start()
+    try:
+        results = onnxlrp.apps.run_evaluate(str(tmp_path / "cnn.onnx"), data=str(tmp_path / "big.npz"),
+                                            rules="epsilon", percent="10,50", batch_size=2, out_dir=tmp_path / "ev",
+                                            quiet=True)
+    finally:
+        tracemalloc.stop()
+    assert results["samples"] == 200 and results["rules"]["epsilon"]["steps"] == 20
+    assert peaks[0] < images.size * 4 / 3, f"peak {peaks[0] / 2**20:.1f} MiB"

@@ -13,37 +13,19 @@ import numpy as np
 from onnxlrp.errors import OnnxlrpError
 from onnxlrp.io import read_model, sigterm_guard
 from onnxlrp.io.atomic import SigtermReceived
-from onnxlrp.io.load import IN_MEMORY
 from onnxlrp.messages import explained_line, quote, show
 from onnxlrp.naming import escape_terminal
 
-from .files import PATH_TYPES, check_out_dir
-from .layout import image_layout
-from .models import input_shape, metadata, prepare
-from .preprocess import make_preprocess
+from .files import check_out_dir
+from .models import metadata, prepare
 from .progress import Progress
 from .shards import FORMAT, ShardStore
-from .sources import InputSpec, open_source
+from .sources import InputSpec, model_input_spec, open_source
 from .stream import default_batch_size, default_shard_size, local_units, plan_units, shard_results
 
-__all__ = ["ENGINES", "model_input_spec", "run_dataset_explain"]
+__all__ = ["ENGINES", "load_relevance", "run_dataset_explain"]
 
 ENGINES = ("local", "ray")
-
-
-def model_input_spec(source_model, shown_as, input_shapes, preprocess: str) -> tuple[str, InputSpec]:
-    """The data input's name and :class:`InputSpec`: an image layout when the input is an image batch (1 or 3
-    channels on axis 1 or 3), else none (then only ``--preprocess none`` applies)."""
-    name, dims = input_shape(source_model, shown_as, input_shapes)
-    shown = show(shown_as) if isinstance(shown_as, PATH_TYPES) else IN_MEMORY
-    layout = None
-    if len(dims) == 3 and (dims[0] in (1, 3) or dims[2] in (1, 3)):
-        layout = image_layout(source_model.graph, name, dims, shown)
-    if layout is None and preprocess not in (None, "", "none"):
-        raise OnnxlrpError(f"--preprocess {escape_terminal(str(preprocess))}: the model's input {quote(name)} is not "
-                           f"an image batch ([N, {', '.join(map(str, dims))}]); only 'none' applies")
-    channels = layout.channels if layout is not None else 1
-    return name, InputSpec(tuple(dims), layout, make_preprocess(preprocess, channels))
 
 
 def _job(model, digest: str, prepared, spec: InputSpec, source, *, target, preprocess, batch_size, shard_size,

@@ -36,7 +36,7 @@ from onnxlrp.naming import safe_filename
 
 from .files import ensure_dir, write_bytes
 
-__all__ = ["INDEX_COLUMNS", "ShardResult", "ShardStore", "read_index"]
+__all__ = ["ERROR_COLUMNS", "INDEX_COLUMNS", "ShardResult", "ShardStore", "csv_bytes", "read_index"]
 
 INDEX_COLUMNS = ("sample", "source", "class", "score", "relevance_sum", "shard", "offset")
 ERROR_COLUMNS = ("sample", "source", "reason")
@@ -60,7 +60,7 @@ class ShardResult:
     raw: np.ndarray | None = None
 
 
-def _csv(rows: Sequence[Sequence], header: Sequence[str]) -> bytes:
+def csv_bytes(rows: Sequence[Sequence], header: Sequence[str]) -> bytes:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
@@ -146,7 +146,7 @@ class ShardStore:
                 np.save(f, relevance, allow_pickle=False)
 
         files.append((self._name("relevance", k, ".npy"), npy))
-        errors = _csv([(i, names(i), why) for i, why in result.errors], ERROR_COLUMNS)
+        errors = csv_bytes([(i, names(i), why) for i, why in result.errors], ERROR_COLUMNS)
         files.append((self._name("errors", k, ".csv"), lambda tmp: tmp.write_bytes(errors)))
         rows = []
         for offset, (i, cls, score, rel) in enumerate(zip(result.ids, result.classes, result.scores, relevance,
@@ -162,7 +162,7 @@ class ShardStore:
                 row.append(f"heatmaps/{png}")
             rows.append(row)
         header = INDEX_COLUMNS + (("heatmap",) if self.heatmaps else ())
-        index = _csv(rows, header)
+        index = csv_bytes(rows, header)
         files.append((self._name("index", k, ".csv"), lambda tmp: tmp.write_bytes(index)))
         write_files_atomic(files)
         self.done.add(k)

@@ -25,13 +25,17 @@ from pathlib import Path
 import numpy as np
 
 from onnxlrp.errors import OnnxlrpError
-from onnxlrp.messages import first_line, reason, show
+from onnxlrp.io.load import IN_MEMORY
+from onnxlrp.messages import first_line, quote, reason, show
 from onnxlrp.naming import escape_terminal
 
-from .layout import ImageLayout
-from .preprocess import Preprocess
+from .files import PATH_TYPES
+from .layout import ImageLayout, image_layout
+from .models import input_shape
+from .preprocess import Preprocess, make_preprocess
 
-__all__ = ["ARRAY_SUFFIXES", "ArraySource", "ImageFolderSource", "InputSpec", "Loaded", "Source", "open_source"]
+__all__ = ["ARRAY_SUFFIXES", "ArraySource", "ImageFolderSource", "InputSpec", "Loaded", "Source", "model_input_spec",
+           "open_source"]
 
 ARRAY_SUFFIXES = (".npy", ".npz")
 #: Arrays a .npz may hold the samples in, in order of preference (else its only array).
@@ -174,6 +178,8 @@ class ImageFolderSource(Source):
             raise OnnxlrpError(f"{self.where}: an image folder needs a model that takes images [N, 1|3, H, W] or "
                                f"[N, H, W, 1|3], not [N, {', '.join(map(str, spec.dims))}]")
         self.listing_errors = []
+        if labels:
+            self._check_class_folders()
         listed = _walk(folder, IMAGE_EXTENSIONS, self.listing_errors)
         if not listed and not self.listing_errors:
             exts = " ".join(sorted(IMAGE_EXTENSIONS))
@@ -183,6 +189,18 @@ class ImageFolderSource(Source):
         self.count = len(self.files)
         self.has_labels = labels
         self.labels = self._labels() if labels else None
+
+    def _check_class_folders(self) -> None:
+        try:
+            folders = sorted(e.name for e in os.scandir(self.folder) if e.is_dir() and not e.name.startswith("."))
+        except OSError as err:
+            raise OnnxlrpError(f"{self.where}: cannot list the data folder ({reason(err)})") from None
+        if not folders:
+            raise OnnxlrpError(f"{self.where}: no class sub-folders (expected one folder per class index: 0/, 1/, ...)")
+        for name in folders:
+            if not name.isdigit():
+                raise OnnxlrpError(f"{self.where}: sub-folder {escape_terminal(name)!r} is not a class index "
+                                   "(0, 1, 2, ...)")
 
     def _labels(self) -> np.ndarray:
         labels = []
@@ -341,6 +359,21 @@ class ArraySource(Source):
         ids, raw = self._finite(list(range(start, stop)), raw, errors)
         labels = self.label_values[ids] if self.has_labels else None
         return Loaded(np.asarray(ids, np.int64), raw, labels, errors, self.spec.layout is not None)
+
+
+def model_input_spec(source_model, shown_as, input_shapes, preprocess: str) -> tuple[str, InputSpec]:
+    """The data input's name and :class:`InputSpec`: an image layout when the input is an image batch (1 or 3
+    channels on axis 1 or 3), else none (then only ``--preprocess none`` applies)."""
+    name, dims = input_shape(source_model, shown_as, input_shapes)
+    shown = show(shown_as) if isinstance(shown_as, PATH_TYPES) else IN_MEMORY
+    layout = None
+    if len(dims) == 3 and (dims[0] in (1, 3) or dims[2] in (1, 3)):
+        layout = image_layout(source_model.graph, name, dims, shown)
+    if layout is None and preprocess not in (None, "", "none"):
+        raise OnnxlrpError(f"--preprocess {escape_terminal(str(preprocess))}: the model's input {quote(name)} is not "
+                           f"an image batch ([N, {', '.join(map(str, dims))}]); only 'none' applies")
+    channels = layout.channels if layout is not None else 1
+    return name, InputSpec(tuple(dims), layout, make_preprocess(preprocess, channels))
 
 
 def open_source(data: str | os.PathLike, spec: InputSpec, *, labels: bool = False, column: str | None = None,

@@ -23,7 +23,7 @@ from .shards import ShardResult
 from .sources import InputSpec, Loaded, Source
 
 __all__ = ["DECODE_THREADS", "UnitResult", "default_batch_size", "default_shard_size", "explain_loaded",
-           "local_units", "plan_units", "shard_results"]
+           "local_units", "plan_units", "read_ahead", "shard_results"]
 
 #: Input bytes per batch that the default batch size aims at (16 MiB: ResNet50 at 224x224 gets 16, MNIST 256).
 BATCH_INPUT_BYTES = 16 * 2**20
@@ -90,40 +90,48 @@ def explain_loaded(explainer, prepared, spec: InputSpec, unit: tuple[int, int, i
                       loaded.raw if keep_raw and loaded.images else None)
 
 
-def local_units(source: Source, spec: InputSpec, prepared, explainer, units, *, target: int | None,
-                keep_raw: bool) -> Iterator[UnitResult]:
-    """Run the units in this process: a reader thread reads (decoding images on :data:`DECODE_THREADS` threads)
-    up to :data:`PREFETCH` units ahead while onnxruntime runs the current one."""
+def read_ahead(source: Source, units) -> Iterator[tuple[tuple[int, int, int], Loaded]]:
+    """Yield ``(unit, what source.read gave)`` in order, read by a thread (decoding images on
+    :data:`DECODE_THREADS` threads) up to :data:`PREFETCH` units ahead of the consumer."""
     ready: queue.Queue = queue.Queue(maxsize=PREFETCH)
     stop = threading.Event()
     pool = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="onnxlrp-decode")
 
-    def read_ahead() -> None:
+    def hand_over(item) -> None:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def read() -> None:
         try:
             for unit in units:
-                loaded = source.read(unit[1], unit[2], pool)
-                while not stop.is_set():
-                    try:
-                        ready.put((unit, loaded, None), timeout=0.2)
-                        break
-                    except queue.Full:
-                        continue
                 if stop.is_set():
                     return
+                hand_over((unit, source.read(unit[1], unit[2], pool), None))
         except BaseException as err:  # noqa: BLE001 - handed to the consumer, which raises it
-            ready.put((None, None, err))
+            hand_over((None, None, err))
 
-    reader = threading.Thread(target=read_ahead, name="onnxlrp-read", daemon=True)
+    reader = threading.Thread(target=read, name="onnxlrp-read", daemon=True)
     reader.start()
     try:
         for _ in units:
             unit, loaded, err = ready.get()
             if err is not None:
                 raise err
-            yield explain_loaded(explainer, prepared, spec, unit, loaded, target, keep_raw)
+            yield unit, loaded
     finally:
         stop.set()
         pool.shutdown(wait=False, cancel_futures=True)
+
+
+def local_units(source: Source, spec: InputSpec, prepared, explainer, units, *, target: int | None,
+                keep_raw: bool) -> Iterator[UnitResult]:
+    """Run the units in this process, reading ahead (:func:`read_ahead`) while onnxruntime runs."""
+    for unit, loaded in read_ahead(source, units):
+        yield explain_loaded(explainer, prepared, spec, unit, loaded, target, keep_raw)
 
 
 def shard_results(results: Iterable[UnitResult], bounds) -> Iterator[tuple[ShardResult | None, UnitResult]]:

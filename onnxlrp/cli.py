@@ -168,16 +168,19 @@ def rules_command():
 @click.option("--address", help="Ray: the cluster to join (ray://HOST:10001, HOST:6379 or auto); default: a local "
               "Ray instance, or RAY_ADDRESS.")
 @click.option("--num-workers", type=int, help="Ray: explaining actors (default: one per GPU, else one per 4 CPUs).")
+@click.option("--threads", type=int, help="Data set: onnxruntime threads (per actor with Ray; default: one per core, "
+              "or the CPUs shared among the actors).")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors (no progress).")
 def explain_command(model, data, target, preprocess, out_dir, overlay, batch_size, heatmaps, resume, shard_size,
-                    column, engine, address, num_workers, quiet, **kw):
+                    column, engine, address, num_workers, threads, quiet, **kw):
     """Explain image files (a heatmap PNG and the relevance .npy each) or one data set: an image folder
     (recursive), a .npy/.npz array or Parquet, streamed into relevance shards and an index (resumable)."""
     from .apps import run_explain
 
     run_explain(model, data, out_dir=out_dir, target=target, preprocess=preprocess, overlay=overlay,
                 batch_size=batch_size, heatmaps=heatmaps, resume=resume, shard_size=shard_size, column=column,
-                engine=engine, address=address, num_workers=num_workers, quiet=quiet, **compile_kwargs(kw))
+                engine=engine, address=address, num_workers=num_workers, threads=threads, quiet=quiet,
+                **compile_kwargs(kw))
 
 
 @cli.command("evaluate")

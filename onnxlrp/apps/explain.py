@@ -99,7 +99,7 @@ def run_explain(model, images, *, out_dir, target="predicted", preprocess="none"
     data_sets = [p for p in images if is_data_set(p)]
     compile_options = dict(rule=rule, composite=composite, flat_layers=flat_layers, opset=opset, output=output,
                            node_output=node_output, input_shapes=input_shapes)
-    dataset_options = ("heatmaps", "resume", "engine", "address", "num_workers", "shard_size", "column")
+    dataset_options = ("heatmaps", "resume", "engine", "address", "num_workers", "threads", "shard_size", "column")
     if data_sets:
         if len(images) > 1:
             raise OnnxlrpError(f"{show(data_sets[0])}: give one data set (a folder, a .npy/.npz or Parquet file), "

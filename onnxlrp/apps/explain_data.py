@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import click
@@ -71,17 +72,23 @@ def _earlier_sizes(out: Path) -> tuple[int | None, int | None]:
 
 def run_dataset_explain(model, data, *, out_dir, target=None, preprocess="none", overlay=True, batch_size=None,
                         shard_size=None, heatmaps=False, resume=False, quiet=False, engine="local", address=None,
-                        num_workers=None, column=None, rule="rlrp", composite=None, flat_layers=1, opset=None,
-                        output=None, node_output=None, input_shapes=None, **params) -> dict:
-    """Explain every sample of DATA (see :func:`onnxlrp.apps.sources.open_source`) into ``out_dir``; returns
-    ``{"explained": n, "errors": m, "out": path}``.  ``target`` is a class index or None (the predicted class)."""
+                        num_workers=None, threads=None, column=None, rule="rlrp", composite=None, flat_layers=1,
+                        opset=None, output=None, node_output=None, input_shapes=None, **params) -> dict:
+    """Explain every sample of DATA (see :func:`onnxlrp.apps.sources.open_source`) into ``out_dir``.
+
+    ``target`` is a class index or None (the predicted class); ``threads`` the onnxruntime threads (per actor with
+    Ray; default: onnxruntime's, one per core).  Returns ``{"explained": n, "errors": m, "out": path, "seconds":
+    wall time of the run once compiled, "steady_samples_per_s": the samples after the first batch per second, from
+    the moment the first batch was explained (start-up, compiling and Ray's actors left out; with Ray, that moment
+    is read on the actor's clock, so this figure is meant for one machine)}``."""
     from onnxlrp.runtime import Explainer
 
     from .explain import heatmap_scale
 
     if engine not in ENGINES:
         raise OnnxlrpError(f"--engine {escape_terminal(str(engine))!r}: choose {' or '.join(ENGINES)}")
-    for option, value in (("--batch-size", batch_size), ("--shard-size", shard_size), ("--num-workers", num_workers)):
+    for option, value in (("--batch-size", batch_size), ("--shard-size", shard_size), ("--num-workers", num_workers),
+                          ("--threads", threads)):
         if value is not None and value < 1:
             raise OnnxlrpError(f"{option} must be at least 1, got {value}")
     if engine == "local" and (address is not None or num_workers is not None):
@@ -126,16 +133,19 @@ def run_dataset_explain(model, data, *, out_dir, target=None, preprocess="none",
                 from .ray_engine import ray_units
 
                 results = ray_units(source, spec, prepared, units, target=target, keep_raw=keep_raw,
-                                    address=address, num_workers=num_workers, echo=echo)
+                                    address=address, num_workers=num_workers, threads=threads, echo=echo)
             else:
-                explainer = Explainer(prepared.model)
+                explainer = Explainer(prepared.model, threads=threads)
                 echo(f"explaining with {escape_terminal(prepared.rule)} on {explainer.provider}")
                 results = local_units(source, spec, prepared, explainer, units, target=target, keep_raw=keep_raw)
+            started, first = time.time(), None
             for shard, unit in shard_results(results, store.bounds):
                 if shard is not None:
                     store.write(shard, source.name, layout=spec.layout, overlay=overlay, scale=scale)
                 progress.update(unit.stop - unit.start)
+                first = first or (unit.finished, unit.stop - unit.start)
             explained, errors = store.finish(source.listing_errors)
+            ended = time.time()
         except (KeyboardInterrupt, SigtermReceived):
             progress.close()
             click.echo(f"interrupted: {len(store.done)} of {store.shards} shards are complete in {show(out)}; "
@@ -144,7 +154,10 @@ def run_dataset_explain(model, data, *, out_dir, target=None, preprocess="none",
     progress.close()
     echo(f"wrote {show(out / 'index.csv')}: {explained} sample(s) explained, {errors} unreadable "
          f"(listed in {show(out / 'errors.csv')}); relevance in {show(out / 'shards')}/relevance-*.npy")
-    return {"explained": explained, "errors": errors, "out": str(out)}
+    after_first = sum(b - a for _, a, b in units) - (first[1] if first else 0)
+    steady = after_first / (ended - first[0]) if first and ended > first[0] and after_first else float("nan")
+    return {"explained": explained, "errors": errors, "out": str(out), "seconds": ended - started,
+            "steady_samples_per_s": steady}
 
 
 def load_relevance(out_dir: str | os.PathLike, sample: int | None = None) -> np.ndarray:

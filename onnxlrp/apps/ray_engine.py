@@ -93,8 +93,10 @@ def _start(ray, address: str | None, echo) -> bool:
 
 
 def ray_units(source, spec, prepared, units: Sequence[tuple[int, int, int]], *, target: int | None, keep_raw: bool,
-              address: str | None = None, num_workers: int | None = None, echo=print) -> Iterator[UnitResult]:
-    """Run ``units`` on Ray; yield their :class:`~onnxlrp.apps.stream.UnitResult` in order."""
+              address: str | None = None, num_workers: int | None = None, threads: int | None = None,
+              echo=print) -> Iterator[UnitResult]:
+    """Run ``units`` on Ray; yield their :class:`~onnxlrp.apps.stream.UnitResult` in order.  ``threads``: the
+    onnxruntime threads of each CPU actor (default: the cluster's CPUs shared among the actors)."""
     ray = _ray()
     started = _start(ray, address, echo)
     try:
@@ -102,10 +104,10 @@ def ray_units(source, spec, prepared, units: Sequence[tuple[int, int, int]], *, 
         gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
         workers = num_workers or (gpus if gpus else max(1, cpus // CPUS_PER_WORKER))
         if gpus:
-            threads, per_actor = 1, {"num_gpus": 1, "num_cpus": 1}
+            threads, per_actor = threads or 1, {"num_gpus": 1, "num_cpus": 1}
         else:
-            threads = max(1, cpus // workers)
-            per_actor = {"num_cpus": threads}
+            threads = threads or max(1, cpus // workers)
+            per_actor = {"num_cpus": min(threads, cpus)}
         echo(f"explaining with {escape_terminal(prepared.rule)} on Ray: {workers} actor(s), "
              + (f"one per GPU ({gpus} GPU(s))" if gpus else f"{threads} CPU thread(s) each ({cpus} CPUs)"))
         if not units:

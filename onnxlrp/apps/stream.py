@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -74,6 +75,7 @@ class UnitResult:
     scores: np.ndarray
     errors: list[tuple[int, str]] = field(default_factory=list)
     raw: np.ndarray | None = None
+    finished: float = 0.0  # time.time() when it was explained (on the actor's machine with Ray)
 
 
 def explain_loaded(explainer, prepared, spec: InputSpec, unit: tuple[int, int, int], loaded: Loaded,
@@ -87,7 +89,7 @@ def explain_loaded(explainer, prepared, spec: InputSpec, unit: tuple[int, int, i
         relevance = np.zeros((0, *spec.dims), np.float32)
         classes, scores = np.zeros(0, np.int64), np.zeros(0, np.float64)
     return UnitResult(shard, start, stop, loaded.ids, relevance, classes, scores, list(loaded.errors),
-                      loaded.raw if keep_raw and loaded.images else None)
+                      loaded.raw if keep_raw and loaded.images else None, time.time())
 
 
 def read_ahead(source: Source, units) -> Iterator[tuple[tuple[int, int, int], Loaded]]:

@@ -186,6 +186,9 @@ def test_data_set_errors_are_one_line(tmp_path, capsys):
     assert "samples have shape [27, 28]; the model takes [1, 28, 28] or [28, 28, 1]" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
     np.save(tmp_path / "ok.npy", IMAGES[:3])
+    assert main(["explain", str(MODEL), str(tmp_path / "ok.npy"), "--target", "10", "-o", str(tmp_path / "o")]) == 1
+    assert "only 10 classes" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # a run that fails before its first shard leaves nothing
     assert main(["explain", str(MODEL), str(tmp_path / "ok.npy"), str(tmp_path / "ok.npy"), "-o",
                  str(tmp_path / "o")]) == 1
     assert "give one data set" in capsys.readouterr().err

@@ -149,7 +149,8 @@ def run_dataset_explain(model, data, *, out_dir, target=None, preprocess="none",
         except (KeyboardInterrupt, SigtermReceived):
             progress.close()
             click.echo(f"interrupted: {len(store.done)} of {store.shards} shards are complete in {show(out)}; "
-                       "run the same command with --resume to finish", err=True)
+                       "run the same command with --resume to finish" if store.created else
+                       "interrupted before the first shard was complete; nothing was written", err=True)
             raise
     progress.close()
     echo(f"wrote {show(out / 'index.csv')}: {explained} sample(s) explained, {errors} unreadable "

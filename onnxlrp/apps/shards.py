@@ -76,9 +76,9 @@ class ShardStore:
         self.heatmaps = heatmaps
         self.shards = max(1, -(-count // shard_size)) if count else 0
         self.parts = self.out / "shards"
-        manifest = self.out / MANIFEST
-        if manifest.exists():
-            earlier = self._read_manifest(manifest)
+        self.manifest = self.out / MANIFEST
+        if self.manifest.exists():
+            earlier = self._read_manifest(self.manifest)
             if not resume:
                 raise OnnxlrpError(f"{show(self.out)}: holds an earlier run ({len(self._done())} of "
                                    f"{self.shards} shards done); --resume continues it, or choose another folder")
@@ -89,13 +89,18 @@ class ShardStore:
             self._remove_temp_files()
         elif resume:
             raise OnnxlrpError(f"{show(self.out)}: nothing to resume (no {MANIFEST}); run without --resume")
-        else:
-            ensure_dir(self.out)
-            write_bytes(manifest, (json.dumps(job, indent=1, sort_keys=True) + "\n").encode())
-        ensure_dir(self.parts)
-        if heatmaps:
-            ensure_dir(self.out / "heatmaps")
+        self.created = self.manifest.exists()
         self.done = self._done()
+
+    def _create(self) -> None:
+        """The folders and the manifest, once the first shard is ready (a run that fails before leaves nothing)."""
+        ensure_dir(self.out)
+        ensure_dir(self.parts)
+        if self.heatmaps:
+            ensure_dir(self.out / "heatmaps")
+        if not self.created:
+            write_bytes(self.manifest, (json.dumps(self.job, indent=1, sort_keys=True) + "\n").encode())
+            self.created = True
 
     def _read_manifest(self, path: Path) -> dict:
         try:
@@ -117,7 +122,8 @@ class ShardStore:
         return self.parts / f"{kind}-{shard:05d}{suffix}"
 
     def _done(self) -> set[int]:
-        return {k for k in range(self.shards) if self._name("index", k, ".csv").is_file()}
+        return {k for k in range(self.shards)
+                if self._name("index", k, ".csv").is_file() and self._name("relevance", k, ".npy").is_file()}
 
     def bounds(self, shard: int) -> tuple[int, int]:
         return shard * self.shard_size, min((shard + 1) * self.shard_size, self.count)
@@ -137,6 +143,7 @@ class ShardStore:
         """Write one shard's relevance, errors, heatmaps and (last) index part; ``names(i)`` names sample i."""
         from onnxlrp.heatmap import save_heatmap
 
+        self._create()
         k = result.shard
         files = []
         relevance = np.ascontiguousarray(result.relevance, dtype=np.float32)
@@ -170,6 +177,7 @@ class ShardStore:
     def finish(self, listing_errors: Sequence[tuple[str, str]]) -> tuple[int, int]:
         """Merge the shards' parts into ``index.csv`` and ``errors.csv`` (and ``index.parquet`` when pyarrow is
         installed); returns (explained samples, errors)."""
+        self._create()
         counts = [0, 0]
 
         def merge(kind: str, header: Sequence[str], extra: Sequence[Sequence], slot: int):

@@ -147,9 +147,16 @@ def test_parquet_image_bytes_and_tensor_columns(tmp_path):
     assert index["source"][0] == "part-0.parquet[0]" and index["source"][-1] == "part-1.parquet[9]"
     assert [row[:2] for row in _errors(out)] == [["5", "part-0.parquet[5]"]]
 
-    tensors = [list(map(float, a.reshape(-1) / 255.0)) for a in IMAGES[:12]]
-    tensors[2] = tensors[2][:100]  # the wrong size: listed, skipped
-    tensors[7][0] = float("nan")
+    # Hugging Face datasets' Image feature: a struct with the bytes (and a path)
+    hf = pa.table({"image": pa.array([{"bytes": c, "path": f"{i}.png"} for i, c in enumerate(cells[:6])])})
+    pq.write_table(hf, tmp_path / "hf.parquet")
+    out = tmp_path / "out-hf"
+    assert main(["explain", str(MODEL), str(tmp_path / "hf.parquet"), "-o", str(out), "--quiet"]) == 0
+    _assert_matches_reference(out, IMAGES[[0, 1, 2, 3, 4]], np.arange(5))
+
+    tensors = [(a / 255.0).tolist() for a in IMAGES[:12]]  # nested lists [28][28], the model's [1, 28, 28]
+    tensors[2] = tensors[2][:27]  # the wrong size: listed, skipped
+    tensors[7][0][0] = float("nan")
     pq.write_table(pa.table({"id": list(range(12)), "pixels": tensors}), tmp_path / "t.parquet")
     out = tmp_path / "out-tensor"
     assert main(["explain", str(MODEL), str(tmp_path / "t.parquet"), "-o", str(out), "--column", "pixels",
@@ -157,7 +164,7 @@ def test_parquet_image_bytes_and_tensor_columns(tmp_path):
     good = [i for i in range(12) if i not in (2, 7)]
     _assert_matches_reference(out, IMAGES[good], np.asarray(good))
     reasons = [row[2] for row in _errors(out)]
-    assert "holds 100 values, the model takes 784" in reasons[0] and "NaN" in reasons[1]
+    assert "holds 756 values, the model takes 784" in reasons[0] and "NaN" in reasons[1]
 
 
 def test_non_image_model_from_a_npy(tmp_path):

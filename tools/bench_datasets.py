@@ -35,7 +35,7 @@ import archs  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS_MODEL = ROOT / "models" / "digits_cnn.onnx"
 #: Measured images per run (after the warm-up batch), per model: enough for a few seconds of work at batch 64.
-MEASURED = {"digits": 2048, "resnet50": 64}
+MEASURED = {"digits": 512, "resnet50": 64}
 ENGINES = ("onnxlrp", "ray", "zennit")
 
 
@@ -148,7 +148,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--rule", default="epsilon-plus-flat")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--measured", type=int, help="images measured per run (default: 2048 digits, 64 ResNet50)")
+    parser.add_argument("--measured", type=int, help="images measured per run (default: 512 digits, 64 ResNet50)")
     parser.add_argument("--work", type=Path, help="folder for images and outputs (default: a temporary one)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)

@@ -120,7 +120,7 @@ def run_explain(model, images, *, out_dir, target="predicted", preprocess="none"
 
 def _explain_files(model, images, *, out_dir, target, preprocess, overlay, batch_size, quiet, rule, composite,
                    flat_layers, opset, output, node_output, input_shapes, **params) -> list[dict]:
-    """Image files (or folders, not recursive, through the Python API): a heatmap PNG and an ``.npy`` each."""
+    """Image files: a heatmap PNG and an ``.npy`` each (see :func:`run_explain`)."""
     from onnxlrp.images import list_images, load_image
     from onnxlrp.runtime import Explainer
 

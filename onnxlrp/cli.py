@@ -166,25 +166,45 @@ def rules_command():
 
 @cli.command("explain")
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.argument("images", nargs=-1, required=True)
+@click.argument("data", nargs=-1, required=True)
 @rule_options
 @click.option("--target", default="predicted", show_default=True, help="Class index, or 'predicted'.")
 @click.option("--preprocess", default="none", show_default=True, help=PREPROCESS_HELP)
 @click.option("-o", "--out-dir", default="onnxlrp-explain", show_default=True)
 @click.option("--overlay/--no-overlay", default=True, show_default=True, help="Blend the heatmap over the image.")
-@click.option("--batch-size", type=int, default=32, show_default=True)
-def explain_command(model, images, target, preprocess, out_dir, overlay, batch_size, **kw):
-    """Write a heatmap PNG and the raw relevance (.npy) per image; print the explained class and score."""
+@click.option("--batch-size", type=int, help="Samples per batch (default: 32 for image files; for a data set, "
+              "from the model's input size: 16 MiB of input, at most 256).")
+@click.option("--heatmaps", is_flag=True, help="Data set: also write a heatmap PNG per sample (image files always "
+              "get one).")
+@click.option("--resume", is_flag=True, help="Data set: continue the interrupted run in --out-dir.")
+@click.option("--shard-size", type=int, help="Data set: samples per relevance shard (default: about 32 MiB, at "
+              "most 4096, a multiple of the batch size).")
+@click.option("--column", help="Parquet: the column holding the images or tensors.")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="Data set: run in this process, or on a Ray cluster (pip install 'onnxlrp[ray]').")
+@click.option("--address", help="Ray: the cluster to join (ray://HOST:10001, HOST:6379 or auto); default: a local "
+              "Ray instance, or RAY_ADDRESS.")
+@click.option("--num-workers", type=int, help="Ray: explaining actors (default: one per GPU, else one per 4 CPUs).")
+@click.option("--threads", type=int, help="Data set: onnxruntime threads (per actor with Ray; default: one per core, "
+              "or the CPUs shared among the actors).")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors (no progress).")
+def explain_command(model, data, target, preprocess, out_dir, overlay, batch_size, heatmaps, resume, shard_size,
+                    column, engine, address, num_workers, threads, quiet, **kw):
+    """Explain image files (a heatmap PNG and the relevance .npy each) or one data set: an image folder
+    (recursive), a .npy/.npz array or Parquet, streamed into relevance shards and an index (resumable)."""
     from .apps import run_explain
 
-    run_explain(model, images, out_dir=out_dir, target=target, preprocess=preprocess, overlay=overlay,
-                batch_size=batch_size, **compile_kwargs(kw))
+    run_explain(model, data, out_dir=out_dir, target=target, preprocess=preprocess, overlay=overlay,
+                batch_size=batch_size, heatmaps=heatmaps, resume=resume, shard_size=shard_size, column=column,
+                engine=engine, address=address, num_workers=num_workers, threads=threads, quiet=quiet,
+                **compile_kwargs(kw))
 
 
 @cli.command("evaluate")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--data", default="builtin:digits", show_default=True,
-              help="builtin:digits, a .npz with images/labels, or a folder with one sub-folder per class index.")
+              help="builtin:digits, a folder with one sub-folder per class index, a .npz with images and labels, or "
+                   "Parquet with an image or tensor column and a label column; streamed in batches.")
 @click.option("--rules", default="rlrp,lrp0,epsilon", show_default=True, help="Comma-separated rules to compare.")
 @click.option("--percent", default="1,5,10,15,20,25,40,50,60,75,80,85,90,95,99", show_default=True)
 @click.option("--abs", "absolute", is_flag=True, help="Rank by |relevance| instead of signed relevance.")
@@ -195,6 +215,9 @@ def explain_command(model, images, target, preprocess, out_dir, overlay, batch_s
 @click.option("--batch-size", type=int, default=128, show_default=True)
 @click.option("--masks", help="A .npz with object 'masks' [N,H,W] or 'boxes' [N,4] (x0,y0,x1,y1): adds the "
               "pointing game and the relevance mass ratios mu, mu_w.")
+@click.option("--column", help="Parquet: the column holding the images or tensors.")
+@click.option("--label-column", help="Parquet: the column holding the labels (default: label or labels).")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors (no progress).")
 def evaluate_command(model, **kw):
     """Masked-input accuracy (the R-LRP paper's study), pixel-flipping AOPC, localization with --masks; CSV, JSON
     and plots."""

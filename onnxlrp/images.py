@@ -21,6 +21,7 @@ Color handling (what :func:`load_image` does with each kind of image):
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 import warnings
@@ -34,7 +35,7 @@ from onnxlrp.errors import OnnxlrpError
 from onnxlrp.io.parse import stat_regular_file
 from onnxlrp.messages import first_line, reason, show
 
-__all__ = ["IMAGE_EXTENSIONS", "MAX_PIXELS", "RASTER_FORMATS", "list_images", "load_image"]
+__all__ = ["IMAGE_EXTENSIONS", "MAX_PIXELS", "RASTER_FORMATS", "decode_image", "list_images", "load_image"]
 
 #: Pillow format names that may be decoded.  Anything else is refused before decoding.
 RASTER_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
@@ -132,6 +133,29 @@ def load_image(
         raise OnnxlrpError(f"{shown}: cannot make a {channels}-channel model input from an image (only 1 or 3)")
     target_size = _check_size_arg(size, max_pixels)
     _check_file(path)
+    return _decode(path, shown, channels, target_size, max_pixels)
+
+
+def decode_image(
+    data: bytes,
+    shown: str,
+    *,
+    channels: int,
+    size: tuple[int, int] | None,
+    max_pixels: int = MAX_PIXELS,
+) -> np.ndarray:
+    """:func:`load_image` for an image held in memory (e.g. a Parquet cell): the same formats, checks and
+    conversions; errors name ``shown`` (an already printable name, such as ``data.parquet row 12``)."""
+    if channels not in (1, 3):
+        raise OnnxlrpError(f"{shown}: cannot make a {channels}-channel model input from an image (only 1 or 3)")
+    target_size = _check_size_arg(size, max_pixels)
+    if not data:
+        raise OnnxlrpError(f"{shown}: empty (0 bytes), not an image")
+    return _decode(io.BytesIO(data), shown, channels, target_size, max_pixels)
+
+
+def _decode(source: Path | io.BytesIO, shown: str, channels: int, target_size: tuple[int, int] | None,
+            max_pixels: int) -> np.ndarray:
     formats = ", ".join(RASTER_FORMATS)
     try:
         with warnings.catch_warnings():
@@ -140,7 +164,7 @@ def load_image(
             warnings.simplefilter("ignore")
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             try:
-                im = Image.open(path, formats=list(RASTER_FORMATS))
+                im = Image.open(source, formats=list(RASTER_FORMATS))
             except UnidentifiedImageError:
                 raise OnnxlrpError(f"{shown}: not an image in a supported format ({formats})") from None
             with im:

@@ -58,7 +58,8 @@ def _one_error_line(stderr: str) -> str:
 
 def test_explain_bundled_samples(tmp_path, capsys):
     out = tmp_path / "heat"
-    assert main(["explain", str(MODEL), str(SAMPLES), "-o", str(out)]) == 0
+    files = sorted(str(p) for p in SAMPLES.glob("*.png"))  # image files: a heatmap and an .npy each
+    assert main(["explain", str(MODEL), *files, "-o", str(out)]) == 0
     lines = [m for m in map(LINE.match, capsys.readouterr().out.splitlines()) if m]
     assert len(lines) == 10
     for m in lines:
@@ -235,7 +236,7 @@ def test_evaluate_bad_data(tmp_path, capsys):
     assert "'cat' is not a class index" in _one_error_line(capsys.readouterr().err)
     np.savez(tmp_path / "wrong.npz", images=np.zeros((4, 32, 32), np.uint8), labels=np.zeros(4, np.int64))
     assert main(["evaluate", str(MODEL), "--data", str(tmp_path / "wrong.npz"), "-o", str(tmp_path / "e")]) == 1
-    assert "[N, 1, 28, 28]" in _one_error_line(capsys.readouterr().err)
+    assert "the model takes [1, 28, 28]" in _one_error_line(capsys.readouterr().err)
     assert not (tmp_path / "e").exists()
 
 

@@ -26,7 +26,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from onnxlrp.apps import PAPER_PERCENTS, evaluate_rules, parse_rules
-from onnxlrp.apps.datasets import load_dataset
+from onnxlrp.apps.evaluate import EvalBatch
 from onnxlrp.apps.study import save_plots
 from onnxlrp.errors import OnnxlrpError
 from onnxlrp.heatmap import relevance_to_rgb, save_plot
@@ -89,25 +89,33 @@ def compute(out: Path, limit: int | None) -> dict:
             parse_rules(label)
         except OnnxlrpError as err:
             refused[label] = str(err)
-    dataset = load_dataset("builtin:digits", (1, 28, 28), "none", limit)
+    digits = np.load(ROOT / "models" / "digits_test.npz")
+    images = digits["images"][:limit].astype(np.float32)[:, None] / np.float32(255.0)
+    labels = digits["labels"][:limit]
+    batches = [EvalBatch(np.arange(i, min(i + 128, len(images))), images[i : i + 128], labels[i : i + 128])
+               for i in range(0, len(images), 128)]
+    chunks: dict[str, list[np.ndarray]] = {}
+
+    def on_relevance(spec, relevance, explained_class, ids):
+        chunks.setdefault(spec.label, []).append(relevance)
+
+    t0 = time.perf_counter()
+    results = evaluate_rules(str(MODEL), specs, batches, data_name="builtin:digits", batch_size=128, modes=MODES,
+                             percents=list(PAPER_PERCENTS), on_relevance=on_relevance)
+    seconds = time.perf_counter() - t0
     heat: dict[str, np.ndarray] = {}
     pixel_same: dict[str, bool] = {}
     background: dict[str, float] = {}  # largest |relevance| on black (x == 0) pixels, per rule
-
-    def on_relevance(spec, relevance, explained_class):
+    for label, parts in chunks.items():
+        relevance = np.concatenate(parts)
         if max(sample_idx) < len(relevance):
-            heat[spec.label] = relevance[sample_idx]
+            heat[label] = relevance[sample_idx]
         # one channel: per input and per pixel rank the same units, so their masks must be identical
-        pixel_same[spec.label] = all(
+        pixel_same[label] = all(
             np.array_equal(top_percent_mask(relevance, p, absolute=a, per_pixel=True),
                            top_percent_mask(relevance, p, absolute=a, per_pixel=False))
             for p in PAPER_PERCENTS for a in (False, True))
-        background[spec.label] = float(np.abs(relevance[dataset.x == 0]).max())
-
-    t0 = time.perf_counter()
-    results = evaluate_rules(str(MODEL), specs, dataset, batch_size=128, modes=MODES,
-                                  percents=list(PAPER_PERCENTS), on_relevance=on_relevance)
-    seconds = time.perf_counter() - t0
+        background[label] = float(np.abs(relevance[images == 0]).max())
     out.mkdir(parents=True, exist_ok=True)
     for res in results:
         renamed = dict(res)
@@ -122,7 +130,7 @@ def compute(out: Path, limit: int | None) -> dict:
             xlabel="% most relevant inputs kept (others set to 0)", ylabel="accuracy (correctly classified digits)",
             ylim=(max(0.0, low - 0.02), 1.005)))
     if heat:
-        images = dataset.x[sample_idx]
+        images = images[sample_idx]
         titles = [f"digit {k} ({card['samples'][str(k)]['probability']:.3f})" for k in range(10)]
         heatmap_grid(out / "heatmaps_rlrp.png", images, {"R-LRP": heat["rlrp"]}, titles)
         heatmap_grid(out / "heatmaps_rules.png", images, {RULES[k]: v for k, v in heat.items()}, titles)

@@ -25,7 +25,8 @@ def run_demo(out_dir="onnxlrp-demo") -> dict:
     with sigterm_guard("onnxlrp demo"):
         compiled_path = save_model_atomic(compile_model(str(source), "rlrp"), out / "digits_cnn.rlrp.onnx")
         click.echo(f"compiled {show(source.name)} with rlrp -> {show(compiled_path)}")
-        explained = run_explain(str(compiled_path), [str(models / "samples")], out_dir=out / "heatmaps",
+        samples = sorted(str(f) for f in (models / "samples").glob("*.png"))
+        explained = run_explain(str(compiled_path), samples, out_dir=out / "heatmaps",
                                 target="predicted", preprocess="none", overlay=True, batch_size=32, rule="rlrp")
         results = run_evaluate(str(source), data="builtin:digits", rules="rlrp,lrp0,epsilon", limit=200,
                                out_dir=out / "evaluate")

@@ -1,4 +1,5 @@
-"""``onnxlrp explain``: a heatmap PNG and the raw relevance (``.npy``) per image."""
+"""``onnxlrp explain``: image files given on the command line get a heatmap PNG and the raw relevance (``.npy``)
+each; one data set (an image folder, an array file, Parquet) is streamed into shards (:mod:`.explain_data`)."""
 
 from __future__ import annotations
 
@@ -17,13 +18,14 @@ from onnxlrp.io.load import IN_MEMORY
 from onnxlrp.messages import explained_line, quote, show
 from onnxlrp.naming import escape_terminal, safe_filename
 
+from .batches import explain_batch
 from .files import PATH_TYPES, check_out_dir, ensure_dir, write_npy
 from .layout import image_layout
 from .models import input_shape, prepare
 from .preprocess import make_preprocess
 from .semiring_view import heatmap_view
 
-__all__ = ["HEATMAP_MIN_SIDE", "run_explain", "unique_stems"]
+__all__ = ["HEATMAP_MIN_SIDE", "heatmap_scale", "is_data_set", "run_explain", "unique_stems"]
 
 #: Heatmaps are upscaled (nearest neighbour, integer factor) until their short side is at least this many pixels.
 HEATMAP_MIN_SIDE = 224
@@ -60,7 +62,8 @@ def unique_stems(paths: Sequence[Path]) -> list[str]:
     return out
 
 
-def _upscale(h: int, w: int) -> int:
+def heatmap_scale(h: int, w: int) -> int:
+    """The integer upscaling that brings a map's short side to :data:`HEATMAP_MIN_SIDE` pixels."""
     return max(1, math.ceil(HEATMAP_MIN_SIDE / max(min(h, w), 1)))
 
 
@@ -70,17 +73,60 @@ def _png(relevance: np.ndarray, image: np.ndarray | None, scale: int) -> Callabl
     return lambda tmp: save_heatmap(tmp, relevance, image=image, scale=scale)
 
 
-def run_explain(model, images, *, out_dir, target="predicted", preprocess="none", overlay=True, batch_size=32,
-                rule="rlrp", composite=None, flat_layers=1, opset=None, output=None, node_output=None,
-                node_input=None, input_shapes=None, **params) -> list[dict]:
-    """Explain every image; write ``<out_dir>/<stem>.png`` (heatmap) and ``<stem>.npy`` (the relevance of the
-    model's input: ``[C, H, W]``, or ``[H, W, C]`` for an NHWC model, :mod:`.layout`).
-    With one ``node_input`` the relevance has that tensor's shape: the heatmap is drawn over the image when its last
-    two axes are the image's, alone when it is 2-D or 3-D, and left out otherwise (the ``.npy`` is always written).
+def is_data_set(path) -> bool:
+    """A folder, or a file whose name says array (.npy, .npz) or Parquet: streamed by :mod:`.explain_data`."""
+    from .parquet import PARQUET_SUFFIXES
+    from .sources import ARRAY_SUFFIXES
 
-    Every image is decoded once before anything is written, so a bad image stops the run with one error line and
-    no output at all.  Returns one dict per image (file, class, score, png, npy).
+    p = Path(path)
+    return p.is_dir() or p.suffix.lower() in ARRAY_SUFFIXES + PARQUET_SUFFIXES
+
+
+def run_explain(model, images, *, out_dir, target="predicted", preprocess="none", overlay=True, batch_size=None,
+                rule="rlrp", composite=None, flat_layers=1, opset=None, output=None, node_output=None,
+                node_input=None, input_shapes=None, quiet=False, **options):
+    """Explain image files, or one data set.
+
+    One data set (``images`` is a single folder, ``.npy``/``.npz`` or Parquet path): see
+    :func:`~onnxlrp.apps.explain_data.run_dataset_explain` (the data-set options ``heatmaps``, ``resume``,
+    ``engine``, ``address``, ``num_workers``, ``shard_size``, ``column`` apply); returns its summary dict.
+
+    Image files: write ``<out_dir>/<stem>.png`` (heatmap) and ``<stem>.npy`` (the relevance of the model's input:
+    ``[C, H, W]``, or ``[H, W, C]`` for an NHWC model, :mod:`.layout`).  With one ``node_input`` the relevance has
+    that tensor's shape: the heatmap is drawn over the image when its last two axes are the image's, alone when it is
+    2-D or 3-D, and left out otherwise (the ``.npy`` is always written).  Every image is decoded once before
+    anything is written, so a bad image stops the run with one error line and no output at all.  Returns one dict
+    per image (file, class, score, png, npy).
     """
+    images = [images] if isinstance(images, (str, Path)) else list(images)
+    data_sets = [p for p in images if is_data_set(p)]
+    compile_options = dict(rule=rule, composite=composite, flat_layers=flat_layers, opset=opset, output=output,
+                           node_output=node_output, node_input=node_input, input_shapes=input_shapes)
+    dataset_options = ("heatmaps", "resume", "engine", "address", "num_workers", "threads", "shard_size", "column")
+    if data_sets:
+        if len(images) > 1:
+            raise OnnxlrpError(f"{show(data_sets[0])}: give one data set (a folder, a .npy/.npz or Parquet file), "
+                               "or image files, not both or several")
+        if node_input:
+            raise OnnxlrpError(f"{show(data_sets[0])}: --node-input applies to image files, not to a data set")
+        from .explain_data import run_dataset_explain
+
+        compile_options.pop("node_input")
+        return run_dataset_explain(model, images[0], out_dir=out_dir, target=_parse_target(target),
+                                   preprocess=preprocess, overlay=overlay, batch_size=batch_size, quiet=quiet,
+                                   **compile_options, **options)
+    given = [k for k in dataset_options if options.get(k) not in (None, False, "local")]
+    if given:
+        raise OnnxlrpError(f"--{given[0].replace('_', '-')} applies to a data set (a folder, a .npy/.npz or Parquet "
+                           "file), not to image files")
+    params = {k: v for k, v in options.items() if k not in dataset_options}
+    return _explain_files(model, images, out_dir=out_dir, target=target, preprocess=preprocess, overlay=overlay,
+                          batch_size=batch_size or 32, quiet=quiet, **compile_options, **params)
+
+
+def _explain_files(model, images, *, out_dir, target, preprocess, overlay, batch_size, quiet, rule, composite,
+                   flat_layers, opset, output, node_output, node_input, input_shapes, **params) -> list[dict]:
+    """Image files: a heatmap PNG and an ``.npy`` each (see :func:`run_explain`)."""
     from onnxlrp.images import list_images, load_image
     from onnxlrp.runtime import Explainer
 
@@ -119,44 +165,38 @@ def run_explain(model, images, *, out_dir, target="predicted", preprocess="none"
     view = heatmap_view(prepared.model)  # a semiring's channels meet with its plus
     out = Path(out_dir)
     stems = unique_stems(paths)
-    scale = _upscale(height, width)
+    scale = heatmap_scale(height, width)
+    echo = (lambda *a, **k: None) if quiet else click.echo
     if prepared.was_compiled:
-        click.echo(f"{show(model)}: compiled already ({escape_terminal(prepared.rule)}), used as it is")
-    click.echo(explained_line(prepared.explained, prepared.explained_why))
-    click.echo(f"input {quote(input_name)}: {layout.name} ({layout.why}); images are fed as {layout.name}, each .npy "
-               f"holds the relevance as {layout.sample_axes}")
-    click.echo(f"explaining {len(paths)} image(s) with {escape_terminal(prepared.rule)} on {explainer.provider}")
+        echo(f"{show(model)}: compiled already ({escape_terminal(prepared.rule)}), used as it is")
+    echo(explained_line(prepared.explained, prepared.explained_why))
+    echo(f"input {quote(input_name)}: {layout.name} ({layout.why}); images are fed as {layout.name}, each .npy "
+         f"holds the relevance as {layout.sample_axes}")
+    echo(f"explaining {len(paths)} image(s) with {escape_terminal(prepared.rule)} on {explainer.provider}")
     results: list[dict] = []
-    show_bar = len(paths) > PROGRESS_MIN_IMAGES and sys.stderr.isatty()
+    show_bar = len(paths) > PROGRESS_MIN_IMAGES and sys.stderr.isatty() and not quiet
     bar = click.progressbar(length=len(paths), file=sys.stderr, label="explaining") if show_bar else None
     with sigterm_guard("onnxlrp explain"), (bar if bar is not None else contextlib.nullcontext()):
         for start in range(0, len(paths), batch_size):
             idx = list(range(start, min(start + batch_size, len(paths))))
             raw = np.stack([cache[i] if i in cache else load_image(paths[i], channels=channels, size=(height, width))
                             for i in idx])
-            result = explainer(layout.to_model(pre(raw)), target=wanted)
-            classes = np.asarray(result.explained_class).reshape(-1)
-            scores = np.asarray(result.outputs[prepared.score]).reshape(len(idx), -1)
-            relevance = np.asarray(result.relevance, dtype=np.float32)
-            if wanted is not None and wanted >= scores.shape[1]:
-                raise OnnxlrpError(f"--target {wanted}: the explained output has only {scores.shape[1]} classes "
-                                   f"(0..{scores.shape[1] - 1})")
+            batch = explain_batch(explainer, prepared, layout.to_model(pre(raw)), wanted)
             if start == 0:
                 ensure_dir(out)  # only now: nothing is created when the first batch fails
             for j, i in enumerate(idx):
-                k = int(classes[j])
-                score = float(scores[j, k])
+                k, score = int(batch.classes[j]), float(batch.scores[j])
                 png, npy = out / f"{stems[i]}.png", out / f"{stems[i]}.npy"
-                shown = layout.to_chw(relevance[j]) if not node_input else relevance[j]
+                shown = layout.to_chw(batch.relevance[j]) if not node_input else batch.relevance[j]
                 drawn = shown.ndim in (2, 3)
                 if drawn:
                     like_image = shown.shape[-2:] == (height, width)
                     write_atomic(png, _png(view(shown), raw[j] if overlay and like_image else None,
-                                           scale if like_image else _upscale(*shown.shape[-2:])))
-                write_npy(npy, relevance[j])
+                                           scale if like_image else heatmap_scale(*shown.shape[-2:])))
+                write_npy(npy, batch.relevance[j])
                 results.append({"file": str(paths[i]), "class": k, "score": score, "png": str(png) if drawn else None,
                                 "npy": str(npy)})
-                click.echo(f"{show(paths[i])}: class {k} (score {score:.4g}) -> {show(png if drawn else npy)}")
+                echo(f"{show(paths[i])}: class {k} (score {score:.4g}) -> {show(png if drawn else npy)}")
             if bar is not None:
                 bar.update(len(idx))
     return results

@@ -16,26 +16,13 @@ from onnxlrp.io import write_atomic
 from onnxlrp.messages import show
 from onnxlrp.naming import escape_terminal
 
-from .models import Forward, Prepared
+from .models import Forward
 
-__all__ = ["PERTURBATION_STEPS", "load_masks", "localization", "perturbation_region", "relevance_for",
-           "percent_key", "results_csv", "save_plots", "study", "table"]
+__all__ = ["PERTURBATION_STEPS", "LocalizationTotals", "StudyTotals", "load_masks", "perturbation_region",
+           "percent_key", "results_csv", "save_plots", "table"]
 
 #: Region perturbation: steps, and the region side (2 px below 112 px image side, 8 px from 112 px on).
 PERTURBATION_STEPS = 20
-
-
-def relevance_for(prepared: Prepared, x: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray, str]:
-    """Relevance ``[N, ...]`` (float32) and the explained class ``[N]`` of every sample, batched; and the provider."""
-    from onnxlrp.runtime import Explainer
-
-    explainer = Explainer(prepared.model)
-    rel, cls = [], []
-    for i in range(0, len(x), batch_size):
-        result = explainer(x[i : i + batch_size])
-        rel.append(np.asarray(result.relevance, dtype=np.float32))
-        cls.append(np.asarray(result.explained_class).reshape(-1))
-    return np.concatenate(rel), np.concatenate(cls).astype(np.int64), explainer.provider
 
 
 def perturbation_region(chw: tuple[int, ...]) -> int:
@@ -43,52 +30,69 @@ def perturbation_region(chw: tuple[int, ...]) -> int:
     return 8 if len(chw) == 3 and min(chw[1:]) >= 112 else 2 if len(chw) == 3 else 1
 
 
-def study(forward: Forward, x: np.ndarray, labels: np.ndarray, predicted: np.ndarray, relevance: np.ndarray,
-          explained_class: np.ndarray, percents: Sequence[float], *, absolute: bool, pixel: bool,
-          batch_size: int) -> dict:
-    """Masked-input accuracies (correctly classified samples, and all samples) and the MoRF perturbation curve."""
-    from onnxlrp.metrics import aopc, masked_accuracy, perturbation_curve
+class StudyTotals:
+    """The numbers of the R-LRP paper's masked-input study and of MoRF region perturbation for one rule and one
+    ranking (signed or ``absolute``, per input or per ``pixel``), summed batch by batch, so that a data set of any
+    size is evaluated in constant memory: masked-input hits per percent (correctly classified samples, and all),
+    the perturbation curves' sum, and the sum and sum of squares of the AOPC (Samek et al. 2017, Eq. 12)."""
 
-    def predict(batch):
-        return forward.logits(batch)
+    def __init__(self, percents: Sequence[float], *, absolute: bool, pixel: bool):
+        self.percents, self.absolute, self.pixel = list(percents), absolute, pixel
+        self.hits_correct = dict.fromkeys(self.percents, 0.0)
+        self.hits_wrong = dict.fromkeys(self.percents, 0.0)
+        self.n_correct = self.n = 0
+        self.curve_sum = None
+        self.aopc_sum = self.aopc_squares = 0.0
+        self.region = self.steps = 0
 
-    correct = predicted == labels
-    n_correct, n_wrong = int(correct.sum()), int((~correct).sum())
-    per_pixel = pixel and x.ndim >= 3
-    # masking is per sample: the correctly and the wrongly classified samples are evaluated once each, and the
-    # accuracy on all samples is their weighted sum
-    acc_correct = masked_accuracy(predict, x[correct], labels[correct], relevance[correct], percents,
-                                  absolute=absolute, per_pixel=per_pixel, batch_size=batch_size)
-    acc_wrong = masked_accuracy(predict, x[~correct], labels[~correct], relevance[~correct], percents,
-                                absolute=absolute, per_pixel=per_pixel, batch_size=batch_size) if n_wrong else {}
-    acc_all = {p: (acc_correct[p] * n_correct + (acc_wrong[p] * n_wrong if n_wrong else 0.0)) / len(x)
-               for p in acc_correct}
-    region = perturbation_region(tuple(x.shape[1:]))
-    ranking = np.abs(relevance) if absolute else relevance
-    if x.ndim == 4:
-        cells = math.ceil(x.shape[2] / region) * math.ceil(x.shape[3] / region) * (1 if per_pixel else x.shape[1])
-    else:
-        cells = int(np.prod(x.shape[2:] if per_pixel and x.ndim >= 3 else x.shape[1:]))
-    steps = min(PERTURBATION_STEPS, cells)
-    curves = []
-    for i in range(0, len(x), batch_size):
-        cls = explained_class[i : i + batch_size]
+    def add(self, forward: Forward, x: np.ndarray, labels: np.ndarray, predicted: np.ndarray,
+            relevance: np.ndarray, explained_class: np.ndarray, batch_size: int) -> None:
+        """Add one batch (the model's input ``x``, its labels, predictions, relevance and explained classes)."""
+        from onnxlrp.metrics import aopc, masked_accuracy, perturbation_curve
 
-        def score(batch, cls=cls):
-            return forward.logits(batch)[np.arange(len(batch)), cls]
+        correct = predicted == labels
+        per_pixel = self.pixel and x.ndim >= 3
+        # masking is per sample: the correctly and the wrongly classified samples are evaluated once each
+        for mask, hits in ((correct, self.hits_correct), (~correct, self.hits_wrong)):
+            if mask.any():
+                acc = masked_accuracy(forward.logits, x[mask], labels[mask], relevance[mask], self.percents,
+                                      absolute=self.absolute, per_pixel=per_pixel, batch_size=batch_size)
+                for p in self.percents:
+                    hits[p] += acc[p] * int(mask.sum())
+        self.n_correct += int(correct.sum())
+        self.n += len(x)
+        self.region = perturbation_region(tuple(x.shape[1:]))
+        if x.ndim == 4:
+            cells = (math.ceil(x.shape[2] / self.region) * math.ceil(x.shape[3] / self.region)
+                     * (1 if per_pixel else x.shape[1]))
+        else:
+            cells = int(np.prod(x.shape[2:] if per_pixel and x.ndim >= 3 else x.shape[1:]))
+        self.steps = min(PERTURBATION_STEPS, cells)
+        ranking = np.abs(relevance) if self.absolute else relevance
 
-        curves.append(perturbation_curve(score, x[i : i + batch_size], ranking[i : i + batch_size], steps=steps,
-                                         region=region, order="morf", fill=0.0, per_pixel=per_pixel or x.ndim < 3))
-    curve = np.concatenate(curves)
-    return {
-        "accuracy_correct": {percent_key(p): float(v) for p, v in acc_correct.items()},
-        "accuracy_all": {percent_key(p): float(v) for p, v in acc_all.items()},
-        "perturbation_curve": [float(v) for v in curve.mean(axis=0)],
-        "aopc": float(aopc(curve).mean()),
-        "aopc_std": float(aopc(curve).std()),
-        "region": region,
-        "steps": steps,
-    }
+        def score(batch):
+            return forward.logits(batch)[np.arange(len(batch)), explained_class]
+
+        curve = perturbation_curve(score, x, ranking, steps=self.steps, region=self.region, order="morf",
+                                   fill=0.0, per_pixel=per_pixel or x.ndim < 3)
+        self.curve_sum = curve.sum(axis=0) if self.curve_sum is None else self.curve_sum + curve.sum(axis=0)
+        areas = aopc(curve)
+        self.aopc_sum += float(areas.sum())
+        self.aopc_squares += float((areas**2).sum())
+
+    def result(self) -> dict:
+        n, n_correct = max(self.n, 1), max(self.n_correct, 1)
+        mean = self.aopc_sum / n
+        return {
+            "accuracy_correct": {percent_key(p): float(self.hits_correct[p] / n_correct) for p in self.percents},
+            "accuracy_all": {percent_key(p): float((self.hits_correct[p] + self.hits_wrong[p]) / n)
+                             for p in self.percents},
+            "perturbation_curve": [float(v) for v in self.curve_sum / n],
+            "aopc": float(mean),
+            "aopc_std": float(math.sqrt(max(self.aopc_squares / n - mean**2, 0.0))),
+            "region": self.region,
+            "steps": self.steps,
+        }
 
 
 def percent_key(p: float) -> str:
@@ -182,10 +186,25 @@ def load_masks(path, count: int, hw: tuple[int, int]) -> np.ndarray:
     return masks[:count]
 
 
-def localization(relevance: np.ndarray, masks: np.ndarray) -> dict:
-    """Pointing game hit rate and the mean relevance mass ratios mu and mu_w (Kohlbrenner et al., Eq. 5)."""
-    from onnxlrp.metrics import pointing_game, relevance_mass_ratio, weighted_relevance_mass_ratio
+class LocalizationTotals:
+    """Pointing game hit rate and the mean relevance mass ratios mu and mu_w (Kohlbrenner et al., Eq. 5), summed
+    batch by batch (samples whose mask holds no positive relevance have no mu and are left out of its mean)."""
 
-    return {"pointing_game": float(pointing_game(relevance, masks).mean()),
-            "mu": float(np.nanmean(relevance_mass_ratio(relevance, masks))),
-            "mu_w": float(np.nanmean(weighted_relevance_mass_ratio(relevance, masks)))}
+    def __init__(self):
+        self.hits = self.n = 0.0
+        self.sums = {"mu": [0.0, 0], "mu_w": [0.0, 0]}
+
+    def add(self, relevance: np.ndarray, masks: np.ndarray) -> None:
+        from onnxlrp.metrics import pointing_game, relevance_mass_ratio, weighted_relevance_mass_ratio
+
+        self.hits += float(pointing_game(relevance, masks).sum())
+        self.n += len(relevance)
+        for key, ratio in (("mu", relevance_mass_ratio), ("mu_w", weighted_relevance_mass_ratio)):
+            values = ratio(relevance, masks)
+            finite = values[~np.isnan(values)]
+            self.sums[key][0] += float(finite.sum())
+            self.sums[key][1] += len(finite)
+
+    def result(self) -> dict:
+        return {"pointing_game": self.hits / max(self.n, 1),
+                **{key: (total / count if count else float("nan")) for key, (total, count) in self.sums.items()}}

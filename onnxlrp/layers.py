@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .builder import GraphBuilder
+from .ranges import LIMIT, transpose_growth
 
 FEW_CHANNELS = 8  # a transposed product into fewer channels stays a ConvTranspose (see Linear.transpose)
 
@@ -133,7 +134,26 @@ class Linear:
         return z
 
     def transpose(self, b: GraphBuilder, g: str, weight: np.ndarray, tag: str) -> str:
-        """``W'^T g``: the gradient of ``W' x`` with respect to ``x``, shaped like ``x``."""
+        """``W'^T g``: the gradient of ``W' x`` with respect to ``x``, shaped like ``x``. With range keeping
+        (:mod:`onnxlrp.ranges`), ``g`` is first normalized when ``max |g| * max_i sum_j |w'_ji|`` could leave
+        :data:`onnxlrp.ranges.LIMIT`, and the product's bound is recorded."""
+        if b.ranges is None:
+            return self._transpose(b, g, weight, tag)
+        growth = self.growth(weight, tag)
+        g = b.ranges.at_most(b, g, LIMIT - growth)
+        out = self._transpose(b, g, weight, tag)
+        bound = b.ranges.bound_of(g)
+        b.ranges.set_bound(out, None if bound is None else bound + growth)
+        return out
+
+    def growth(self, weight: np.ndarray, tag: str) -> float:
+        """``log2 max_i sum_j |w_ji|`` of a weight of this layer, computed once per tag."""
+        key = ("growth", tag)
+        if key not in self._weights:
+            self._weights[key] = transpose_growth(weight, self.kind, self.group)
+        return self._weights[key]
+
+    def _transpose(self, b: GraphBuilder, g: str, weight: np.ndarray, tag: str) -> str:
         if self.kind == "dense":
             if weight is self.weight and self.source is not None:  # the model's own [out, in] or [in, out] weight
                 name, stored_transposed = self.source

@@ -28,6 +28,7 @@ def neg(a: np.ndarray) -> np.ndarray:
     return np.minimum(a, 0)
 
 
+SMALLEST_NORMAL = 2.0 ** -126  # float32's smallest normal number
 SATURATE = 2.0 ** 127  # 2 / (smallest normal float32): |z| * SATURATE >= 2 for every normal non-zero z
 
 
@@ -47,21 +48,42 @@ def stabilize(b: GraphBuilder, z: str, eps: float) -> str:
     return b.op("Add", [z, signed_eps], "stab")
 
 
+def numerator(b: GraphBuilder, r: str) -> str:
+    """``r`` ready to be divided by a stabilized forward value: with range keeping (:mod:`onnxlrp.ranges`), scaled
+    by a power of two to a peak below 4 unless its compile-time bound is already that small."""
+    return r if b.ranges is None else b.ranges.at_most(b, r, 0.0)
+
+
+def bound_quotient(b: GraphBuilder, s: str, r: str, eps: float) -> str:
+    """Record that ``s = r / d`` with ``|d| >= eps``: ``log2 |s| <= log2 |r| - log2 eps``."""
+    if b.ranges is not None and b.ranges.bound_of(r) is not None:
+        b.ranges.set_bound(s, b.ranges.bound_of(r) - math.log2(max(eps, SMALLEST_NORMAL)))
+    return s
+
+
+def quotient(b: GraphBuilder, r: str, denominator: str, eps: float) -> str:
+    """``r / denominator`` for a forward value ``denominator`` with ``|denominator| >= eps`` (a stabilizer), its
+    magnitude kept in float32's range (see :func:`numerator`)."""
+    r = numerator(b, r)
+    return bound_quotient(b, b.op("Div", [r, denominator], "s"), r, eps)
+
+
 def safe_divide(b: GraphBuilder, r: str, z: str, eps: float) -> str:
-    """``r / stab(z)``; with ``eps == 0`` (LRP-0) the quotient is 0 where ``z == 0`` instead of NaN."""
+    """``r / stab(z)``; with ``eps == 0`` (LRP-0) the quotient is 0 where ``|z|`` is below float32's smallest normal
+    number (1.2e-38: zero, or a subnormal whose reciprocal would overflow) instead of NaN or Inf."""
     if eps > 0:
-        return b.op("Div", [r, stabilize(b, z, eps)], "s")
+        return quotient(b, r, stabilize(b, z, eps), eps)
     zero = b.const(0.0, "zero")
-    is_zero = b.op("Equal", [z, zero])
+    is_zero = b.op("Less", [b.op("Abs", [z], "abs_z"), b.const(SMALLEST_NORMAL, "smallest_normal")])
     denom = b.op("Where", [is_zero, b.const(1.0, "one"), z])
-    return b.op("Where", [is_zero, zero, b.op("Div", [r, denom], "s")], "s")
+    return b.op("Where", [is_zero, zero, quotient(b, r, denom, SMALLEST_NORMAL)], "s")
 
 
 def divide_signed(b: GraphBuilder, r: str, z: str, eps: float, sign: float) -> str:
     """``r / (z + sign * eps)`` for a ``z`` whose sign is known (``z+ >= 0``, ``z- <= 0``): the stabilizer without
     the GreaterOrEqual/Where of :func:`stabilize`. Where ``z`` is 0 every term of ``z`` is 0, so the sign Zennit
     would pick there (+1) does not change the relevance."""
-    return b.op("Div", [r, b.op("Add", [z, b.const(sign * eps)], "stab")], "s")
+    return quotient(b, r, b.op("Add", [z, b.const(sign * eps)], "stab"), eps)
 
 
 def divide_behind_relu(b: GraphBuilder, r: str, y: str, eps: float) -> str:
@@ -73,7 +95,14 @@ def divide_behind_relu(b: GraphBuilder, r: str, y: str, eps: float) -> str:
     factors = factors_of(b, r, y)
     if factors is None:
         return divide_signed(b, r, y, eps, 1.0)
-    return b.op("Mul", [factors[1], shrink(b, y, eps)], "s")
+    return within(b, b.op("Mul", [factors[1], shrink(b, y, eps)], "s"), factors[1])
+
+
+def within(b: GraphBuilder, s: str, c: str) -> str:
+    """Record that ``|s| <= |c|`` (``s = c * ratio`` with a ratio in [0, 1])."""
+    if b.ranges is not None:
+        b.ranges.set_bound(s, b.ranges.bound_of(c))
+    return s
 
 
 def shrink(b: GraphBuilder, v: str, eps: float) -> str:
@@ -135,12 +164,15 @@ def mul(b: GraphBuilder, a: str, c: str) -> str:
     return b.op("Mul", [a, c], "prod")
 
 
-def product(b: GraphBuilder, x: str, c: str) -> str:
+def product(b: GraphBuilder, x: str, c: str, remember: bool = True) -> str:
     """The relevance ``x * c`` of a forward value ``x``, remembered as such (``b.products``): a fork whose readers
     all send such products sums the cofactors first (one product instead of one per reader), and a reader that
-    divides it by ``stab(x)`` uses the cofactor (:func:`divide_relevance`)."""
-    r = mul(b, x, c)
-    b.products[r] = (x, c)
+    divides it by ``stab(x)`` uses the cofactor (:func:`divide_relevance`). With range keeping the product is
+    written with ``c`` scaled to a peak below 4 when its bound is larger or unknown, so that ``|x * c| <= 4 |x|``
+    (a reader that uses the cofactor reads ``c`` itself, and the scaling is dropped if no one reads the product)."""
+    r = mul(b, x, c if b.ranges is None else b.ranges.at_most(b, c, 0.0))
+    if remember:
+        b.products[r] = (x, c)
     return r
 
 
@@ -160,7 +192,7 @@ def divide_relevance(b: GraphBuilder, r: str, z: str, eps: float) -> str:
     if eps <= 0 or factors is None:
         return safe_divide(b, r, z, eps)
     magnitude = b.op("Abs", [factors[0]], "abs_z")  # z, or its stand-in where c is non-zero (b.stand_ins)
-    return b.op("Mul", [factors[1], shrink(b, magnitude, eps)], "s")
+    return within(b, b.op("Mul", [factors[1], shrink(b, magnitude, eps)], "s"), factors[1])
 
 
 def add(b: GraphBuilder, *terms: str) -> str:
@@ -235,9 +267,9 @@ class ZPlus(Rule):
                                                           self.stabilizer), "Wpos")
         if xn is not None:
             z = add(b, z, layer.forward(b, xn, neg(w), None, "Wneg"))
-        g = b.op("Div", [r, z], "s")  # z = W+ x+ + W- x- + b+ + eps >= eps: the stabilizer rides in the bias
+        g = quotient(b, r, z, self.stabilizer)  # z = W+ x+ + W- x- + b+ + eps >= eps: the stabilizer rides in the bias
         out = product(b, xp, layer.transpose(b, g, pos(w), "Wpos"))
-        return out if xn is None else add(b, out, mul(b, xn, layer.transpose(b, g, neg(w), "Wneg")))
+        return out if xn is None else add(b, out, product(b, xn, layer.transpose(b, g, neg(w), "Wneg"), False))
 
 
 @dataclass(frozen=True)
@@ -275,7 +307,7 @@ class AlphaBeta(Rule):
                               tag[0] + ("_ba" if coef > 0 else "_bb"))
             if xn is not None:
                 z = add(b, z, layer.forward(b, xn, w_x_neg, None, tag[1]))
-            g = b.op("Div", [r, z], "s")
+            g = quotient(b, r, z, self.stabilizer)
             # coef * x * W^T g = x * (coef W)^T g: the coefficient goes into the transposed weights at compile time,
             # and each of x+, x- multiplies the sum of its two parts once
             part = "_alpha" if coef > 0 else "_beta"
@@ -283,7 +315,7 @@ class AlphaBeta(Rule):
             if xn is not None:
                 parts_n.append(layer.transpose(b, g, coef * w_x_neg, tag[1] + part))
         out = product(b, xp, add(b, *parts))
-        return out if xn is None else add(b, out, mul(b, xn, add(b, *parts_n)))
+        return out if xn is None else add(b, out, product(b, xn, add(b, *parts_n), False))
 
     def stacked(self, b, layer, r):
         """``x >= 0``: both parts in one convolution with the output channels ``[W+; W-]`` (bias ``[b+; b-]``),
@@ -296,7 +328,9 @@ class AlphaBeta(Rule):
         stab_bias = np.concatenate([stabilized_bias(layer, None if bias is None else pos(bias), self.stabilizer),
                                     stabilized_bias(layer, None if bias is None else neg(bias), -self.stabilizer)])
         z = split_halves(b, layer, layer.forward(b, layer.x, stack(layer, pos(w), neg(w)), stab_bias, "Wpm"))
-        g = merge_halves(b, layer, b.op("Div", [unsqueeze_halves(b, r), z], "s"))
+        r = numerator(b, r)
+        g = merge_halves(b, layer, bound_quotient(b, b.op("Div", [unsqueeze_halves(b, r), z], "s"), r,
+                                                  self.stabilizer))
         return product(b, layer.x, layer.transpose(b, g, stack(layer, self.alpha * pos(w), -self.beta * neg(w)),
                                                    "Wpm_ab"))
 
@@ -336,13 +370,13 @@ class Gamma(Rule):
             if xn is not None:
                 z = add(b, z, layer.forward(b, xn, w_x_neg, None, tags[1]))
             if relu:
-                g = b.op("Div", [r, at_least(b, z, eps)], "s")
+                g = quotient(b, r, at_least(b, z, eps), eps)
             else:
                 g = b.op("Where", [b.op(gate_op, [layer.z, zero], "gate"),
                                    divide_signed(b, r, z, self.stabilizer, sign), zero], "g")
             parts.append(product(b, xp, layer.transpose(b, g, w_x_pos, tags[0])))
             if xn is not None:
-                parts.append(mul(b, xn, layer.transpose(b, g, w_x_neg, tags[1])))
+                parts.append(product(b, xn, layer.transpose(b, g, w_x_neg, tags[1]), False))
         return add(b, *parts)
 
     def stacked(self, b, layer, r, w_stack, b_stack):
@@ -357,8 +391,9 @@ class Gamma(Rule):
         signs = np.array([SATURATE / 2, -SATURATE / 2]).reshape(1, 2, *[1] * (len(layer.x_shape) - 1))
         gates = b.op("Clip", [b.op("Mul", [unsqueeze_halves(b, layer.z), b.const(signs, "gate_scale")], "gate"),
                               b.const(0.0, "zero"), b.const(1.0, "one")], "gate")
-        quotient = b.op("Div", [unsqueeze_halves(b, r), denominator], "s")
-        g = merge_halves(b, layer, b.op("Mul", [quotient, gates], "g"))
+        r = numerator(b, r)
+        ratio = bound_quotient(b, b.op("Div", [unsqueeze_halves(b, r), denominator], "s"), r, eps)
+        g = merge_halves(b, layer, within(b, b.op("Mul", [ratio, gates], "g"), ratio))
         return product(b, layer.x, layer.transpose(b, g, w_stack, "Wpn"))
 
 
@@ -414,9 +449,9 @@ class ZBox(Rule):
         z = b.op("Sub", [z, layer.forward(b, low, pos(w), None, "Wpos")], "z")
         z = b.op("Sub", [z, layer.forward(b, high, neg(w), None, "Wneg")], "z")
         g = safe_divide(b, r, z, self.stabilizer)
-        out = b.op("Sub", [mul(b, layer.x, layer.transpose(b, g, w, "W")),
-                           mul(b, low, layer.transpose(b, g, pos(w), "Wpos"))])
-        return b.op("Sub", [out, mul(b, high, layer.transpose(b, g, neg(w), "Wneg"))], "R")
+        out = b.op("Sub", [product(b, layer.x, layer.transpose(b, g, w, "W"), False),
+                           product(b, low, layer.transpose(b, g, pos(w), "Wpos"), False)])
+        return b.op("Sub", [out, product(b, high, layer.transpose(b, g, neg(w), "Wneg"), False)], "R")
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from onnxlrp.ranges import Ranges
 from onnxlrp.rules import Rule, product
 
 
@@ -41,6 +42,8 @@ class Algebra:
     zero: float
     one: float
 
+
+FORK_LIMIT = 64.0  # log2 bound of a summed cofactor above which a fork normalizes it (onnxlrp.ranges.LIMIT: 120)
 
 REAL = Algebra("real", plus_op="Sum", reduce_op="ReduceSum", times_op="Mul", zero=0.0, one=1.0)
 
@@ -109,6 +112,20 @@ class ClassicFamily(Family):
     def plan(self, nodes):
         return self.composite.plan(nodes, self.params, self.flat_layers)
 
+    def prepare(self, ctx):
+        """Relevance is linear in the seed: carry it as ``t * 2^e`` to keep it in float32's range
+        (:mod:`onnxlrp.ranges`)."""
+        ctx.b.ranges = Ranges()
+
+    def seed(self, ctx, one_hot, selected):
+        """``one_hot(target) * y``, scaled by a power of two to a peak in [1, 4)."""
+        ranges = ctx.b.ranges
+        return ranges.normalize(ctx.b, ranges.register(selected))
+
+    def finish(self, ctx, relevance):
+        """``t * 2^e`` as plain float32, capped at +-3.4e38 where the exact map does not fit."""
+        return {name: None if r is None else ctx.b.ranges.restore(ctx.b, r) for name, r in relevance.items()}
+
     def parameters_unused(self, plan):
         used = {field for rule in plan.values() for field in rule.__dataclass_fields__}
         return sorted(p for p in self.params if self.composite.field_of(p) not in used)
@@ -116,10 +133,14 @@ class ClassicFamily(Family):
     def combine(self, ctx, tensor, parts):
         """When every term is a product ``x * c_k`` with the same forward value ``x`` (a fork whose readers all
         multiply by their input, see :func:`onnxlrp.rules.product`), the sum is ``x * sum_k c_k``: one product
-        instead of one per reader."""
+        instead of one per reader. The summed cofactor is normalized here when its bound exceeds
+        :data:`FORK_LIMIT`: the branches below then start from one exponent and rarely need a normalization (and
+        an alignment at their fork) of their own."""
         terms = [r for _, _, r in parts]
         factors = [ctx.b.products.get(t) for t in terms]
         if len(terms) > 1 and all(factors) and len({x for x, _ in factors}) == 1:
             b = ctx.b
-            return product(b, factors[0][0], b.op(self.algebra.plus_op, [c for _, c in factors], "cofactors"))
+            cofactors = b.ranges.at_most(b, b.op(self.algebra.plus_op, [c for _, c in factors], "cofactors"),
+                                         FORK_LIMIT)
+            return product(b, factors[0][0], cofactors)
         return ctx.add_relevance(terms)

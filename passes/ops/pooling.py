@@ -123,9 +123,11 @@ class WindowAverage(AveragingView):
         self.divisor = pool_window(ctx, node, with_ceil=False).valid_count(include_pad=include_pad)
 
     def spread(self, b, g, up_to_scale=False):  # the divisor may vary near borders: it always stays
-        g = mul(b, g, b.const((1.0 / self.divisor)[None], "inv_divisor"))
+        weighted = mul(b, g, b.const((1.0 / self.divisor)[None], "inv_divisor"))
         ones = np.ones([self.channels, 1, *self.window.kernel], dtype=np.float32)
-        return self.window.conv_transpose(b, g, b.const(ones, "ones_kernel"), self.channels, "WTg")
+        out = self.window.conv_transpose(b, weighted, b.const(ones, "ones_kernel"), self.channels, "WTg")
+        # weights 1/divisor <= 1, and an input lies in at most prod(kernel) windows
+        return grown(b, out, g, np.log2(np.prod(self.window.kernel)))
 
     def rlrp_factor(self):
         return rlrp_pool_factor(self.window, self.channels)
@@ -143,7 +145,14 @@ class AxesAverage(AveragingView):
     def spread(self, b, g, up_to_scale=False):
         if not self.keepdims:
             g = b.op("Unsqueeze", [g, b.const(self.axes, "axes", np.int64)], "R")
-        return g if up_to_scale else mul(b, g, b.const(1.0 / self.count, "scale"))
+        return g if up_to_scale else grown(b, mul(b, g, b.const(1.0 / self.count, "scale")), g, 0.0)
+
+
+def grown(b, out: str, g: str, growth: float) -> str:
+    """Record (with range keeping) that ``log2 max |out| <= log2 max |g| + growth``."""
+    if b.ranges is not None and b.ranges.bound_of(g) is not None:
+        b.ranges.set_bound(out, b.ranges.bound_of(g) + growth)
+    return out
 
 
 def averaging_rule(ctx, node, view: AveragingView, r: str) -> dict:
@@ -250,8 +259,8 @@ class WindowMax(MaxView):
 
         factors = factors_of(b, r, self.y)
         r_in = route(r)
-        if factors is not None:
-            b.products[r_in] = (self.x, route(factors[1]))
+        if factors is not None:  # an input lies in at most prod(kernel) windows
+            b.products[r_in] = (self.x, grown(b, route(factors[1]), factors[1], np.log2(np.prod(wd.kernel))))
         return r_in
 
     def route_all(self, b, r):

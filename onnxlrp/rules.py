@@ -465,21 +465,47 @@ class RLRP(Rule):
     name = "rlrp"
     summary = "relative LRP (Nyiri & Gibaru): no hyper-parameters, no division except at joins"
 
-    def relevance(self, b, layer, r):
-        return times_relative(b, mul(b, layer.x, layer.transpose(b, r, layer.weight, "W")), rlrp_factor(layer))
+    def relevance(self, b, layer, r, scale: str | None = None):
+        """``scale``: a per-sample factor ``[batch]`` (R-LRP's range keeping), applied where it costs least (see
+        :func:`scaled_product`)."""
+        out_shape = [layer.weight.shape[0], *layer.window.out_spatial] if layer.kind == "conv" else \
+            [*layer.x_shape[1:-1], layer.weight.shape[1]]
+        return scaled_product(b, layer.x, r, lambda g: layer.transpose(b, g, layer.weight, "W"), rlrp_factor(layer),
+                              scale, out_shape, layer.x_shape[1:])
 
 
-def times_relative(b: GraphBuilder, r: str, factor: np.ndarray | None) -> str:
-    """``r * factor / max(factor)`` for a positive compile-time factor (``None``: a uniform one). R-LRP is defined
-    up to a positive factor per sample (the output is scaled at the end), so only the factor's shape matters: a
-    uniform factor (dense layers, 1x1 stride-1 convolutions, non-overlapping pools) costs no op, and the constants
-    stay near 1."""
-    if factor is None:
-        return r
-    relative = np.asarray(factor, dtype=np.float64) / np.max(factor)
-    if np.all(relative == 1):
-        return r
-    return mul(b, r, b.const(relative, "card_J"))
+def scaled_product(b: GraphBuilder, x: str, r: str, transpose, factor: np.ndarray | None, scale: str | None,
+                   r_shape: list, x_shape: list) -> str:
+    """``x * (W^T r) * factor / max(factor) * scale``: R-LRP's step for a linear layer or pool. The per-sample
+    ``scale`` (``[batch]``, or None) joins the factor map when that is not uniform (one small ``[batch, 1, *spatial]``
+    multiplier instead of a pass over a tensor); otherwise it multiplies the smaller of ``r`` (before the transposed
+    product) and ``W^T r`` (after it). Either way the product with ``x`` comes last, so what the scale bounds stays
+    bounded (``r_shape``, ``x_shape``: per-sample shapes, None where unknown)."""
+    relative = None if factor is None else np.asarray(factor, dtype=np.float64) / np.max(factor)
+    if relative is not None and np.all(relative == 1):
+        relative = None
+    if scale is not None and relative is None and not smaller(x_shape, r_shape):
+        r, scale = mul(b, r, per_sample(b, scale, len(r_shape) + 1)), None
+    c = transpose(r)
+    if relative is not None:
+        card = b.const(relative, "card_J")
+        multiplier = card if scale is None else b.op("Mul", [card, per_sample(b, scale, len(x_shape) + 1)], "card_J")
+        c = mul(b, c, multiplier)
+    elif scale is not None:
+        c = mul(b, c, per_sample(b, scale, len(x_shape) + 1))
+    return mul(b, x, c)
+
+
+def smaller(a: list, b: list) -> bool:
+    """Whether a tensor of per-sample shape ``a`` has fewer elements than one of shape ``b`` (False if unknown)."""
+    if any(not isinstance(d, int) for d in a + b):
+        return False
+    return int(np.prod(a)) < int(np.prod(b))
+
+
+def per_sample(b: GraphBuilder, scale: str, rank: int) -> str:
+    """A ``[batch]`` factor as ``[batch, 1, ..., 1]`` of ``rank`` axes."""
+    return b.op("Reshape", [scale, b.const([-1] + [1] * (rank - 1), "per_sample", np.int64)], "scale")
 
 
 def rlrp_factor(layer: Linear) -> np.ndarray:

@@ -12,8 +12,8 @@ differ:
 - **the rule of every rule-bearing node** (:meth:`Family.plan`): linear layers (Conv, Gemm, MatMul with a constant
   weight), joins (Add, Sum, Sub with several relevance-carrying inputs), average and max pools. Emitters ask the
   planned rule (``ctx.rule(node)``) and never the family's name.
-- **the per-layer step** (:meth:`Family.after_layer`) applied to what a linear layer or a pool sends back (R-LRP keeps
-  it in float32's range).
+- **the per-layer steps** (:meth:`Family.before_layer`, :meth:`Family.after_layer`) applied to what a linear layer or a
+  pool receives and sends back (R-LRP keeps its relevance in float32's range before each layer).
 - **how a fork combines its branches** (:meth:`Family.combine`): the relevance a tensor receives from its readers,
   ``R_x = plus_k R_{x <- k}`` (classic), or R-LRP's Eq. 13 normalization per join.
 - **the final scaling** (:meth:`Family.finish`) of the input relevance.
@@ -82,6 +82,12 @@ class Family:
 
     def prepare(self, ctx) -> None:
         """Analysis before the sweep (R-LRP: its forks and joins)."""
+
+    def before_layer(self, ctx, node, r_out: str, x: str, growth: float) -> tuple[str, str | None]:
+        """The relevance a linear layer or pool ``node`` receives, and a per-sample factor ``[batch]`` (or None) that
+        its rule applies (R-LRP keeps its relevance in float32's range so); ``x``: the layer input (batch first),
+        ``growth``: ``log2 max_i sum_j |w_ji|`` of the layer's transposed product."""
+        return r_out, None
 
     def after_layer(self, ctx, r_in: str, r_out: str) -> str:
         """What a linear layer or pool sends back, ``r_in``, one layer below ``r_out``."""

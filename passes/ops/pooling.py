@@ -96,7 +96,7 @@ def scatter_windows(b, routed: str, wd: Window, channels: int, kernel: str) -> s
 
 class AveragingView:
     """An averaging node ``y = W x`` with fixed non-negative weights: ``x``, ``y`` (float32), ``spread(g) = W^T g``
-    and R-LRP's factor map (``None`` where it is uniform, which R-LRP drops: see :func:`onnxlrp.rules.times_relative`).
+    and R-LRP's factor map (``None`` where it is uniform, which R-LRP drops: see :func:`onnxlrp.rules.scaled_product`).
     ``spread(g, up_to_scale=True)`` may leave out a uniform positive factor of ``W`` (R-LRP's relevance is defined up
     to one)."""
 
@@ -109,6 +109,10 @@ class AveragingView:
 
     def rlrp_factor(self) -> np.ndarray | None:
         return None
+
+    def growth(self) -> float:
+        """``log2`` of a bound of ``max |W^T g| / max |g|`` for the spread of :meth:`spread` (global: 1)."""
+        return 0.0
 
 
 class WindowAverage(AveragingView):
@@ -131,6 +135,9 @@ class WindowAverage(AveragingView):
 
     def rlrp_factor(self):
         return rlrp_pool_factor(self.window, self.channels)
+
+    def growth(self):  # weights 1/divisor <= 1; an input lies in at most prod(kernel) windows
+        return float(np.log2(np.prod(self.window.kernel)))
 
 
 class AxesAverage(AveragingView):
@@ -156,8 +163,11 @@ def grown(b, out: str, g: str, growth: float) -> str:
 
 
 def averaging_rule(ctx, node, view: AveragingView, r: str) -> dict:
-    """The planned rule's ``average`` (classic: Norm; R-LRP: Prop. 13), then the family's per-layer step."""
-    return {0: ctx.family.after_layer(ctx, ctx.rule(node).average(ctx, view, r), r)}
+    """The planned rule's ``average`` (classic: Norm; R-LRP: Prop. 13), between the family's per-layer steps."""
+    r_scaled, scale = ctx.family.before_layer(ctx, node, r, view.x, view.growth())
+    rule = ctx.rule(node)
+    r_in = rule.average(ctx, view, r_scaled) if scale is None else rule.average(ctx, view, r_scaled, scale=scale)
+    return {0: ctx.family.after_layer(ctx, r_in, r)}
 
 
 def pool_nonnegative(is_nonneg, node, tensor) -> bool:
@@ -231,6 +241,10 @@ class MaxView:
     def rlrp_factor(self) -> np.ndarray | None:
         return None
 
+    def growth(self) -> float:
+        """``log2`` of the largest number of windows an input lies in (global: 1)."""
+        return 0.0
+
 
 class WindowMax(MaxView):
     """MaxPool: windows extracted by a one-hot depthwise convolution (``[N, C, K, *out]``), masked, and added back
@@ -274,6 +288,9 @@ class WindowMax(MaxView):
     def rlrp_factor(self):
         return rlrp_pool_factor(self.window, self.channels)
 
+    def growth(self):
+        return float(np.log2(np.prod(self.window.kernel)))
+
 
 class GlobalMax(MaxView):
     """GlobalMaxPool: each channel's spatial values as one window ``[N, C, HW]``."""
@@ -294,9 +311,12 @@ class GlobalMax(MaxView):
 
 
 def max_rule(ctx, node, view: MaxView, r: str) -> dict:
-    """The planned rule's ``max_pool`` (classic: winner-take-all; R-LRP: Prop. 13), then the family's per-layer
-    step."""
-    return {0: ctx.family.after_layer(ctx, ctx.rule(node).max_pool(ctx, view, r), r)}
+    """The planned rule's ``max_pool`` (classic: winner-take-all; R-LRP: Prop. 13), between the family's per-layer
+    steps."""
+    r_scaled, scale = ctx.family.before_layer(ctx, node, r, view.x, view.growth())
+    rule = ctx.rule(node)
+    r_in = rule.max_pool(ctx, view, r_scaled) if scale is None else rule.max_pool(ctx, view, r_scaled, scale=scale)
+    return {0: ctx.family.after_layer(ctx, r_in, r)}
 
 
 @backward("MaxPool", kind="max_pool", nonnegative=pool_nonnegative, zero_preserving=True, check=check_pool)

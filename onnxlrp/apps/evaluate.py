@@ -29,11 +29,13 @@ PAPER_PERCENTS = (1, 5, 10, 15, 20, 25, 40, 50, 60, 75, 80, 85, 90, 95, 99)
 
 def evaluate_rules(model, rule_specs: Sequence[RuleSpec], dataset: Dataset, *, batch_size: int,
                    modes: Sequence[tuple[bool, bool]], percents: Sequence[float], echo=click.echo,
-                   on_relevance: Callable[[RuleSpec, np.ndarray, np.ndarray], object] | None = None) -> list[dict]:
+                   on_relevance: Callable[[RuleSpec, np.ndarray, np.ndarray], object] | None = None,
+                   name: str | None = None) -> list[dict]:
     """Compile ``model`` with each rule, compute the relevance once, evaluate every (absolute, pixel) mode.
 
-    ``on_relevance(spec, relevance, explained_class)`` is called once per rule (e.g. to draw heatmaps).  Returns
-    one results dict per mode (see :func:`run_evaluate`)."""
+    ``on_relevance(spec, relevance, explained_class)`` is called once per rule (e.g. to draw heatmaps). ``name``:
+    how messages name the model (default: its path, or "the model"). Returns one results dict per mode (see
+    :func:`run_evaluate`)."""
     from onnxlrp.compiler import is_compiled
 
     source, _ = read_model(model)
@@ -49,7 +51,9 @@ def evaluate_rules(model, rule_specs: Sequence[RuleSpec], dataset: Dataset, *, b
         if tuple(x.shape[1:]) != tuple(prepared.chw):
             raise OnnxlrpError(f"{escape_terminal(dataset.source)}: samples have shape {list(x.shape[1:])}, the "
                                f"model takes {list(prepared.chw)}")
-        relevance, explained_class, provider = relevance_for(prepared, x, batch_size)
+        shown = name or (show(model) if isinstance(model, PATH_TYPES) else "the model")
+        relevance, explained_class, provider = relevance_for(prepared, x, batch_size,
+                                                             f"{shown} ({escape_terminal(spec.label)})")
         seconds = time.perf_counter() - t0
         if forward is None:
             forward = Forward(prepared, batch_size)
@@ -117,7 +121,8 @@ def run_evaluate(model, *, data="builtin:digits", rules="rlrp,lrp0,epsilon", per
 
     with sigterm_guard("onnxlrp evaluate"):
         results = evaluate_rules(source, specs, dataset, batch_size=batch_size, modes=[(absolute, pixel)],
-                                 percents=percents, on_relevance=on_relevance)[0]
+                                 percents=percents, on_relevance=on_relevance,
+                                 name=show(model) if isinstance(model, PATH_TYPES) else None)[0]
         results["model"] = str(model)
         for label, numbers in localized.items():
             results["rules"][label]["localization"] = numbers

@@ -16,7 +16,7 @@ from onnxlrp.io import read_model, sigterm_guard, write_atomic
 from onnxlrp.messages import show
 from onnxlrp.naming import escape_terminal, safe_filename
 
-from .files import check_out_dir, ensure_dir, write_npy
+from .files import PATH_TYPES, check_out_dir, ensure_dir, write_npy
 from .models import input_shape, prepare
 from .preprocess import make_preprocess
 
@@ -57,6 +57,34 @@ def unique_stems(paths: Sequence[Path]) -> list[str]:
     return out
 
 
+class Written:
+    """The files one run of explain wrote, removed again (with the folder, if the run created it) when the run stops
+    with an error (a relevance that is not finite, a bad target) in a later batch: a failed run leaves nothing
+    behind (files it replaced stay replaced)."""
+
+    def __init__(self, out: Path):
+        self.out, self.created, self.files = out, not out.exists(), []
+
+    def folder(self) -> None:
+        ensure_dir(self.out)
+
+    def add(self, path) -> None:
+        self.files.append(Path(path))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if kind is None or not issubclass(kind, OnnxlrpError):  # Ctrl-C and SIGTERM keep the finished files
+            return
+        for path in self.files:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        if self.created:
+            with contextlib.suppress(OSError):
+                self.out.rmdir()  # only if empty
+
+
 def _upscale(h: int, w: int) -> int:
     return max(1, math.ceil(HEATMAP_MIN_SIDE / max(min(h, w), 1)))
 
@@ -76,7 +104,7 @@ def run_explain(model, images, *, out_dir, target="predicted", preprocess="none"
     no output at all.  Returns one dict per image (file, class, score, png, npy).
     """
     from onnxlrp.images import list_images, load_image
-    from onnxlrp.runtime import Explainer
+    from onnxlrp.runtime import Explainer, non_finite_error
 
     if batch_size < 1:
         raise OnnxlrpError(f"--batch-size must be at least 1, got {batch_size}")
@@ -106,7 +134,8 @@ def run_explain(model, images, *, out_dir, target="predicted", preprocess="none"
                        output=output, node_output=node_output, input_shapes=input_shapes, **params)
     if prepared.chw != chw:
         raise OnnxlrpError(f"{show(model)}: the compiled model takes {list(prepared.chw)}, not {list(chw)}")
-    explainer = Explainer(prepared.model)
+    shown = show(model) if isinstance(model, PATH_TYPES) else "the model"
+    explainer = Explainer(prepared.model, finite_only=False)
     out = Path(out_dir)
     stems = unique_stems(paths)
     scale = _upscale(height, width)
@@ -114,9 +143,10 @@ def run_explain(model, images, *, out_dir, target="predicted", preprocess="none"
         click.echo(f"{show(model)}: compiled already ({escape_terminal(prepared.rule)}), used as it is")
     click.echo(f"explaining {len(paths)} image(s) with {escape_terminal(prepared.rule)} on {explainer.provider}")
     results: list[dict] = []
+    written = Written(out)
     show_bar = len(paths) > PROGRESS_MIN_IMAGES and sys.stderr.isatty()
     bar = click.progressbar(length=len(paths), file=sys.stderr, label="explaining") if show_bar else None
-    with sigterm_guard("onnxlrp explain"), (bar if bar is not None else contextlib.nullcontext()):
+    with sigterm_guard("onnxlrp explain"), (bar if bar is not None else contextlib.nullcontext()), written:
         for start in range(0, len(paths), batch_size):
             idx = list(range(start, min(start + batch_size, len(paths))))
             raw = np.stack([cache[i] if i in cache else load_image(paths[i], channels=channels, size=(height, width))
@@ -128,14 +158,18 @@ def run_explain(model, images, *, out_dir, target="predicted", preprocess="none"
             if wanted is not None and wanted >= scores.shape[1]:
                 raise OnnxlrpError(f"--target {wanted}: the explained output has only {scores.shape[1]} classes "
                                    f"(0..{scores.shape[1] - 1})")
+            error = non_finite_error(shown, [relevance], list(result.outputs.values()), [show(paths[i]) for i in idx],
+                                     "nothing was written")
+            if error:
+                raise OnnxlrpError(error)
             if start == 0:
-                ensure_dir(out)  # only now: nothing is created when the first batch fails
+                written.folder()  # only now: nothing is created when the first batch fails
             for j, i in enumerate(idx):
                 k = int(classes[j])
                 score = float(scores[j, k])
                 png, npy = out / f"{stems[i]}.png", out / f"{stems[i]}.npy"
-                write_atomic(png, _png(relevance[j], raw[j] if overlay else None, scale))
-                write_npy(npy, relevance[j])
+                written.add(write_atomic(png, _png(relevance[j], raw[j] if overlay else None, scale)))
+                written.add(write_npy(npy, relevance[j]))
                 results.append({"file": str(paths[i]), "class": k, "score": score, "png": str(png),
                                 "npy": str(npy)})
                 click.echo(f"{show(paths[i])}: class {k} (score {score:.4g}) -> {show(png)}")

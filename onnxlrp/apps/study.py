@@ -25,15 +25,22 @@ __all__ = ["PERTURBATION_STEPS", "load_masks", "localization", "perturbation_reg
 PERTURBATION_STEPS = 20
 
 
-def relevance_for(prepared: Prepared, x: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray, str]:
-    """Relevance ``[N, ...]`` (float32) and the explained class ``[N]`` of every sample, batched; and the provider."""
-    from onnxlrp.runtime import Explainer
+def relevance_for(prepared: Prepared, x: np.ndarray, batch_size: int,
+                  name: str = "the model") -> tuple[np.ndarray, np.ndarray, str]:
+    """Relevance ``[N, ...]`` (float32) and the explained class ``[N]`` of every sample, batched; and the provider.
+    A relevance with NaN or infinite values is an error naming the model (``name``) and the samples."""
+    from onnxlrp.runtime import Explainer, non_finite_error
 
-    explainer = Explainer(prepared.model)
+    explainer = Explainer(prepared.model, finite_only=False)
     rel, cls = [], []
     for i in range(0, len(x), batch_size):
         result = explainer(x[i : i + batch_size])
-        rel.append(np.asarray(result.relevance, dtype=np.float32))
+        relevance = np.asarray(result.relevance, dtype=np.float32)
+        error = non_finite_error(name, [relevance], list(result.outputs.values()),
+                                 [f"sample {i + j}" for j in range(len(relevance))], "nothing was written")
+        if error:
+            raise OnnxlrpError(error)
+        rel.append(relevance)
         cls.append(np.asarray(result.explained_class).reshape(-1))
     return np.concatenate(rel), np.concatenate(cls).astype(np.int64), explainer.provider
 

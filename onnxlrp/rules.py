@@ -61,11 +61,19 @@ def bound_quotient(b: GraphBuilder, s: str, r: str, eps: float) -> str:
     return s
 
 
-def quotient(b: GraphBuilder, r: str, denominator: str, eps: float) -> str:
-    """``r / denominator`` for a forward value ``denominator`` with ``|denominator| >= eps`` (a stabilizer), its
-    magnitude kept in float32's range (see :func:`numerator`)."""
+def quotient(b: GraphBuilder, r: str, denominator: str, eps: float, view=None) -> str:
+    """``view(r) / denominator`` for a forward value ``denominator`` with ``|denominator| >= eps`` (a stabilizer),
+    its magnitude kept in float32's range (see :func:`numerator`); ``view``: a reshaping of the numerator (e.g. a
+    broadcast against two stacked halves).
+
+    A relevance ``r = x * c`` is divided as it is written out (``|x * c| <= 4 |x|``, :func:`product`), then
+    normalized: dividing the cofactor by the forward ratio ``x / denominator`` instead would overflow where an
+    activation beyond ``eps * 3.4e38`` meets a denominator near ``eps``, and scaling that ratio safely takes as many
+    passes. Only where ``x`` is the layer's own ReLU output and the denominator bounds it (:func:`own_output`) is
+    the ratio known to be at most 1."""
+    view = view or (lambda t: t)
     r = numerator(b, r)
-    return bound_quotient(b, b.op("Div", [r, denominator], "s"), r, eps)
+    return bound_quotient(b, b.op("Div", [view(r), denominator], "s"), r, eps)
 
 
 def safe_divide(b: GraphBuilder, r: str, z: str, eps: float) -> str:
@@ -103,6 +111,22 @@ def within(b: GraphBuilder, s: str, c: str) -> str:
     if b.ranges is not None:
         b.ranges.set_bound(s, b.ranges.bound_of(c))
     return s
+
+
+def own_output(b: GraphBuilder, layer: Linear, r: str) -> tuple[str, str] | None:
+    """``(y, c)`` when ``r = y * c`` with ``y = Relu(z)`` the layer's own output behind a ReLU: a rule whose
+    denominator ``d`` is at least ``y`` wherever ``y > 0`` (z+, the activating part of alpha-beta, gamma's ``z_p``)
+    divides the cofactor by a ratio in [0, 1], ``r / d = c * (y / d)``, which no activation can push out of range
+    (:func:`cofactor_quotient`)."""
+    if layer.relu_out is None:
+        return None
+    factors = factors_of(b, r, layer.relu_out)
+    return None if factors is None else (layer.relu_out, factors[1])
+
+
+def cofactor_quotient(b: GraphBuilder, y: str, c: str, denominator: str) -> str:
+    """``c * (y / denominator)`` where ``|y / denominator| <= 1`` (:func:`own_output`)."""
+    return within(b, b.op("Mul", [c, b.op("Div", [y, denominator], "ratio")], "s"), c)
 
 
 def shrink(b: GraphBuilder, v: str, eps: float) -> str:
@@ -267,7 +291,10 @@ class ZPlus(Rule):
                                                           self.stabilizer), "Wpos")
         if xn is not None:
             z = add(b, z, layer.forward(b, xn, neg(w), None, "Wneg"))
-        g = quotient(b, r, z, self.stabilizer)  # z = W+ x+ + W- x- + b+ + eps >= eps: the stabilizer rides in the bias
+        # z = W+ x+ + W- x- + b+ + eps >= eps (the stabilizer rides in the bias); z - (W x + b) = -W- x+ - W+ x- + b+
+        # - b + eps > 0, so a ReLU output of this layer is below z
+        own = own_output(b, layer, r)
+        g = cofactor_quotient(b, *own, z) if own else quotient(b, r, z, self.stabilizer)
         out = product(b, xp, layer.transpose(b, g, pos(w), "Wpos"))
         return out if xn is None else add(b, out, product(b, xn, layer.transpose(b, g, neg(w), "Wneg"), False))
 
@@ -328,11 +355,9 @@ class AlphaBeta(Rule):
         stab_bias = np.concatenate([stabilized_bias(layer, None if bias is None else pos(bias), self.stabilizer),
                                     stabilized_bias(layer, None if bias is None else neg(bias), -self.stabilizer)])
         z = split_halves(b, layer, layer.forward(b, layer.x, stack(layer, pos(w), neg(w)), stab_bias, "Wpm"))
-        r = numerator(b, r)
-        g = merge_halves(b, layer, bound_quotient(b, b.op("Div", [unsqueeze_halves(b, r), z], "s"), r,
-                                                  self.stabilizer))
-        return product(b, layer.x, layer.transpose(b, g, stack(layer, self.alpha * pos(w), -self.beta * neg(w)),
-                                                   "Wpm_ab"))
+        g = quotient(b, r, z, self.stabilizer, view=lambda t: unsqueeze_halves(b, t))
+        return product(b, layer.x, layer.transpose(b, merge_halves(b, layer, g),
+                                                   stack(layer, self.alpha * pos(w), -self.beta * neg(w)), "Wpm_ab"))
 
 
 @dataclass(frozen=True)
@@ -369,8 +394,10 @@ class Gamma(Rule):
             z = layer.forward(b, xp, w_x_pos, b_mod + eps if relu else b_mod, tags[0] + "_" + tags[2])
             if xn is not None:
                 z = add(b, z, layer.forward(b, xn, w_x_neg, None, tags[1]))
-            if relu:
-                g = quotient(b, r, at_least(b, z, eps), eps)
+            if relu:  # z_p = z + gamma (W+ x+ + b+ + W- x-) >= z: the ReLU output of z is below it
+                own = own_output(b, layer, r)
+                denominator = at_least(b, z, eps)
+                g = cofactor_quotient(b, *own, denominator) if own else quotient(b, r, denominator, eps)
             else:
                 g = b.op("Where", [b.op(gate_op, [layer.z, zero], "gate"),
                                    divide_signed(b, r, z, self.stabilizer, sign), zero], "g")
@@ -391,8 +418,7 @@ class Gamma(Rule):
         signs = np.array([SATURATE / 2, -SATURATE / 2]).reshape(1, 2, *[1] * (len(layer.x_shape) - 1))
         gates = b.op("Clip", [b.op("Mul", [unsqueeze_halves(b, layer.z), b.const(signs, "gate_scale")], "gate"),
                               b.const(0.0, "zero"), b.const(1.0, "one")], "gate")
-        r = numerator(b, r)
-        ratio = bound_quotient(b, b.op("Div", [unsqueeze_halves(b, r), denominator], "s"), r, eps)
+        ratio = quotient(b, r, denominator, eps, view=lambda t: unsqueeze_halves(b, t))
         g = merge_halves(b, layer, within(b, b.op("Mul", [ratio, gates], "g"), ratio))
         return product(b, layer.x, layer.transpose(b, g, w_stack, "Wpn"))
 

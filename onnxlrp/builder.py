@@ -35,6 +35,7 @@ class GraphBuilder:
         self._shared: dict[tuple, str] = {}  # key -> tensor emitted once (weights computed from initializers)
         self.products: dict[str, tuple[str, str]] = {}  # relevance tensor -> (forward value x, cofactor c): r = x * c
         self.stand_ins: dict[str, str] = {}  # a stand-in -> the forward value it equals wherever relevance is non-zero
+        self.ranges = None  # onnxlrp.ranges.Ranges of a sweep that keeps relevance in float32's range (classic)
         self.scope = ""
 
     def fresh(self, hint: str) -> str:
@@ -47,11 +48,17 @@ class GraphBuilder:
         return name
 
     def op(self, op_type: str, inputs: list[str], hint: str | None = None, n_out: int = 1, **attrs) -> str | list[str]:
-        """Append ``op_type(inputs, **attrs)``; returns the output name (or names when ``n_out > 1``)."""
+        """Append ``op_type(inputs, **attrs)``; returns the output name (or names when ``n_out > 1``). With
+        :attr:`ranges`, relevance operands of an additive op are first aligned to one exponent, and the outputs of an
+        op that reads relevance are relevance with the same exponent (:mod:`onnxlrp.ranges`)."""
+        if self.ranges is not None:
+            inputs = self.ranges.before(self, op_type, list(inputs))
         outputs = [self.fresh(hint or op_type) for _ in range(n_out)]
         attrs = {k: v for k, v in attrs.items() if v is not None}
         node = helper.make_node(op_type, inputs, outputs, name=self.fresh(f"{hint or op_type}_node"), **attrs)
         self.nodes.append(node)
+        if self.ranges is not None:
+            self.ranges.after(op_type, inputs, outputs)
         return outputs[0] if n_out == 1 else outputs
 
     def const(self, value, hint: str = "const", dtype=np.float32) -> str:

@@ -13,6 +13,7 @@ import numpy as np
 
 from .builder import GraphBuilder
 from .weights import Weight, flip, reshape, transpose
+from .ranges import LIMIT, transpose_growth
 
 FEW_CHANNELS = 8  # a transposed product into fewer channels stays a ConvTranspose (see Linear.transpose)
 
@@ -130,6 +131,7 @@ class Linear:
     x_nonneg: bool = False  # x >= 0 everywhere (a Relu output, ...): x- = 0, so rules drop their x- terms
     relu_out: str | None = None  # Relu(z) when the relevance of z is 0 wherever z <= 0 (RelevancePass.relu_behind)
     _biases: dict = field(default_factory=dict, repr=False)
+    _growths: dict = field(default_factory=dict, repr=False)
 
     def bias_name(self, b: GraphBuilder, bias: np.ndarray, tag: str) -> str:
         """An initializer for a (modified) bias, one per output: small, computed at compile time, shared within the
@@ -152,7 +154,25 @@ class Linear:
         return z
 
     def transpose(self, b: GraphBuilder, g: str, weight: Weight, tag: str) -> str:
-        """``W'^T g``: the gradient of ``W' x`` with respect to ``x``, shaped like ``x``."""
+        """``W'^T g``: the gradient of ``W' x`` with respect to ``x``, shaped like ``x``. With range keeping
+        (:mod:`onnxlrp.ranges`), ``g`` is first normalized when ``max |g| * max_i sum_j |w'_ji|`` could leave
+        :data:`onnxlrp.ranges.LIMIT`, and the product's bound is recorded."""
+        if b.ranges is None:
+            return self._transpose(b, g, weight, tag)
+        growth = self.growth(weight, tag)
+        g = b.ranges.at_most(b, g, LIMIT - growth)
+        out = self._transpose(b, g, weight, tag)
+        bound = b.ranges.bound_of(g)
+        b.ranges.set_bound(out, None if bound is None else bound + growth)
+        return out
+
+    def growth(self, weight: Weight, tag: str) -> float:
+        """``log2 max_i sum_j |w_ji|`` of a weight of this layer, computed once per tag."""
+        if tag not in self._growths:
+            self._growths[tag] = transpose_growth(weight.value, self.kind, self.group)
+        return self._growths[tag]
+
+    def _transpose(self, b: GraphBuilder, g: str, weight: Weight, tag: str) -> str:
         if self.kind == "dense":
             if weight.is_initializer and (self.x_shape is None or len(self.x_shape) == 2):
                 # the model's own [in, out] weight: Gemm reads it transposed, no copy (Gemm takes matrices only)

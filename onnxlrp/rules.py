@@ -32,6 +32,7 @@ def neg(a: Weight | np.ndarray) -> Weight | np.ndarray:
     return negative_part(a) if isinstance(a, Weight) else np.minimum(a, 0)
 
 
+SMALLEST_NORMAL = 2.0 ** -126  # float32's smallest normal number
 SATURATE = 2.0 ** 127  # 2 / (smallest normal float32): |z| * SATURATE >= 2 for every normal non-zero z
 
 
@@ -51,21 +52,50 @@ def stabilize(b: GraphBuilder, z: str, eps: float) -> str:
     return b.op("Add", [z, signed_eps], "stab")
 
 
+def numerator(b: GraphBuilder, r: str) -> str:
+    """``r`` ready to be divided by a stabilized forward value: with range keeping (:mod:`onnxlrp.ranges`), scaled
+    by a power of two to a peak below 4 unless its compile-time bound is already that small."""
+    return r if b.ranges is None else b.ranges.at_most(b, r, 0.0)
+
+
+def bound_quotient(b: GraphBuilder, s: str, r: str, eps: float) -> str:
+    """Record that ``s = r / d`` with ``|d| >= eps``: ``log2 |s| <= log2 |r| - log2 eps``."""
+    if b.ranges is not None and b.ranges.bound_of(r) is not None:
+        b.ranges.set_bound(s, b.ranges.bound_of(r) - math.log2(max(eps, SMALLEST_NORMAL)))
+    return s
+
+
+def quotient(b: GraphBuilder, r: str, denominator: str, eps: float, view=None) -> str:
+    """``view(r) / denominator`` for a forward value ``denominator`` with ``|denominator| >= eps`` (a stabilizer),
+    its magnitude kept in float32's range (see :func:`numerator`); ``view``: a reshaping of the numerator (e.g. a
+    broadcast against two stacked halves).
+
+    A relevance ``r = x * c`` is divided as it is written out (``|x * c| <= 4 |x|``, :func:`product`), then
+    normalized: dividing the cofactor by the forward ratio ``x / denominator`` instead would overflow where an
+    activation beyond ``eps * 3.4e38`` meets a denominator near ``eps``, and scaling that ratio safely takes as many
+    passes. Only where ``x`` is the layer's own ReLU output and the denominator bounds it (:func:`own_output`) is
+    the ratio known to be at most 1."""
+    view = view or (lambda t: t)
+    r = numerator(b, r)
+    return bound_quotient(b, b.op("Div", [view(r), denominator], "s"), r, eps)
+
+
 def safe_divide(b: GraphBuilder, r: str, z: str, eps: float) -> str:
-    """``r / stab(z)``; with ``eps == 0`` (LRP-0) the quotient is 0 where ``z == 0`` instead of NaN."""
+    """``r / stab(z)``; with ``eps == 0`` (LRP-0) the quotient is 0 where ``|z|`` is below float32's smallest normal
+    number (1.2e-38: zero, or a subnormal whose reciprocal would overflow) instead of NaN or Inf."""
     if eps > 0:
-        return b.op("Div", [r, stabilize(b, z, eps)], "s")
+        return quotient(b, r, stabilize(b, z, eps), eps)
     zero = b.const(0.0, "zero")
-    is_zero = b.op("Equal", [z, zero])
+    is_zero = b.op("Less", [b.op("Abs", [z], "abs_z"), b.const(SMALLEST_NORMAL, "smallest_normal")])
     denom = b.op("Where", [is_zero, b.const(1.0, "one"), z])
-    return b.op("Where", [is_zero, zero, b.op("Div", [r, denom], "s")], "s")
+    return b.op("Where", [is_zero, zero, quotient(b, r, denom, SMALLEST_NORMAL)], "s")
 
 
 def divide_signed(b: GraphBuilder, r: str, z: str, eps: float, sign: float) -> str:
     """``r / (z + sign * eps)`` for a ``z`` whose sign is known (``z+ >= 0``, ``z- <= 0``): the stabilizer without
     the GreaterOrEqual/Where of :func:`stabilize`. Where ``z`` is 0 every term of ``z`` is 0, so the sign Zennit
     would pick there (+1) does not change the relevance."""
-    return b.op("Div", [r, b.op("Add", [z, b.const(sign * eps)], "stab")], "s")
+    return quotient(b, r, b.op("Add", [z, b.const(sign * eps)], "stab"), eps)
 
 
 def divide_behind_relu(b: GraphBuilder, r: str, y: str, eps: float) -> str:
@@ -77,7 +107,30 @@ def divide_behind_relu(b: GraphBuilder, r: str, y: str, eps: float) -> str:
     factors = factors_of(b, r, y)
     if factors is None:
         return divide_signed(b, r, y, eps, 1.0)
-    return b.op("Mul", [factors[1], shrink(b, y, eps)], "s")
+    return within(b, b.op("Mul", [factors[1], shrink(b, y, eps)], "s"), factors[1])
+
+
+def within(b: GraphBuilder, s: str, c: str) -> str:
+    """Record that ``|s| <= |c|`` (``s = c * ratio`` with a ratio in [0, 1])."""
+    if b.ranges is not None:
+        b.ranges.set_bound(s, b.ranges.bound_of(c))
+    return s
+
+
+def own_output(b: GraphBuilder, layer: Linear, r: str) -> tuple[str, str] | None:
+    """``(y, c)`` when ``r = y * c`` with ``y = Relu(z)`` the layer's own output behind a ReLU: a rule whose
+    denominator ``d`` is at least ``y`` wherever ``y > 0`` (z+, the activating part of alpha-beta, gamma's ``z_p``)
+    divides the cofactor by a ratio in [0, 1], ``r / d = c * (y / d)``, which no activation can push out of range
+    (:func:`cofactor_quotient`)."""
+    if layer.relu_out is None:
+        return None
+    factors = factors_of(b, r, layer.relu_out)
+    return None if factors is None else (layer.relu_out, factors[1])
+
+
+def cofactor_quotient(b: GraphBuilder, y: str, c: str, denominator: str) -> str:
+    """``c * (y / denominator)`` where ``|y / denominator| <= 1`` (:func:`own_output`)."""
+    return within(b, b.op("Mul", [c, b.op("Div", [y, denominator], "ratio")], "s"), c)
 
 
 def shrink(b: GraphBuilder, v: str, eps: float) -> str:
@@ -139,12 +192,15 @@ def mul(b: GraphBuilder, a: str, c: str) -> str:
     return b.op("Mul", [a, c], "prod")
 
 
-def product(b: GraphBuilder, x: str, c: str) -> str:
+def product(b: GraphBuilder, x: str, c: str, remember: bool = True) -> str:
     """The relevance ``x * c`` of a forward value ``x``, remembered as such (``b.products``): a fork whose readers
     all send such products sums the cofactors first (one product instead of one per reader), and a reader that
-    divides it by ``stab(x)`` uses the cofactor (:func:`divide_relevance`)."""
-    r = mul(b, x, c)
-    b.products[r] = (x, c)
+    divides it by ``stab(x)`` uses the cofactor (:func:`divide_relevance`). With range keeping the product is
+    written with ``c`` scaled to a peak below 4 when its bound is larger or unknown, so that ``|x * c| <= 4 |x|``
+    (a reader that uses the cofactor reads ``c`` itself, and the scaling is dropped if no one reads the product)."""
+    r = mul(b, x, c if b.ranges is None else b.ranges.at_most(b, c, 0.0))
+    if remember:
+        b.products[r] = (x, c)
     return r
 
 
@@ -164,7 +220,7 @@ def divide_relevance(b: GraphBuilder, r: str, z: str, eps: float) -> str:
     if eps <= 0 or factors is None:
         return safe_divide(b, r, z, eps)
     magnitude = b.op("Abs", [factors[0]], "abs_z")  # z, or its stand-in where c is non-zero (b.stand_ins)
-    return b.op("Mul", [factors[1], shrink(b, magnitude, eps)], "s")
+    return within(b, b.op("Mul", [factors[1], shrink(b, magnitude, eps)], "s"), factors[1])
 
 
 def add(b: GraphBuilder, *terms: str) -> str:
@@ -244,9 +300,12 @@ class ZPlus(Rule):
                                                           self.stabilizer), "Wpos")
         if xn is not None:
             z = add(b, z, layer.forward(b, xn, neg(w), None, "Wneg"))
-        g = b.op("Div", [r, z], "s")  # z = W+ x+ + W- x- + b+ + eps >= eps: the stabilizer rides in the bias
+        # z = W+ x+ + W- x- + b+ + eps >= eps (the stabilizer rides in the bias); z - (W x + b) = -W- x+ - W+ x- + b+
+        # - b + eps > 0, so a ReLU output of this layer is below z
+        own = own_output(b, layer, r)
+        g = cofactor_quotient(b, *own, z) if own else quotient(b, r, z, self.stabilizer)
         out = product(b, xp, layer.transpose(b, g, pos(w), "Wpos"))
-        return out if xn is None else add(b, out, mul(b, xn, layer.transpose(b, g, neg(w), "Wneg")))
+        return out if xn is None else add(b, out, product(b, xn, layer.transpose(b, g, neg(w), "Wneg"), False))
 
 
 @dataclass(frozen=True)
@@ -284,7 +343,7 @@ class AlphaBeta(Rule):
                               tag[0] + ("_ba" if coef > 0 else "_bb"))
             if xn is not None:
                 z = add(b, z, layer.forward(b, xn, w_x_neg, None, tag[1]))
-            g = b.op("Div", [r, z], "s")
+            g = quotient(b, r, z, self.stabilizer)
             # coef * x * W^T g = x * (coef W)^T g: the coefficient goes into the transposed weights at compile time,
             # and each of x+, x- multiplies the sum of its two parts once
             part = "_alpha" if coef > 0 else "_beta"
@@ -292,7 +351,7 @@ class AlphaBeta(Rule):
             if xn is not None:
                 parts_n.append(layer.transpose(b, g, coef * w_x_neg, tag[1] + part))
         out = product(b, xp, add(b, *parts))
-        return out if xn is None else add(b, out, mul(b, xn, add(b, *parts_n)))
+        return out if xn is None else add(b, out, product(b, xn, add(b, *parts_n), False))
 
     def stacked(self, b, layer, r):
         """``x >= 0``: both parts in one convolution with the output channels ``[W+; W-]`` (bias ``[b+; b-]``),
@@ -305,9 +364,9 @@ class AlphaBeta(Rule):
         stab_bias = np.concatenate([stabilized_bias(layer, None if bias is None else pos(bias), self.stabilizer),
                                     stabilized_bias(layer, None if bias is None else neg(bias), -self.stabilizer)])
         z = split_halves(b, layer, layer.forward(b, layer.x, stack(layer, pos(w), neg(w)), stab_bias, "Wpm"))
-        g = merge_halves(b, layer, b.op("Div", [unsqueeze_halves(b, r), z], "s"))
-        return product(b, layer.x, layer.transpose(b, g, stack(layer, self.alpha * pos(w), -self.beta * neg(w)),
-                                                   "Wpm_ab"))
+        g = quotient(b, r, z, self.stabilizer, view=lambda t: unsqueeze_halves(b, t))
+        return product(b, layer.x, layer.transpose(b, merge_halves(b, layer, g),
+                                                   stack(layer, self.alpha * pos(w), -self.beta * neg(w)), "Wpm_ab"))
 
 
 @dataclass(frozen=True)
@@ -344,14 +403,16 @@ class Gamma(Rule):
             z = layer.forward(b, xp, w_x_pos, b_mod + eps if relu else b_mod, tags[0] + "_" + tags[2])
             if xn is not None:
                 z = add(b, z, layer.forward(b, xn, w_x_neg, None, tags[1]))
-            if relu:
-                g = b.op("Div", [r, at_least(b, z, eps)], "s")
+            if relu:  # z_p = z + gamma (W+ x+ + b+ + W- x-) >= z: the ReLU output of z is below it
+                own = own_output(b, layer, r)
+                denominator = at_least(b, z, eps)
+                g = cofactor_quotient(b, *own, denominator) if own else quotient(b, r, denominator, eps)
             else:
                 g = b.op("Where", [b.op(gate_op, [layer.z, zero], "gate"),
                                    divide_signed(b, r, z, self.stabilizer, sign), zero], "g")
             parts.append(product(b, xp, layer.transpose(b, g, w_x_pos, tags[0])))
             if xn is not None:
-                parts.append(mul(b, xn, layer.transpose(b, g, w_x_neg, tags[1])))
+                parts.append(product(b, xn, layer.transpose(b, g, w_x_neg, tags[1]), False))
         return add(b, *parts)
 
     def stacked(self, b, layer, r, w_stack, b_stack):
@@ -367,8 +428,8 @@ class Gamma(Rule):
         signs = np.array([SATURATE / 2, -SATURATE / 2]).reshape(1, 2, *[1] * (rank - 1))
         gates = b.op("Clip", [b.op("Mul", [unsqueeze_halves(b, layer.z), b.const(signs, "gate_scale")], "gate"),
                               b.const(0.0, "zero"), b.const(1.0, "one")], "gate")
-        quotient = b.op("Div", [unsqueeze_halves(b, r), denominator], "s")
-        g = merge_halves(b, layer, b.op("Mul", [quotient, gates], "g"))
+        ratio = quotient(b, r, denominator, eps, view=lambda t: unsqueeze_halves(b, t))
+        g = merge_halves(b, layer, within(b, b.op("Mul", [ratio, gates], "g"), ratio))
         return product(b, layer.x, layer.transpose(b, g, w_stack, "Wpn"))
 
 
@@ -424,9 +485,9 @@ class ZBox(Rule):
         z = b.op("Sub", [z, layer.forward(b, low, pos(w), None, "Wpos")], "z")
         z = b.op("Sub", [z, layer.forward(b, high, neg(w), None, "Wneg")], "z")
         g = safe_divide(b, r, z, self.stabilizer)
-        out = b.op("Sub", [mul(b, layer.x, layer.transpose(b, g, w, "W")),
-                           mul(b, low, layer.transpose(b, g, pos(w), "Wpos"))])
-        return b.op("Sub", [out, mul(b, high, layer.transpose(b, g, neg(w), "Wneg"))], "R")
+        out = b.op("Sub", [product(b, layer.x, layer.transpose(b, g, w, "W"), False),
+                           product(b, low, layer.transpose(b, g, pos(w), "Wpos"), False)])
+        return b.op("Sub", [out, product(b, high, layer.transpose(b, g, neg(w), "Wneg"), False)], "R")
 
 
 @dataclass(frozen=True)
@@ -440,21 +501,47 @@ class RLRP(Rule):
     name = "rlrp"
     summary = "relative LRP (Nyiri & Gibaru): no hyper-parameters, no division except at joins"
 
-    def relevance(self, b, layer, r):
-        return times_relative(b, mul(b, layer.x, layer.transpose(b, r, layer.weight, "W")), rlrp_factor(layer))
+    def relevance(self, b, layer, r, scale: str | None = None):
+        """``scale``: a per-sample factor ``[batch]`` (R-LRP's range keeping), applied where it costs least (see
+        :func:`scaled_product`)."""
+        out_shape = [layer.weight.shape[0], *layer.window.out_spatial] if layer.kind == "conv" else \
+            [*layer.x_shape[1:-1], layer.weight.shape[1]]
+        return scaled_product(b, layer.x, r, lambda g: layer.transpose(b, g, layer.weight, "W"), rlrp_factor(layer),
+                              scale, out_shape, layer.x_shape[1:])
 
 
-def times_relative(b: GraphBuilder, r: str, factor: np.ndarray | None) -> str:
-    """``r * factor / max(factor)`` for a positive compile-time factor (``None``: a uniform one). R-LRP is defined
-    up to a positive factor per sample (the output is scaled at the end), so only the factor's shape matters: a
-    uniform factor (dense layers, 1x1 stride-1 convolutions, non-overlapping pools) costs no op, and the constants
-    stay near 1."""
-    if factor is None:
-        return r
-    relative = np.asarray(factor, dtype=np.float64) / np.max(factor)
-    if np.all(relative == 1):
-        return r
-    return mul(b, r, b.const(relative, "card_J"))
+def scaled_product(b: GraphBuilder, x: str, r: str, transpose, factor: np.ndarray | None, scale: str | None,
+                   r_shape: list, x_shape: list) -> str:
+    """``x * (W^T r) * factor / max(factor) * scale``: R-LRP's step for a linear layer or pool. The per-sample
+    ``scale`` (``[batch]``, or None) joins the factor map when that is not uniform (one small ``[batch, 1, *spatial]``
+    multiplier instead of a pass over a tensor); otherwise it multiplies the smaller of ``r`` (before the transposed
+    product) and ``W^T r`` (after it). Either way the product with ``x`` comes last, so what the scale bounds stays
+    bounded (``r_shape``, ``x_shape``: per-sample shapes, None where unknown)."""
+    relative = None if factor is None else np.asarray(factor, dtype=np.float64) / np.max(factor)
+    if relative is not None and np.all(relative == 1):
+        relative = None
+    if scale is not None and relative is None and not smaller(x_shape, r_shape):
+        r, scale = mul(b, r, per_sample(b, scale, len(r_shape) + 1)), None
+    c = transpose(r)
+    if relative is not None:
+        card = b.const(relative, "card_J")
+        multiplier = card if scale is None else b.op("Mul", [card, per_sample(b, scale, len(x_shape) + 1)], "card_J")
+        c = mul(b, c, multiplier)
+    elif scale is not None:
+        c = mul(b, c, per_sample(b, scale, len(x_shape) + 1))
+    return mul(b, x, c)
+
+
+def smaller(a: list, b: list) -> bool:
+    """Whether a tensor of per-sample shape ``a`` has fewer elements than one of shape ``b`` (False if unknown)."""
+    if any(not isinstance(d, int) for d in a + b):
+        return False
+    return int(np.prod(a)) < int(np.prod(b))
+
+
+def per_sample(b: GraphBuilder, scale: str, rank: int) -> str:
+    """A ``[batch]`` factor as ``[batch, 1, ..., 1]`` of ``rank`` axes."""
+    return b.op("Reshape", [scale, b.const([-1] + [1] * (rank - 1), "per_sample", np.int64)], "scale")
 
 
 def rlrp_factor(layer: Linear) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,9 +17,10 @@ from .contract import CLASS_OUTPUT, PREDICTED, RELEVANCE_OUTPUT, TARGET_INPUT, i
 from .errors import OnnxlrpError
 from .io import EXTERNAL_DATA_THRESHOLD, read_model, save_model_atomic
 from .io.wire import serialized_size
-from .messages import first_line
+from .messages import first_line, show
 
 LARGE_MODEL_BYTES = EXTERNAL_DATA_THRESHOLD  # larger models cannot be passed to onnxruntime as bytes
+MAX_SAMPLES_LISTED = 5  # samples named in the error line of a non-finite relevance
 
 
 def cuda_usable() -> bool:
@@ -97,10 +99,17 @@ class Explanation:
 
 class Explainer:
     """``Explainer(model_or_path, rule="rlrp")(x, target=None) -> Explanation``; ``target`` None (or -1) explains
-    the predicted class, an int every sample's, a sequence one class per sample."""
+    the predicted class, an int every sample's, a sequence one class per sample.
+
+    A relevance map with a NaN or an infinity is never returned: the call raises :class:`OnnxlrpError` with one
+    line naming the model (``name``, or the file given) and the samples (:func:`non_finite_error`). The compiled
+    graphs keep relevance in float32's range, so this means that the model's own outputs are not finite for those
+    samples, or a defect. ``finite_only=False`` returns such maps, for callers that name the samples themselves."""
 
     def __init__(self, model_or_path, rule: str = "rlrp", providers: list[str] | None = None, threads=None,
-                 **compile_kwargs):
+                 name: str | None = None, finite_only: bool = True, **compile_kwargs):
+        self.name = name or (show(model_or_path) if isinstance(model_or_path, (str, os.PathLike)) else "the model")
+        self.finite_only = finite_only
         model, _ = read_model(model_or_path)
         # compiled from what was given, so that a file's compiled model records the file's sha256
         self.model = model if is_compiled(model) else compile_model(model_or_path, rule, **compile_kwargs)
@@ -122,9 +131,41 @@ class Explainer:
         feeds = with_target(self.session, {k: np.asarray(v) for k, v in feeds.items()}, target)
         results = dict(zip([o.name for o in self.session.get_outputs()], self.session.run(None, feeds), strict=True))
         relevance = {k: results[k] for k in self.relevance_outputs}
+        if self.finite_only:
+            error = non_finite_error(self.name, list(relevance.values()), [results[k] for k in self.original_outputs])
+            if error:
+                raise OnnxlrpError(error)
         return Explanation(
             outputs={k: results[k] for k in self.original_outputs},
             relevance=relevance[RELEVANCE_OUTPUT] if list(relevance) == [RELEVANCE_OUTPUT] else relevance,
             explained_class=results[CLASS_OUTPUT],
             extra={k: results[k] for k in self.extra_outputs},
         )
+
+
+def non_finite_samples(relevance: list[np.ndarray]) -> list[int]:
+    """Indices (batch axis) of the samples whose relevance holds a NaN or an infinity."""
+    bad: set[int] = set()
+    for r in relevance:
+        r = np.asarray(r)
+        if r.ndim and not np.isfinite(r).all():
+            bad |= set(np.flatnonzero(~np.isfinite(r.reshape(len(r), -1)).all(axis=1)).tolist())
+    return sorted(bad)
+
+
+def non_finite_error(name: str, relevance: list[np.ndarray], outputs: list[np.ndarray],
+                     samples: list[str] | None = None, ending: str = "nothing was returned") -> str | None:
+    """The one-line refusal of a relevance with NaN or infinite values (None when every value is finite): the model
+    ``name``, the samples (``samples[index]``, or ``sample <index>``) and whether the model's own float outputs were
+    finite (then the map is a defect of onnxlrp, which keeps relevance in range)."""
+    bad = non_finite_samples(relevance)
+    if not bad:
+        return None
+    names = [f"sample {i}" if samples is None else samples[i] for i in bad]
+    listed = ", ".join(names[:MAX_SAMPLES_LISTED]) + (f" and {len(names) - MAX_SAMPLES_LISTED} more"
+                                                       if len(names) > MAX_SAMPLES_LISTED else "")
+    floats = [np.asarray(v) for v in outputs if np.asarray(v).dtype.kind == "f"]
+    cause = ("the model's own outputs are not finite either" if not all(np.isfinite(v).all() for v in floats) else
+             "the model's outputs are finite, so this is a defect of onnxlrp (please report it)")
+    return f"{name}: the relevance of {listed} is not finite (NaN or infinite); {cause}; {ending}"
+

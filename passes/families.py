@@ -13,8 +13,8 @@ differ:
   weight), joins (Add, Sum, Sub with several relevance-carrying inputs), average and max pools, gates (a Mul of two
   relevance-carrying tensors) and normalizations. Emitters ask the
   planned rule (``ctx.rule(node)``) and never the family's name.
-- **the per-layer step** (:meth:`Family.after_layer`) applied to what a linear layer or a pool sends back (R-LRP keeps
-  it in float32's range).
+- **the per-layer steps** (:meth:`Family.before_layer`, :meth:`Family.after_layer`) applied to what a linear layer or a
+  pool receives and sends back (R-LRP keeps its relevance in float32's range before each layer).
 - **how a fork combines its branches** (:meth:`Family.combine`): the relevance a tensor receives from its readers,
   ``R_x = plus_k R_{x <- k}`` (classic), or R-LRP's Eq. 13 normalization per join.
 - **the final scaling** (:meth:`Family.finish`) of the input relevance.
@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from onnx import TensorProto
 
+from onnxlrp.ranges import Ranges
 from onnxlrp.rules import Rule, product
 
 
@@ -47,6 +48,8 @@ class Algebra:
     one: float
     dtype: int = TensorProto.FLOAT
 
+
+FORK_LIMIT = 64.0  # log2 bound of a summed cofactor above which a fork normalizes it (onnxlrp.ranges.LIMIT: 120)
 
 REAL = Algebra("real", plus_op="Sum", reduce_op="ReduceSum", times_op="Mul", zero=0.0, one=1.0)
 
@@ -88,6 +91,12 @@ class Family:
     def prepare(self, ctx) -> None:
         """Analysis before the sweep (R-LRP: its forks and joins)."""
 
+    def before_layer(self, ctx, node, r_out: str, x: str, growth: float) -> tuple[str, str | None]:
+        """The relevance a linear layer or pool ``node`` receives, and a per-sample factor ``[batch]`` (or None) that
+        its rule applies (R-LRP keeps its relevance in float32's range so); ``x``: the layer input (batch first),
+        ``growth``: ``log2 max_i sum_j |w_ji|`` of the layer's transposed product."""
+        return r_out, None
+
     def after_layer(self, ctx, r_in: str, r_out: str) -> str:
         """What a linear layer or pool sends back, ``r_in``, one layer below ``r_out``."""
         return r_in
@@ -122,6 +131,20 @@ class ClassicFamily(Family):
     def plan(self, nodes):
         return self.composite.plan(nodes, self.params, self.flat_layers)
 
+    def prepare(self, ctx):
+        """Relevance is linear in the seed: carry it as ``t * 2^e`` to keep it in float32's range
+        (:mod:`onnxlrp.ranges`)."""
+        ctx.b.ranges = Ranges()
+
+    def seed(self, ctx, one_hot, selected):
+        """``one_hot(target) * y``, scaled by a power of two to a peak in [1, 4)."""
+        ranges = ctx.b.ranges
+        return ranges.normalize(ctx.b, ranges.register(selected))
+
+    def finish(self, ctx, relevance):
+        """``t * 2^e`` as plain float32, capped at +-3.4e38 where the exact map does not fit."""
+        return {name: None if r is None else ctx.b.ranges.restore(ctx.b, r) for name, r in relevance.items()}
+
     def parameters_unused(self, plan):
         used = {field for rule in plan.values() for field in rule.__dataclass_fields__}
         return sorted(p for p in self.params if self.composite.field_of(p) not in used)
@@ -129,10 +152,14 @@ class ClassicFamily(Family):
     def combine(self, ctx, tensor, parts):
         """When every term is a product ``x * c_k`` with the same forward value ``x`` (a fork whose readers all
         multiply by their input, see :func:`onnxlrp.rules.product`), the sum is ``x * sum_k c_k``: one product
-        instead of one per reader."""
+        instead of one per reader. The summed cofactor is normalized here when its bound exceeds
+        :data:`FORK_LIMIT`: the branches below then start from one exponent and rarely need a normalization (and
+        an alignment at their fork) of their own."""
         terms = [r for _, _, r in parts]
         factors = [ctx.b.products.get(t) for t in terms]
         if len(terms) > 1 and all(factors) and len({x for x, _ in factors}) == 1:
             b = ctx.b
-            return product(b, factors[0][0], b.op(self.algebra.plus_op, [c for _, c in factors], "cofactors"))
+            cofactors = b.ranges.at_most(b, b.op(self.algebra.plus_op, [c for _, c in factors], "cofactors"),
+                                         FORK_LIMIT)
+            return product(b, factors[0][0], cofactors)
         return ctx.add_relevance(terms)

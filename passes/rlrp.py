@@ -17,9 +17,11 @@
 - Forks (Eq. 13): at the immediate dominator of a join (its fork), each branch's contribution ``c`` is rescaled per
   sample to ``c * S / stab(sum c)``, ``S`` the summed relevance that branch got at its join; nested joins innermost
   first (:meth:`RLRPFamily.combine`).
-- Range: R-LRP is defined up to a positive factor per sample. Every :data:`RANGE_STEPS` layers each sample's map is
-  divided by its largest magnitude (:meth:`RLRPFamily.after_layer`); the final map is scaled so that
-  ``sum |R| = |explained value|`` (:meth:`RLRPFamily.finish`).
+- Range: R-LRP is defined up to a positive factor per sample. Every linear layer and pool scales each sample's
+  relevance by ``1 / (max |R| * max |x| * B)`` (``x`` the layer input, ``B`` a bound of the transposed product),
+  so that what the layer sends back is at most 1 in magnitude whatever the weights and activations
+  (:meth:`RLRPFamily.before_layer`); the final map is scaled so that ``sum |R| = |explained value|``
+  (:meth:`RLRPFamily.finish`).
 
 R-LRP is a whole-sweep method: its joins hand every branch the full relevance and rely on the fork to normalize
 them, and its relevance is defined only up to per-layer factors that the final scaling fixes. A layer under another
@@ -35,14 +37,18 @@ import networkx as nx
 import numpy as np
 
 from onnxlrp.errors import OnnxlrpError
-from onnxlrp.rules import RLRP, Rule, mul, times_relative
+from onnxlrp.rules import RLRP, Rule, mul, scaled_product
 
 from .families import Family
 from .ops import data_input_indices, spec
 
 TINY = 1e-30  # far above float32's smallest normal (1.2e-38), far below any relevance worth keeping
 FORK_EPS = 1e-6  # relative stabilizer of Eq. 13's denominator
-RANGE_STEPS = 4  # layers between per-sample rescalings of the relevance (see RLRPFamily.after_layer)
+SPAN_LOG2 = 64.0  # the layer input's peak enters the range factor clipped to [2^-64, 2^64]
+EXPONENT_SPAN = 126.0  # a factor 2^k with |k| <= 126 is a normal float32
+MEASURED_EVERY = 4  # layers between measurements of the relevance's peak (bounds stand in between)
+UNBOUNDED = ("", -1)  # pending bound of a node that sent back relevance of unknown magnitude (after_layer)
+SMALLEST = 2.0 ** -149  # float32's smallest subnormal: log2 of a zero peak is -149
 
 
 @dataclass(frozen=True)
@@ -67,21 +73,27 @@ class RelativePool(Rule):
     summary = "R-LRP pooling (Prop. 13)"
     kinds = ("average_pool", "max_pool", "elementwise_max", "resize")
 
-    def average(self, ctx, view, r):
+    def average(self, ctx, view, r, scale=None):
         """Average pools (Prop. 13) and resizes (Eq. 6-7 with the interpolation weights): ``x`` times the view's
-        ``rlrp_spread``."""
-        b = ctx.b
-        return mul(b, view.x, view.rlrp_spread(b, r))
+        ``rlrp_spread`` and factor map; ``scale``: R-LRP's per-sample range factor (see
+        :func:`onnxlrp.rules.scaled_product`)."""
+        return scaled_product(ctx.b, view.x, r, lambda g: view.rlrp_spread(ctx.b, g), view.rlrp_factor(), scale,
+                              *pool_shapes(ctx, view))
 
-    def max_pool(self, ctx, view, r):
-        b = ctx.b
-        return times_relative(b, mul(b, view.x, view.route_all(b, r)), view.rlrp_factor())
+    def max_pool(self, ctx, view, r, scale=None):
+        return scaled_product(ctx.b, view.x, r, lambda g: view.route_all(ctx.b, g), view.rlrp_factor(), scale,
+                              *pool_shapes(ctx, view))
 
     def elementwise_max(self, ctx, view, r):
         """Element-wise Max/Min of branches: the max-pool mask over the operands at each position, times the operand
         (``Card(J_i) / (N M)`` is uniform: each input feeds one output, each output reads every operand)."""
         b = ctx.b
         return {i: mul(b, view.operands[i], routed) for i, routed in view.route_all(b, r).items()}
+
+
+def pool_shapes(ctx, view) -> tuple[list, list]:
+    """Per-sample shapes of a pool's output and input."""
+    return list(ctx.shapes[view.node.output[0]][1:]), list(ctx.shapes[view.node.input[0]][1:])
 
 
 @dataclass(frozen=True)
@@ -119,11 +131,13 @@ class RLRPFamily(Family):
     gates_need_a_side = True
 
     def __init__(self):
-        self.range_steps: dict[str, int] = {}  # relevance tensor -> layers since its scale was last reset
         self.sample_sums: dict[str, str] = {}
         self.assigned: dict[tuple[str, int], tuple[str, list[int]]] = {}
         self.fork_joins: dict[str, list[str]] = {}
         self.join_reach: dict[tuple[str, str], list[int]] = {}
+        self.log_bound: dict[str, str] = {}  # relevance -> [batch]: an upper bound of log2 max |R| per sample
+        self.bound_steps: dict[str, int] = {}  # relevance -> layers since its bound was last measured
+        self.pending: tuple[str, int] | None = None  # the bound of what the layer being emitted sends back
 
     def plan(self, nodes):
         rules = {"linear": RLRP(), "join": RelativeJoin(), "average_pool": RelativePool(), "max_pool": RelativePool(),
@@ -138,26 +152,73 @@ class RLRPFamily(Family):
 
     # ------------------------------------------------------------ range
 
+    def before_layer(self, ctx, node, r_out, x, growth):
+        """The per-sample factor ``2^-k`` that the layer's rule applies before multiplying by ``x``
+        (:func:`onnxlrp.rules.scaled_product`), ``k = L_r + clip(L_x, -64, 64) + growth`` (clipped to [-126, 126]),
+        where ``L_x = log2 max |x|`` and ``L_r`` bounds ``log2 max |r_out|``. The transposed product is then at most
+        ``2^-clip(L_x)``, and what the layer sends back at most ``2^(L_x - clip(L_x))``: 1 unless the activations
+        pass 2^64 (or the clip of ``k`` bit), which is the bound the next layer starts from. So no per-layer factor (an
+        activation of 3e6 times a weight bound, or of 1e-30) can move the relevance out of float32's range, up or
+        down. ``L_r`` is measured (ReduceMax and ReduceMin of ``r_out``) every :data:`MEASURED_EVERY` layers, after a
+        fork or a sum, and at the first layer; in between the previous layer's bound stands in, so that the bounds'
+        slack (a weight bound above the actual product, a peak of ``x`` where the relevance is small) cannot
+        accumulate into an underflow. Everything per sample is a log2, so nothing in it overflows."""
+        b = ctx.b
+        rank_r, rank_x = (len(ctx.shapes.get(t) or []) for t in (node.output[0], node.input[0]))
+        log_x = self.log2_peak(ctx, x, rank_x, signed=not ctx.nonnegative(node.input[0]))
+        span = b.op("Clip", [log_x, b.const(-SPAN_LOG2, "minus_span"), b.const(SPAN_LOG2, "span")], "x_span")
+        steps = self.bound_steps.get(r_out)
+        if steps is None or steps + 1 >= MEASURED_EVERY:
+            log_r, steps = self.log2_peak(ctx, r_out, rank_r, signed=True), 0
+        else:
+            log_r, steps = self.log_bound[r_out], steps + 1
+        k = b.op("Sum", [log_r, span, b.const(float(np.clip(growth, -EXPONENT_SPAN, EXPONENT_SPAN)), "growth")], "k")
+        k_clipped = b.op("Clip", [k, b.const(-EXPONENT_SPAN, "minus_exponent_span"),
+                                  b.const(EXPONENT_SPAN, "exponent_span")], "k")
+        bound = b.op("Sub", [b.op("Add", [log_x, k], "log_bound"), b.op("Add", [span, k_clipped], "log_bound")],
+                     "log_bound")
+        self.pending = (bound, steps)
+        return r_out, b.op("Pow", [b.const(0.5, "half"), k_clipped], "range_scale")
+
     def after_layer(self, ctx, r_in, r_out):
-        """``r_in`` is the relevance one layer below ``r_out``. The per-layer factors would leave float32's range in
-        deep networks: once RANGE_STEPS layers have passed since the last rescaling, divide each sample's map by its
-        largest magnitude (floored at TINY). A fork takes the count of its join (Eq. 13 gives the block the scale of
-        the join's shares, see :meth:`combine`)."""
-        steps = self.range_steps.get(r_out, 0) + 1
-        if steps >= RANGE_STEPS:
-            b = ctx.b
-            flat = b.op("Flatten", [r_in], "flat", axis=1)
-            peak = ctx.reduce("ReduceMax", b.op("Abs", [flat], "abs"), [1])
-            scaled = b.op("Div", [flat, b.op("Max", [peak, b.const(TINY, "tiny")], "peak")], "scaled")
-            r_in, steps = b.op("Reshape", [scaled, b.op("Shape", [r_in])], "R"), 0
-        self.range_steps[r_in] = steps
+        """A node that scales its relevance by forward values without :meth:`before_layer` (a gate times its output,
+        a normalization) leaves no bound of what it sends back: the next layer measures its own."""
+        if self.pending is None:
+            self.pending = UNBOUNDED
         return r_in
 
     def propagated(self, ctx, r_out, r_in):
-        """Re-indexing and element-wise ops keep the scale of what they received."""
-        steps = max(self.range_steps.get(r, 0) for r in r_out if r)
+        """The bound of what a layer sent back (:meth:`before_layer`); re-indexing, element-wise ops and joins keep
+        the bound of what they received when there is one."""
+        if self.pending is UNBOUNDED:
+            self.pending = None
+            return
+        if self.pending is not None:
+            bound, steps = self.pending
+            self.pending = None
+        else:
+            known = {(self.log_bound.get(r), self.bound_steps.get(r)) for r in r_out if r}
+            if len(known) != 1 or None in next(iter(known)):
+                return
+            bound, steps = next(iter(known))
         for r in r_in:
-            self.range_steps.setdefault(r, steps)
+            self.log_bound.setdefault(r, bound)
+            self.bound_steps.setdefault(r, steps)
+
+    def log2_peak(self, ctx, t: str, rank: int, signed: bool) -> str:
+        """``log2 max |t|`` per sample, shape [batch] (at least -149, a zero tensor's): ReduceMax (and ReduceMin where
+        ``t`` may be negative) over every axis but the first read ``t`` once each and write nothing, unlike Abs, or
+        a Flatten, which copies a tensor that is read again later; ``rank``: that of ``t`` (0: unknown)."""
+        b = ctx.b
+        if rank >= 2:
+            axes, source = list(range(1, rank)), t
+        else:
+            axes, source = [1], b.op("Flatten", [t], "flat", axis=1)
+        peak = [ctx.reduce("ReduceMax", source, axes, keepdims=0)]
+        if signed:
+            peak.append(b.op("Neg", [ctx.reduce("ReduceMin", source, axes, keepdims=0)], "low"))
+        peak = b.op("Max", peak + [b.const(SMALLEST, "smallest")], "peak")
+        return b.op("Mul", [b.op("Log", [peak], "log_peak"), b.const(1.0 / np.log(2.0), "inv_ln2")], "log2_peak")
 
     # ------------------------------------------------------------ forks (Eq. 13)
 
@@ -206,10 +267,10 @@ class RLRPFamily(Family):
         (``stab(s) = s + sign(s) * (1e-6 * sum|c| + 1e-30)``, ``sign(0) = +1``), except a branch that is the join's
         own share (an identity shortcut), whose factor is exactly 1 without the stabilizer; the sum of these is the
         block's contribution, which is in turn one branch of the next join around it with the same fork (nested
-        blocks). The block has the scale of the join's shares, whatever the branches did to theirs (see
-        :meth:`after_layer`)."""
+        blocks). The block has the scale of the join's shares, whatever the layers inside the branches did to
+        theirs (:meth:`before_layer`)."""
         if tensor not in self.fork_joins:
-            return self.sum_keeping_scale(ctx, [r for _, _, r in parts])
+            return ctx.add_relevance([r for _, _, r in parts])
         b = ctx.b
         groups: dict[str, list[tuple[str, list[int]]]] = {}
         free = []
@@ -227,20 +288,12 @@ class RLRPFamily(Family):
             terms = [r if len(slots) == 1 and ctx.join_shares[(join, slots[0])] == r else
                      self.rescale_branch(ctx, r, self.join_reference(ctx, join, slots)) for r, slots in members]
             block = terms[0] if len(terms) == 1 else b.op("Sum", terms, "block")
-            # the block sums to the join's shares: it has their scale, whatever happened inside the branches
-            self.range_steps[block] = max(self.range_steps.get(ctx.join_shares[(join, k)], 0)
-                                          for _, slots in members for k in slots)
             outer = next(((j, s) for (i, j), s in self.join_reach.items() if i == join), None)
             if outer is not None:
                 groups.setdefault(outer[0], []).append((block, outer[1]))
             else:
                 free.append(block)
-        return self.sum_keeping_scale(ctx, free)
-
-    def sum_keeping_scale(self, ctx, terms: list[str]) -> str:
-        total = ctx.add_relevance(terms)
-        self.range_steps.setdefault(total, max(self.range_steps.get(r, 0) for r in terms))
-        return total
+        return ctx.add_relevance(free)
 
     def sample_sum(self, ctx, r: str) -> str:
         """Per-sample sum, shape [batch, 1], emitted once per tensor (joins share one tensor)."""
@@ -268,7 +321,9 @@ class RLRPFamily(Family):
     # ------------------------------------------------------------ final scaling
 
     def finish(self, ctx, relevance):
-        """Scale every sample so that ``sum |relevance| = |explained value|`` (all inputs together)."""
+        """Scale every sample so that ``sum |relevance| = |explained value|`` (all inputs together): divided by its
+        mass first (every entry at most 1), then multiplied by the value, so that no factor can overflow (the
+        value over a small mass could)."""
         b = ctx.b
         present = {k: v for k, v in relevance.items() if v is not None}
         if not present:
@@ -277,9 +332,9 @@ class RLRPFamily(Family):
                 for r in present.values()]
         total = mass[0] if len(mass) == 1 else b.op("Sum", mass, "mass")
         value = b.op("Unsqueeze", [b.op("Abs", [ctx.explained_value]), b.const([1], "axes", np.int64)])
-        factor = b.op("Div", [value, b.op("Max", [total, b.const(TINY, "tiny")])], "final_scale")
+        total = b.op("Max", [total, b.const(SMALLEST, "smallest")], "mass")
         out = dict(relevance)
         for name, r in present.items():
-            flat = b.op("Flatten", [r], "flat", axis=1)
-            out[name] = b.op("Reshape", [b.op("Mul", [flat, factor]), b.op("Shape", [r])], "R")
+            share = b.op("Div", [b.op("Flatten", [r], "flat", axis=1), total], "share")
+            out[name] = b.op("Reshape", [b.op("Mul", [share, value], "R"), b.op("Shape", [r])], "R")
         return out

@@ -16,7 +16,9 @@ small inputs. The old-converter idioms covered:
   biases (ZFNet, VGG19).
 
 ``bias=False`` builds a variant whose every linear bias (and BatchNorm shift) is exactly zero, so that LRP-0 and
-LRP-epsilon conserve relevance: ``sum(R) == explained logit``.
+LRP-epsilon conserve relevance: ``sum(R) == explained logit``. ``gain`` multiplies every weight (He-scaled by
+default): with inputs in 0-255, a gain of 10-30 gives the activations of the Caffe-era files (millions in the first
+dense layer of AlexNet).
 
 ``ZOO`` maps a name to its builder; ``BIAS_FREE`` names the architectures whose bias-free variant is checked for
 conservation.
@@ -55,8 +57,9 @@ class ZooModel:
 class OldGraph:
     """A tape that writes nodes and initializers in the style of the early (2017-2018) ONNX exporters."""
 
-    def __init__(self, name: str, *, opset: int, ir_version: int, seed: int, bias: bool = True):
+    def __init__(self, name: str, *, opset: int, ir_version: int, seed: int, bias: bool = True, gain: float = 1.0):
         self.name = name
+        self.gain = gain
         self.opset = opset
         self.ir_version = ir_version
         self.rng = np.random.default_rng(seed)
@@ -89,7 +92,7 @@ class OldGraph:
         return out
 
     def weight(self, shape, fan_in: int) -> np.ndarray:
-        return (self.rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+        return (self.rng.standard_normal(shape) * np.sqrt(2.0 / fan_in) * self.gain).astype(np.float32)
 
     def bias_value(self, n: int) -> np.ndarray:
         if not self.bias:
@@ -215,9 +218,9 @@ class OldGraph:
 # ---------------------------------------------------------------- architectures
 
 
-def alexnet(seed: int = 0, bias: bool = True) -> ZooModel:
+def alexnet(seed: int = 0, bias: bool = True, gain: float = 1.0) -> ZooModel:
     """bvlc_alexnet as Caffe2 exported it: opset 7, IR 3, LRN after conv1/conv2, Dropout, Gemm(transB)."""
-    g = OldGraph("alexnet", opset=7, ir_version=3, seed=seed, bias=bias)
+    g = OldGraph("alexnet", opset=7, ir_version=3, seed=seed, bias=bias, gain=gain)
     x = "data_0"
     h = g.relu(g.conv(x, 3, 8, 5, stride=2, pad=2))  # 32 -> 16
     h = g.maxpool(g.lrn(h), 3, 2)  # 16 -> 7
@@ -235,9 +238,9 @@ def alexnet(seed: int = 0, bias: bool = True) -> ZooModel:
                  "opset 7, IR 3, LRN, Dropout(mask), Reshape [1,-1], group conv")
 
 
-def zfnet(seed: int = 1, bias: bool = True) -> ZooModel:
+def zfnet(seed: int = 1, bias: bool = True, gain: float = 1.0) -> ZooModel:
     """zfnet512: opset 8, IR 3; weights from float64 Constants through Cast and Transpose."""
-    g = OldGraph("zfnet", opset=8, ir_version=3, seed=seed, bias=bias)
+    g = OldGraph("zfnet", opset=8, ir_version=3, seed=seed, bias=bias, gain=gain)
     x = "gpu_0/data_0"
     h = g.relu(g.conv(x, 3, 8, 7, stride=2, pad=1, weights="cast_transpose"))  # 32 -> 14
     h = g.lrn(g.maxpool(h, 3, 2, pad=1))  # 14 -> 7
@@ -254,9 +257,9 @@ def zfnet(seed: int = 1, bias: bool = True) -> ZooModel:
                  "opset 8, IR 3, Constant(f64) -> Cast -> Transpose weights")
 
 
-def vgg19(seed: int = 2, bias: bool = True) -> ZooModel:
+def vgg19(seed: int = 2, bias: bool = True, gain: float = 1.0) -> ZooModel:
     """vgg19: opset 9, IR 4; 16 convolutions in 5 blocks, weights from Constant -> Reshape, ConstantOfShape bias."""
-    g = OldGraph("vgg19", opset=9, ir_version=4, seed=seed, bias=bias)
+    g = OldGraph("vgg19", opset=9, ir_version=4, seed=seed, bias=bias, gain=gain)
     x = "data"
     h, cin = x, 3
     for block, (reps, cout) in enumerate(((2, 4), (2, 6), (4, 8), (4, 8), (4, 8))):
@@ -272,9 +275,9 @@ def vgg19(seed: int = 2, bias: bool = True) -> ZooModel:
                  "opset 9, 16 convs, Constant -> Reshape weights, ConstantOfShape biases")
 
 
-def resnet50_v1(seed: int = 3, bias: bool = True) -> ZooModel:
+def resnet50_v1(seed: int = 3, bias: bool = True, gain: float = 1.0) -> ZooModel:
     """resnet50 v1 (Caffe2): opset 7, IR 3, BatchNormalization(spatial=1), bottlenecks, projection, Sum joins."""
-    g = OldGraph("resnet50_v1", opset=7, ir_version=3, seed=seed, bias=bias)
+    g = OldGraph("resnet50_v1", opset=7, ir_version=3, seed=seed, bias=bias, gain=gain)
     x = "gpu_0/data_0"
 
     def conv_bn(h, cin, cout, k, stride=1, pad=0, relu=True):
@@ -301,9 +304,9 @@ def resnet50_v1(seed: int = 3, bias: bool = True) -> ZooModel:
                  "opset 7, IR 3, BatchNormalization(spatial), Sum joins, projections")
 
 
-def densenet121(seed: int = 4, bias: bool = True) -> ZooModel:
+def densenet121(seed: int = 4, bias: bool = True, gain: float = 1.0) -> ZooModel:
     """densenet121: opset 9, IR 3, BN as Mul/Add by Unsqueeze'd constants, dense Concat, transition AveragePool."""
-    g = OldGraph("densenet121", opset=9, ir_version=3, seed=seed, bias=bias)
+    g = OldGraph("densenet121", opset=9, ir_version=3, seed=seed, bias=bias, gain=gain)
     x = "data_0"
     growth = 4
     h = g.conv(x, 3, 8, 7, stride=2, pad=3)  # 32 -> 16
@@ -328,9 +331,9 @@ def densenet121(seed: int = 4, bias: bool = True) -> ZooModel:
                  "opset 9, IR 3, Unsqueeze(1-D) -> Mul/Add BatchNorm, Concat, 1x1-conv classifier")
 
 
-def inception_v1(seed: int = 5, bias: bool = True) -> ZooModel:
+def inception_v1(seed: int = 5, bias: bool = True, gain: float = 1.0) -> ZooModel:
     """bvlc_googlenet: opset 7, IR 3, LRN, four-branch modules joined by Concat, AveragePool, Dropout."""
-    g = OldGraph("inception_v1", opset=7, ir_version=3, seed=seed, bias=bias)
+    g = OldGraph("inception_v1", opset=7, ir_version=3, seed=seed, bias=bias, gain=gain)
     x = "data_0"
 
     def module(h, cin, c1, c3r, c3, c5r, c5, cp):
@@ -354,10 +357,10 @@ def inception_v1(seed: int = 5, bias: bool = True) -> ZooModel:
                  "opset 7, IR 3, LRN, 4-branch Concat, AveragePool 4x4")
 
 
-def inception_v2(seed: int = 6, bias: bool = True) -> ZooModel:
+def inception_v2(seed: int = 6, bias: bool = True, gain: float = 1.0) -> ZooModel:
     """inception_v2 (Caffe2): opset 8, IR 3, BatchNormalization everywhere, 3x3-3x3 branch, padded average-pool
     branch (count_include_pad=0), stride-2 reduction module with a max-pool branch."""
-    g = OldGraph("inception_v2", opset=8, ir_version=3, seed=seed, bias=bias)
+    g = OldGraph("inception_v2", opset=8, ir_version=3, seed=seed, bias=bias, gain=gain)
     x = "data_0"
 
     def cbr(h, cin, cout, k, stride=1, pad=0):
@@ -388,9 +391,9 @@ def inception_v2(seed: int = 6, bias: bool = True) -> ZooModel:
                  "opset 8, IR 3, BatchNormalization, padded AveragePool branch, reduction Concat")
 
 
-def squeezenet(seed: int = 7, bias: bool = True) -> ZooModel:
+def squeezenet(seed: int = 7, bias: bool = True, gain: float = 1.0) -> ZooModel:
     """squeezenet1.1: opset 7, IR 3, Fire modules, 1x1-conv classifier, GlobalAveragePool, Softmax on 4-D."""
-    g = OldGraph("squeezenet", opset=7, ir_version=3, seed=seed, bias=bias)
+    g = OldGraph("squeezenet", opset=7, ir_version=3, seed=seed, bias=bias, gain=gain)
     x = "data_0"
 
     def fire(h, cin, s, e):
@@ -411,10 +414,10 @@ def squeezenet(seed: int = 7, bias: bool = True) -> ZooModel:
                  "opset 7, IR 3, Fire Concat, GlobalAveragePool -> Softmax on [1,C,1,1]")
 
 
-def shufflenet(seed: int = 8, bias: bool = True) -> ZooModel:
+def shufflenet(seed: int = 8, bias: bool = True, gain: float = 1.0) -> ZooModel:
     """shufflenet (Caffe2): opset 9, IR 4, group 1x1 convs, channel shuffle Reshape/Transpose/Reshape, depthwise
     3x3, stride-2 units joining an AveragePool shortcut by Concat, stride-1 units by Sum."""
-    g = OldGraph("shufflenet", opset=9, ir_version=4, seed=seed, bias=bias)
+    g = OldGraph("shufflenet", opset=9, ir_version=4, seed=seed, bias=bias, gain=gain)
     x = "gpu_0/data_0"
     groups = 2
 
@@ -452,11 +455,11 @@ def shufflenet(seed: int = 8, bias: bool = True) -> ZooModel:
 # ---------------------------------------------------------------- Keras-style graphs (keras2onnx era)
 
 
-def keras_cnn(seed: int = 9, bias: bool = True, opset: int = 11) -> ZooModel:
+def keras_cnn(seed: int = 9, bias: bool = True, opset: int = 11, gain: float = 1.0) -> ZooModel:
     """What keras2onnx wrote for a small NHWC Keras CNN: a Transpose pair around every NCHW op, a BatchNorm as
     ``Mul``/``Add`` over the last (channel) axis, Flatten as a Reshape whose shape is computed from ``Shape``,
     Dense as ``MatMul`` + ``Add``, and the Softmax inside the model."""
-    g = OldGraph("keras_cnn", opset=opset, ir_version=6, seed=seed, bias=bias)
+    g = OldGraph("keras_cnn", opset=opset, ir_version=6, seed=seed, bias=bias, gain=gain)
     x = "input_1"
 
     def nchw(h):

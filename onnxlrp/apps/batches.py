@@ -28,9 +28,15 @@ class BatchResult:
         return len(self.classes)
 
 
-def explain_batch(explainer, prepared: Prepared, x: np.ndarray, target: int | None = None) -> BatchResult:
-    """Run ``explainer`` (an :class:`~onnxlrp.runtime.Explainer` of ``prepared.model``) on the batch ``x`` in the
-    model's input layout, explaining class ``target`` (None: the arg-max of the explained output)."""
+def explain_batch(explainer, prepared: Prepared, x: np.ndarray, target: int | None = None, *,
+                  name: str = "the model", samples: list[str] | None = None,
+                  ending: str = "nothing was written") -> BatchResult:
+    """Run ``explainer`` (an :class:`~onnxlrp.runtime.Explainer` of ``prepared.model``, made with
+    ``finite_only=False``) on the batch ``x`` in the model's input layout, explaining class ``target`` (None: the
+    arg-max of the explained output). A relevance with NaN or infinite values is an error naming the model
+    (``name``), the ``samples`` (default ``sample <index>``) and what happens to the output (``ending``)."""
+    from onnxlrp.runtime import non_finite_error
+
     result = explainer(x, target=target)
     classes = np.asarray(result.explained_class).reshape(-1).astype(np.int64)
     scores = np.asarray(result.outputs[prepared.score]).reshape(len(x), -1)
@@ -38,4 +44,7 @@ def explain_batch(explainer, prepared: Prepared, x: np.ndarray, target: int | No
         raise OnnxlrpError(f"--target {target}: the explained output has only {scores.shape[1]} classes "
                            f"(0..{scores.shape[1] - 1})")
     relevance = np.asarray(result.relevance, dtype=np.float32)
+    error = non_finite_error(name, [relevance], list(result.outputs.values()), samples, ending)
+    if error:
+        raise OnnxlrpError(error)
     return BatchResult(relevance, classes, scores[np.arange(len(x)), classes].astype(np.float64))

@@ -46,23 +46,26 @@ def evaluate_rules(model, rule_specs: Sequence[RuleSpec], batches: Iterable[Eval
                    batch_size: int, modes: Sequence[tuple[bool, bool]], percents: Sequence[float],
                    echo=click.echo, masks: np.ndarray | None = None,
                    on_relevance: Callable[[RuleSpec, np.ndarray, np.ndarray, np.ndarray], object] | None = None,
-                   ) -> list[dict]:
+                   name: str | None = None) -> list[dict]:
     """Compile ``model`` with each rule; for every batch, compute each rule's relevance once and add it to the
     study of every (absolute, pixel) mode (and, with ``masks`` ``[N, H, W]`` indexed by sample id, to the
     localization numbers).  ``on_relevance(spec, relevance, explained_class, ids)`` sees every batch's relevance.
-    Returns one results dict per mode (see :func:`run_evaluate`)."""
+    ``name``: how messages name the model (default: its path, or "the model"); a relevance with NaN or infinite
+    values stops the run with one line naming it, the rule and the samples. Returns one results dict per mode (see
+    :func:`run_evaluate`)."""
     from onnxlrp.compiler import is_compiled
     from onnxlrp.runtime import Explainer
 
     source, _ = read_model(model)
+    shown = name or (show(model) if isinstance(model, PATH_TYPES) else "the model")
     if is_compiled(source):
-        raise OnnxlrpError(f"{show(model) if isinstance(model, PATH_TYPES) else 'the model'}: is compiled already; "
+        raise OnnxlrpError(f"{shown}: is compiled already; "
                            "evaluate needs the plain model (it compiles one per rule)")
     seconds, rules = {}, []
     for spec in rule_specs:
         t0 = time.perf_counter()
         prepared = prepare(source, shown_as=model, rule=spec.rule, **spec.params)
-        rules.append((spec, prepared, Explainer(prepared.model)))
+        rules.append((spec, prepared, Explainer(prepared.model, finite_only=False)))
         seconds[spec.label] = time.perf_counter() - t0
     forward = Forward(rules[0][1], batch_size)
     totals = {(spec.label, m): StudyTotals(percents, absolute=a, pixel=p)
@@ -73,7 +76,8 @@ def evaluate_rules(model, rule_specs: Sequence[RuleSpec], batches: Iterable[Eval
         predicted = forward.logits(batch.x).argmax(axis=1)
         for spec, prepared, explainer in rules:
             t0 = time.perf_counter()
-            out = explain_batch(explainer, prepared, batch.x)
+            out = explain_batch(explainer, prepared, batch.x, name=f"{shown} ({escape_terminal(spec.label)})",
+                                samples=[f"sample {i}" for i in batch.ids])
             seconds[spec.label] += time.perf_counter() - t0
             if on_relevance is not None:
                 on_relevance(spec, out.relevance, out.classes, batch.ids)
@@ -171,7 +175,8 @@ def run_evaluate(model, *, data="builtin:digits", rules="rlrp,lrp0,epsilon", per
 
     with sigterm_guard("onnxlrp evaluate"):
         results = evaluate_rules(source_model, specs, batches(), data_name=source.where, batch_size=batch_size,
-                                 modes=[(absolute, pixel)], percents=percents, echo=echo, masks=object_masks)[0]
+                                 modes=[(absolute, pixel)], percents=percents, echo=echo, masks=object_masks,
+                                 name=show(model) if isinstance(model, PATH_TYPES) else None)[0]
         progress.close()
         results["model"] = str(model)
         results["unreadable"] = len(errors) + len(source.listing_errors)

@@ -62,6 +62,34 @@ def unique_stems(paths: Sequence[Path]) -> list[str]:
     return out
 
 
+class Written:
+    """The files one run of explain wrote, removed again (with the folder, if the run created it) when the run stops
+    with an error (a relevance that is not finite, a bad target) in a later batch: a failed run leaves nothing
+    behind (files it replaced stay replaced)."""
+
+    def __init__(self, out: Path):
+        self.out, self.created, self.files = out, not out.exists(), []
+
+    def folder(self) -> None:
+        ensure_dir(self.out)
+
+    def add(self, path) -> None:
+        self.files.append(Path(path))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if kind is None or not issubclass(kind, OnnxlrpError):  # Ctrl-C and SIGTERM keep the finished files
+            return
+        for path in self.files:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        if self.created:
+            with contextlib.suppress(OSError):
+                self.out.rmdir()  # only if empty
+
+
 def heatmap_scale(h: int, w: int) -> int:
     """The integer upscaling that brings a map's short side to :data:`HEATMAP_MIN_SIDE` pixels."""
     return max(1, math.ceil(HEATMAP_MIN_SIDE / max(min(h, w), 1)))
@@ -128,7 +156,7 @@ def _explain_files(model, images, *, out_dir, target, preprocess, overlay, batch
                    flat_layers, opset, output, node_output, node_input, input_shapes, **params) -> list[dict]:
     """Image files: a heatmap PNG and an ``.npy`` each (see :func:`run_explain`)."""
     from onnxlrp.images import list_images, load_image
-    from onnxlrp.runtime import Explainer
+    from onnxlrp.runtime import Explainer, non_finite_error
 
     if batch_size < 1:
         raise OnnxlrpError(f"--batch-size must be at least 1, got {batch_size}")
@@ -161,7 +189,7 @@ def _explain_files(model, images, *, out_dir, target, preprocess, overlay, batch
                        **params)
     if prepared.chw != chw:
         raise OnnxlrpError(f"{show(model)}: the compiled model takes {list(prepared.chw)}, not {list(chw)}")
-    explainer = Explainer(prepared.model)
+    explainer = Explainer(prepared.model, finite_only=False)  # explain_batch names the images of a non-finite map
     view = heatmap_view(prepared.model)  # a semiring's channels meet with its plus
     out = Path(out_dir)
     stems = unique_stems(paths)
@@ -174,26 +202,28 @@ def _explain_files(model, images, *, out_dir, target, preprocess, overlay, batch
          f"holds the relevance as {layout.sample_axes}")
     echo(f"explaining {len(paths)} image(s) with {escape_terminal(prepared.rule)} on {explainer.provider}")
     results: list[dict] = []
+    written = Written(out)
     show_bar = len(paths) > PROGRESS_MIN_IMAGES and sys.stderr.isatty() and not quiet
     bar = click.progressbar(length=len(paths), file=sys.stderr, label="explaining") if show_bar else None
-    with sigterm_guard("onnxlrp explain"), (bar if bar is not None else contextlib.nullcontext()):
+    with sigterm_guard("onnxlrp explain"), (bar if bar is not None else contextlib.nullcontext()), written:
         for start in range(0, len(paths), batch_size):
             idx = list(range(start, min(start + batch_size, len(paths))))
             raw = np.stack([cache[i] if i in cache else load_image(paths[i], channels=channels, size=(height, width))
                             for i in idx])
-            batch = explain_batch(explainer, prepared, layout.to_model(pre(raw)), wanted)
+            batch = explain_batch(explainer, prepared, layout.to_model(pre(raw)), wanted, name=shown,
+                                  samples=[show(paths[i]) for i in idx])
             if start == 0:
-                ensure_dir(out)  # only now: nothing is created when the first batch fails
+                written.folder()  # only now: nothing is created when the first batch fails
             for j, i in enumerate(idx):
                 k, score = int(batch.classes[j]), float(batch.scores[j])
                 png, npy = out / f"{stems[i]}.png", out / f"{stems[i]}.npy"
-                shown = layout.to_chw(batch.relevance[j]) if not node_input else batch.relevance[j]
-                drawn = shown.ndim in (2, 3)
+                drawn_map = layout.to_chw(batch.relevance[j]) if not node_input else batch.relevance[j]
+                drawn = drawn_map.ndim in (2, 3)
                 if drawn:
-                    like_image = shown.shape[-2:] == (height, width)
-                    write_atomic(png, _png(view(shown), raw[j] if overlay and like_image else None,
-                                           scale if like_image else heatmap_scale(*shown.shape[-2:])))
-                write_npy(npy, batch.relevance[j])
+                    like_image = drawn_map.shape[-2:] == (height, width)
+                    written.add(write_atomic(png, _png(view(drawn_map), raw[j] if overlay and like_image else None,
+                                                       scale if like_image else heatmap_scale(*drawn_map.shape[-2:]))))
+                written.add(write_npy(npy, batch.relevance[j]))
                 results.append({"file": str(paths[i]), "class": k, "score": score, "png": str(png) if drawn else None,
                                 "npy": str(npy)})
                 echo(f"{show(paths[i])}: class {k} (score {score:.4g}) -> {show(png if drawn else npy)}")

@@ -135,7 +135,7 @@ def run_dataset_explain(model, data, *, out_dir, target=None, preprocess="none",
                 results = ray_units(source, spec, prepared, units, target=target, keep_raw=keep_raw,
                                     address=address, num_workers=num_workers, threads=threads, echo=echo)
             else:
-                explainer = Explainer(prepared.model, threads=threads)
+                explainer = Explainer(prepared.model, threads=threads, finite_only=False)
                 echo(f"explaining with {escape_terminal(prepared.rule)} on {explainer.provider}")
                 results = local_units(source, spec, prepared, explainer, units, target=target, keep_raw=keep_raw)
             started, first = time.time(), None

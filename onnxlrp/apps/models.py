@@ -38,6 +38,7 @@ class Prepared:
     score: str  # the output printed as the score (e.g. the Softmax probabilities), or ``explained``
     was_compiled: bool  # the file given was compiled already
     explained_why: str = ""  # what the explained tensor is and why it was chosen (compile's metadata)
+    shown: str = "the model"  # how messages name the model (its path, for a file)
 
 
 def metadata(model: onnx.ModelProto) -> dict[str, str]:
@@ -108,7 +109,8 @@ def prepare(model, *, shown_as=None, rule: str = "rlrp", composite=None, flat_la
     originals = [n for n in outputs if not is_relevance_output(n) and n != CLASS_OUTPUT]
     score = explained if explained in originals else _score_output(graph, explained, originals)
     return Prepared(compiled, meta.get("onnxlrp.rule", rule), input_name, chw, explained, score, was_compiled,
-                    meta.get("onnxlrp.explained_why", ""))
+                    meta.get("onnxlrp.explained_why", ""),
+                    show(shown_as) if isinstance(shown_as, PATH_TYPES) else "the model")
 
 
 def _score_output(graph: onnx.GraphProto, logits: str, originals: list[str]) -> str:

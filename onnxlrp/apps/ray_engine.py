@@ -58,7 +58,8 @@ class UnitExplainer:
         self.source, self.spec, self.prepared = job["source"], job["spec"], job["prepared"]
         self.units, self.target, self.keep_raw = job["units"], job["target"], job["keep_raw"]
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if gpu else ["CPUExecutionProvider"]
-        self.explainer = Explainer(self.prepared.model, providers=providers, threads=threads)
+        self.explainer = Explainer(self.prepared.model, providers=providers, threads=threads,
+                                   finite_only=False)
         self.pool = ThreadPoolExecutor(DECODE_THREADS)
 
     def __call__(self, batch: dict) -> dict:

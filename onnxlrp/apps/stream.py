@@ -83,7 +83,9 @@ def explain_loaded(explainer, prepared, spec: InputSpec, unit: tuple[int, int, i
     """Explain what a unit's read gave (nothing to run when every input failed)."""
     shard, start, stop = unit
     if len(loaded.ids):
-        out = explain_batch(explainer, prepared, spec.to_model(loaded.raw), target)
+        out = explain_batch(explainer, prepared, spec.to_model(loaded.raw), target, name=prepared.shown,
+                            samples=[f"sample {i}" for i in loaded.ids],
+                            ending="the finished shards are kept")
         relevance, classes, scores = out.relevance, out.classes, out.scores
     else:
         relevance = np.zeros((0, *spec.dims), np.float32)

@@ -16,13 +16,33 @@ from onnxlrp.io import write_atomic
 from onnxlrp.messages import show
 from onnxlrp.naming import escape_terminal
 
-from .models import Forward
+from .models import Forward, Prepared
 
-__all__ = ["PERTURBATION_STEPS", "LocalizationTotals", "StudyTotals", "load_masks", "perturbation_region",
+__all__ = ["PERTURBATION_STEPS", "LocalizationTotals", "StudyTotals", "load_masks", "perturbation_region", "relevance_for",
            "percent_key", "results_csv", "save_plots", "table"]
 
 #: Region perturbation: steps, and the region side (2 px below 112 px image side, 8 px from 112 px on).
 PERTURBATION_STEPS = 20
+
+
+def relevance_for(prepared: Prepared, x: np.ndarray, batch_size: int,
+                  name: str = "the model") -> tuple[np.ndarray, np.ndarray, str]:
+    """Relevance ``[N, ...]`` (float32) and the explained class ``[N]`` of every sample, batched; and the provider.
+    A relevance with NaN or infinite values is an error naming the model (``name``) and the samples."""
+    from onnxlrp.runtime import Explainer, non_finite_error
+
+    explainer = Explainer(prepared.model, finite_only=False)
+    rel, cls = [], []
+    for i in range(0, len(x), batch_size):
+        result = explainer(x[i : i + batch_size])
+        relevance = np.asarray(result.relevance, dtype=np.float32)
+        error = non_finite_error(name, [relevance], list(result.outputs.values()),
+                                 [f"sample {i + j}" for j in range(len(relevance))], "nothing was written")
+        if error:
+            raise OnnxlrpError(error)
+        rel.append(relevance)
+        cls.append(np.asarray(result.explained_class).reshape(-1))
+    return np.concatenate(rel), np.concatenate(cls).astype(np.int64), explainer.provider
 
 
 def perturbation_region(chw: tuple[int, ...]) -> int:

@@ -16,10 +16,13 @@ def check_linear(ctx, node):
 
 def linear(ctx, node, r_out):
     """The planned rule on the layer as :class:`onnxlrp.layers.Linear` (classic rules; R-LRP: Eq. 8 / Eq. 12),
-    then the family's per-layer step."""
+    between the family's per-layer steps."""
     b = ctx.b
     layer = ctx.layers[node.name]
-    r_in = ctx.family.after_layer(ctx, ctx.rule(node).linear(ctx, layer, r_out[0]), r_out[0])
+    r, scale = ctx.family.before_layer(ctx, node, r_out[0], layer.x, layer.growth(layer.weight, "W"))
+    rule = ctx.rule(node)
+    r_in = rule.linear(ctx, layer, r) if scale is None else rule.relevance(b, layer, r, scale=scale)
+    r_in = ctx.family.after_layer(ctx, r_in, r_out[0])
     if layer.transpose_x:  # Gemm transA=1 reads x^T: the layer sees x^T (batch first), R goes back to x's layout
         r_in = b.op("Transpose", [r_in], "R", perm=[1, 0])
     return {0: r_in}

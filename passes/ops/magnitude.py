@@ -9,6 +9,8 @@ the squares are the two contributions to the layer (Eq. 8 with the squares as th
 
 from __future__ import annotations
 
+from onnxlrp.rules import quotient
+
 from .registry import backward
 
 TINY = 1e-30  # keeps 0 / 0 at 0 where a = b = 0
@@ -19,6 +21,6 @@ def magnitude(ctx, node, r_out):
     b = ctx.b
     a, c, y = (ctx.value(n) for n in (*node.input[:2], node.output[0]))
     square = b.op("Mul", [y, y], "y_squared")  # a^2 + b^2 (+ eps)
-    ratio = b.op("Div", [r_out[0], b.op("Add", [square, b.const(TINY, "tiny")], "denominator")], "s")
+    ratio = quotient(b, r_out[0], b.op("Add", [square, b.const(TINY, "tiny")], "denominator"), TINY)
     return {0: b.op("Mul", [b.op("Mul", [a, a], "a_squared"), ratio], "R"),
             1: b.op("Mul", [b.op("Mul", [c, c], "b_squared"), ratio], "R")}

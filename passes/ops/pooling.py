@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from onnxlrp.layers import Window
-from onnxlrp.rules import factors_of, mul, times_relative
+from onnxlrp.rules import factors_of, mul
 
 from .helpers import attr, explicit_pads, float_mask, reshape_like
 from .registry import backward
@@ -135,7 +135,7 @@ def scatter_windows(b, routed: str, wd: Window, channels: int, kernel: str | Non
 
 class AveragingView:
     """An averaging node ``y = W x`` with fixed non-negative weights: ``x``, ``y`` (float32), ``spread(g) = W^T g``
-    and R-LRP's factor map (``None`` where it is uniform, which R-LRP drops: see :func:`onnxlrp.rules.times_relative`).
+    and R-LRP's factor map (``None`` where it is uniform, which R-LRP drops: see :func:`onnxlrp.rules.scaled_product`).
     ``spread(g, up_to_scale=True)`` may leave out a uniform positive factor of ``W`` (R-LRP's relevance is defined up
     to one)."""
 
@@ -150,8 +150,12 @@ class AveragingView:
         return None
 
     def rlrp_spread(self, b, g: str) -> str:
-        """R-LRP's ``Card(J_i) / (N M) W^T g`` (Prop. 13 with Eq. 12), up to a positive factor."""
-        return times_relative(b, self.spread(b, g, up_to_scale=True), self.rlrp_factor())
+        """R-LRP's ``W^T g`` (Prop. 13 with Eq. 12) before the factor map :meth:`rlrp_factor`."""
+        return self.spread(b, g, up_to_scale=True)
+
+    def growth(self) -> float:
+        """``log2`` of a bound of ``max |W^T g| / max |g|`` for the spread of :meth:`spread` (global: 1)."""
+        return 0.0
 
 
 class WindowAverage(AveragingView):
@@ -166,12 +170,18 @@ class WindowAverage(AveragingView):
         self.divisor = pool_window(ctx, node, with_ceil=False).valid_count(include_pad=include_pad)
 
     def spread(self, b, g, up_to_scale=False):  # the divisor may vary near borders: it always stays
-        g = mul(b, g, b.const((1.0 / self.divisor)[None], "inv_divisor"))
+        weighted = mul(b, g, b.const((1.0 / self.divisor)[None], "inv_divisor"))
         ones = np.ones([self.channels, 1, *self.window.kernel], dtype=np.float32)
-        return self.window.conv_transpose(b, g, b.const(ones, "ones_kernel"), self.channels, "WTg", ones.shape[:2])
+        out = self.window.conv_transpose(b, weighted, b.const(ones, "ones_kernel"), self.channels, "WTg",
+                                         ones.shape[:2])
+        # weights 1/divisor <= 1, and an input lies in at most prod(kernel) windows
+        return grown(b, out, g, np.log2(np.prod(self.window.kernel)))
 
     def rlrp_factor(self):
         return rlrp_pool_factor(self.window, self.channels)
+
+    def growth(self):  # weights 1/divisor <= 1; an input lies in at most prod(kernel) windows
+        return float(np.log2(np.prod(self.window.kernel)))
 
 
 class AxesAverage(AveragingView):
@@ -186,12 +196,22 @@ class AxesAverage(AveragingView):
     def spread(self, b, g, up_to_scale=False):
         if not self.keepdims:
             g = b.op("Unsqueeze", [g, b.const(self.axes, "axes", np.int64)], "R")
-        return g if up_to_scale else mul(b, g, b.const(1.0 / self.count, "scale"))
+        return g if up_to_scale else grown(b, mul(b, g, b.const(1.0 / self.count, "scale")), g, 0.0)
+
+
+def grown(b, out: str, g: str, growth: float) -> str:
+    """Record (with range keeping) that ``log2 max |out| <= log2 max |g| + growth``."""
+    if b.ranges is not None and b.ranges.bound_of(g) is not None:
+        b.ranges.set_bound(out, b.ranges.bound_of(g) + growth)
+    return out
 
 
 def averaging_rule(ctx, node, view: AveragingView, r: str) -> dict:
-    """The planned rule's ``average`` (classic: Norm; R-LRP: Prop. 13), then the family's per-layer step."""
-    return {0: ctx.family.after_layer(ctx, ctx.rule(node).average(ctx, view, r), r)}
+    """The planned rule's ``average`` (classic: Norm; R-LRP: Prop. 13), between the family's per-layer steps."""
+    r_scaled, scale = ctx.family.before_layer(ctx, node, r, view.x, view.growth())
+    rule = ctx.rule(node)
+    r_in = rule.average(ctx, view, r_scaled) if scale is None else rule.average(ctx, view, r_scaled, scale=scale)
+    return {0: ctx.family.after_layer(ctx, r_in, r)}
 
 
 def pool_nonnegative(is_nonneg, node, tensor) -> bool:
@@ -265,6 +285,10 @@ class MaxView:
     def rlrp_factor(self) -> np.ndarray | None:
         return None
 
+    def growth(self) -> float:
+        """``log2`` of the largest number of windows an input lies in (global: 1)."""
+        return 0.0
+
 
 class WindowMax(MaxView):
     """MaxPool: windows extracted by a one-hot depthwise convolution (``[N, C, K, *out]``), masked, and added back
@@ -293,8 +317,8 @@ class WindowMax(MaxView):
 
         factors = factors_of(b, r, self.y)
         r_in = route(r)
-        if factors is not None:
-            b.products[r_in] = (self.x, route(factors[1]))
+        if factors is not None:  # an input lies in at most prod(kernel) windows
+            b.products[r_in] = (self.x, grown(b, route(factors[1]), factors[1], np.log2(np.prod(wd.kernel))))
         return r_in
 
     def route_all(self, b, r):
@@ -307,6 +331,9 @@ class WindowMax(MaxView):
 
     def rlrp_factor(self):
         return rlrp_pool_factor(self.window, self.channels)
+
+    def growth(self):
+        return float(np.log2(np.prod(self.window.kernel)))
 
 
 class GlobalMax(MaxView):
@@ -328,9 +355,12 @@ class GlobalMax(MaxView):
 
 
 def max_rule(ctx, node, view: MaxView, r: str) -> dict:
-    """The planned rule's ``max_pool`` (classic: winner-take-all; R-LRP: Prop. 13), then the family's per-layer
-    step."""
-    return {0: ctx.family.after_layer(ctx, ctx.rule(node).max_pool(ctx, view, r), r)}
+    """The planned rule's ``max_pool`` (classic: winner-take-all; R-LRP: Prop. 13), between the family's per-layer
+    steps."""
+    r_scaled, scale = ctx.family.before_layer(ctx, node, r, view.x, view.growth())
+    rule = ctx.rule(node)
+    r_in = rule.max_pool(ctx, view, r_scaled) if scale is None else rule.max_pool(ctx, view, r_scaled, scale=scale)
+    return {0: ctx.family.after_layer(ctx, r_in, r)}
 
 
 @backward("MaxPool", data_outputs=(0,), kind="max_pool", nonnegative=pool_nonnegative, zero_preserving=True,

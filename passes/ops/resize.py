@@ -234,6 +234,11 @@ class ResizeView(AveragingView):
     def rlrp_spread(self, b, g):
         return self.apply(b, g, rlrp_weights)
 
+    def growth(self) -> float:
+        """``log2`` of a bound of ``max |M' g| / max |g|`` for R-LRP's spread ``M'`` (per axis: its largest sum of
+        magnitudes over the outputs an input feeds)."""
+        return float(sum(np.log2(np.abs(rlrp_weights(m)).sum(1).max()) for m in self.matrices.values()))
+
 
 def resize_nonnegative(is_nonneg, node, tensor) -> bool:
     """Nearest and linear interpolation have non-negative weights; cubic overshoots."""

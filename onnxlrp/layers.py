@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .builder import GraphBuilder
-from .weights import Weight, flip, reshape, transpose
 from .ranges import LIMIT, transpose_growth
+from .weights import Weight, flip, reshape, transpose
 
 FEW_CHANNELS = 8  # a transposed product into fewer channels stays a ConvTranspose (see Linear.transpose)
 

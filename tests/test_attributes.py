@@ -8,7 +8,7 @@ import pytest
 import reference as ref
 from helpers import assert_close_relative, explain, session
 from netspec import Flatten, MaxPool, Relu
-from onnx import AttributeProto, defs, numpy_helper
+from onnx import AttributeProto, defs
 from spec_zoo import ZOO
 
 import onnxlrp
@@ -80,9 +80,17 @@ def test_a_source_conv_without_attributes_gets_them_and_keeps_its_outputs():
 
 
 
+def weight_shapes(model: onnx.ModelProto) -> dict[str, tuple]:
+    """The static shape of every initializer and of every tensor computed from them (a rule's weight is an
+    expression over the model's initializer, :mod:`onnxlrp.weights`), by ONNX shape inference."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    shapes = {v.name: tuple(d.dim_value for d in v.type.tensor_type.shape.dim) for v in inferred.graph.value_info}
+    return shapes | {t.name: tuple(t.dims) for t in model.graph.initializer}
+
+
 def convtranspose_forms(model: onnx.ModelProto) -> list[tuple[int, int, int]]:
     """(input channels per group, output channels per group, group) of every ConvTranspose."""
-    weights = {t.name: numpy_helper.to_array(t).shape for t in model.graph.initializer}
+    weights = weight_shapes(model)
     forms = []
     for node in model.graph.node:
         if node.op_type == "ConvTranspose":
@@ -94,7 +102,7 @@ def convtranspose_forms(model: onnx.ModelProto) -> list[tuple[int, int, int]]:
 
 def grouped_conv_forms(model: onnx.ModelProto) -> list[tuple[int, int]]:
     """(output channels per group, group) of every grouped Conv that the compiler emitted."""
-    weights = {t.name: numpy_helper.to_array(t).shape for t in model.graph.initializer}
+    weights = weight_shapes(model)
     forms = []
     for node in model.graph.node:
         group = next((a.i for a in node.attribute if a.name == "group"), 1)

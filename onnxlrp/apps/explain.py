@@ -156,7 +156,7 @@ def _explain_files(model, images, *, out_dir, target, preprocess, overlay, batch
                    flat_layers, opset, output, node_output, node_input, input_shapes, **params) -> list[dict]:
     """Image files: a heatmap PNG and an ``.npy`` each (see :func:`run_explain`)."""
     from onnxlrp.images import list_images, load_image
-    from onnxlrp.runtime import Explainer, non_finite_error
+    from onnxlrp.runtime import Explainer
 
     if batch_size < 1:
         raise OnnxlrpError(f"--batch-size must be at least 1, got {batch_size}")

@@ -18,8 +18,8 @@ from onnxlrp.naming import escape_terminal
 
 from .models import Forward, Prepared
 
-__all__ = ["PERTURBATION_STEPS", "LocalizationTotals", "StudyTotals", "load_masks", "perturbation_region", "relevance_for",
-           "percent_key", "results_csv", "save_plots", "table"]
+__all__ = ["PERTURBATION_STEPS", "LocalizationTotals", "StudyTotals", "load_masks", "perturbation_region",
+           "percent_key", "relevance_for", "results_csv", "save_plots", "table"]
 
 #: Region perturbation: steps, and the region side (2 px below 112 px image side, 8 px from 112 px on).
 PERTURBATION_STEPS = 20

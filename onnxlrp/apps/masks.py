@@ -25,9 +25,9 @@ from onnxlrp.errors import OnnxlrpError
 from onnxlrp.io import read_model, write_atomic
 from onnxlrp.messages import show
 
-from .datasets import load_dataset
 from .files import check_out_dir, ensure_dir, write_bytes, write_npy
-from .models import input_shape, prepare
+from .in_memory import load_dataset
+from .models import prepare
 from .semiring_view import semiring_of
 
 COMBINE = ("and", "or")
@@ -68,8 +68,7 @@ def run_mask(model, data: str, *, out_dir: str, rule: str = "boolean", target_cl
         raise OnnxlrpError(f"--combine must be and, or or both (got {combine!r})")
     check_out_dir(out_dir)
     source, _ = read_model(model)
-    _, chw = input_shape(source, model, input_shapes)
-    dataset = load_dataset(data, chw, preprocess, limit)
+    dataset = load_dataset(source, model, data, preprocess, limit, input_shapes)
     prepared = prepare(source, shown_as=model, rule=rule, composite=composite, input_shapes=input_shapes, **params)
     semiring = semiring_of(prepared.model)
     zero = semiring["zero"] if semiring else 0.0

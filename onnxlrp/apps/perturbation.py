@@ -23,8 +23,8 @@ from onnxlrp.errors import OnnxlrpError
 from onnxlrp.io import read_model, write_atomic
 from onnxlrp.messages import show
 
-from .datasets import load_dataset
 from .files import check_out_dir, ensure_dir, write_bytes
+from .in_memory import load_dataset
 from .models import Forward, input_shape, prepare
 from .rulespec import parse_rules
 from .semiring_view import heatmap_view
@@ -56,7 +56,7 @@ def run_perturb(model, data: str, *, out_dir: str, rules: str = "lrp0,viterbi,bo
     _, chw = input_shape(source, model, input_shapes)
     if len(chw) != 3:
         raise OnnxlrpError(f"{show(model)}: perturb needs image inputs [N, C, H, W], not [N, {list(chw)}]")
-    dataset = load_dataset(data, chw, preprocess, limit)
+    dataset = load_dataset(source, model, data, preprocess, limit, input_shapes)
     x, labels = dataset.x, dataset.labels
     area = chw[1] * chw[2]
     pixels = sorted(set(pixels)) if pixels else sorted({int(round(v)) for v in np.linspace(0, area // 2, 11)})

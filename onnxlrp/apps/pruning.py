@@ -25,9 +25,9 @@ from onnxlrp.errors import OnnxlrpError
 from onnxlrp.io import read_model
 from onnxlrp.messages import show
 
-from .datasets import load_dataset
 from .files import check_out_dir, ensure_dir, write_bytes
-from .models import forward_model, input_shape, prepare
+from .in_memory import load_dataset
+from .models import forward_model, prepare
 from .rulespec import parse_rules
 
 PASSING = ("Relu", "LeakyRelu", "Clip", "Sigmoid", "Tanh", "Identity", "Dropout", "BatchNormalization", "Add",
@@ -129,9 +129,9 @@ def run_prune(model, data: str, *, tensor: str, out_dir: str, rules: str = "lrp0
 
     check_out_dir(out_dir)
     source, _ = read_model(model)
-    _, chw = input_shape(source, model, input_shapes)
-    evaluation = load_dataset(data, chw, preprocess, limit)
-    ranking = evaluation if rank_data is None else load_dataset(rank_data, chw, preprocess, limit)
+    evaluation = load_dataset(source, model, data, preprocess, limit, input_shapes)
+    ranking = evaluation if rank_data is None else load_dataset(source, model, rank_data, preprocess, limit,
+                                                                             input_shapes)
     scores, shape, first = {}, None, None
     for spec in parse_rules(rules):
         prepared = prepare(source, shown_as=model, rule=spec.rule, input_shapes=input_shapes, relevance_at=[tensor],

@@ -50,6 +50,9 @@ def rule_options(fn):
         click.option("--opset", type=int, help="Upgrade the model to this opset first (at least 13)."),
         click.option("--output", "output_name", help="Graph output to explain (default: the first float output)."),
         click.option("--node-output", help="Intermediate tensor to explain instead of a graph output."),
+        click.option("--position", type=int,
+                     help="Position explained along the sequence axis of a [batch, tokens, classes] output "
+                          "(a decoder's logits; negative counts from the end; default: the last)."),
         click.option("--input-shape", multiple=True, help="NAME=D1,D2,... fixes open input dims (repeatable)."),
         click.option("--precision", type=click.Choice(["fp32", "fp16"]),
                      help="fp16: a float16 forward pass (for GPUs); relevance is always float32."),
@@ -66,7 +69,8 @@ def compile_kwargs(kw: dict) -> dict:
         kw.pop(k, None)
     return dict(rule=kw.pop("rule"), composite=kw.pop("composite"), flat_layers=kw.pop("flat_layers"),
                 opset=kw.pop("opset"), output=kw.pop("output_name"), node_output=kw.pop("node_output"),
-                input_shapes=parse_input_shapes(kw.pop("input_shape")), precision=kw.pop("precision"), **params)
+                input_shapes=parse_input_shapes(kw.pop("input_shape")), precision=kw.pop("precision"),
+                position=kw.pop("position"), **params)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -57,7 +57,7 @@ def family_of(composite: Composite, params: dict, flat_layers: int) -> Family:
 
 
 def _pass(model: onnx.ModelProto, composite: Composite, *, params: dict, flat_layers: int, output, node_output,
-          opset, input_shapes, precision=None) -> RelevancePass:
+          opset, input_shapes, precision=None, position=None) -> RelevancePass:
     unknown = set(params) - set(PARAMETER_NAMES)
     if unknown:
         raise OnnxlrpError(f"unknown parameter(s) {', '.join(sorted(unknown))}; valid: {', '.join(PARAMETER_NAMES)}")
@@ -67,16 +67,17 @@ def _pass(model: onnx.ModelProto, composite: Composite, *, params: dict, flat_la
     family = family_of(composite, params, flat_layers)
     composite.check_parameters(params)
     canonical, shapes = canonicalize(model, opset=opset, input_shapes=input_shapes, precision=precision)
-    return RelevancePass(canonical, shapes, family, output=output, node_output=node_output)
+    return RelevancePass(canonical, shapes, family, output=output, node_output=node_output, position=position)
 
 
 def compile(model_or_path, rule: str = "epsilon", *, composite: str | Path | None = None, output: str | None = None,
             node_output: str | None = None, opset: int | None = None,
             input_shapes: dict[str, list[int]] | None = None, flat_layers: int = 1, precision: str | None = None,
-            **params) -> onnx.ModelProto:
+            position: int | None = None, **params) -> onnx.ModelProto:
     """Compile ``model_or_path`` (a ModelProto or a file) with ``rule`` (a rule or composite name, see
     ``onnxlrp rules``) or a TOML ``composite``. Parameters: epsilon, gamma, alpha, beta, low, high, stabilizer.
-    ``precision="fp16"`` makes the forward pass float16 (relevance is always computed in float32).
+    ``precision="fp16"`` makes the forward pass float16 (relevance is always computed in float32). ``position``: the
+    position explained along the sequence axis of a ``[batch, tokens, classes]`` output (default: the last).
 
     The result keeps every original input and output and adds the optional input ``target`` (int64 [batch], -1
     or absent: explain the predicted class) and the outputs ``relevance`` and ``explained_class``.
@@ -84,7 +85,7 @@ def compile(model_or_path, rule: str = "epsilon", *, composite: str | Path | Non
     model, digest = read_model(model_or_path)
     comp = choose_composite(rule, composite)
     rp = _pass(model, comp, params=params, flat_layers=flat_layers, output=output, node_output=node_output,
-               opset=opset, input_shapes=input_shapes, precision=precision)
+               opset=opset, input_shapes=input_shapes, precision=precision, position=position)
     relevance = rp.run()
     rp.finish(relevance)
     compiled = rp.model
@@ -107,11 +108,12 @@ def compile(model_or_path, rule: str = "epsilon", *, composite: str | Path | Non
 
 
 def inspect(model_or_path, rule: str = "epsilon", *, composite=None, output=None, node_output=None, opset=None,
-            input_shapes=None, flat_layers: int = 1, precision=None, **params) -> Plan:
+            input_shapes=None, flat_layers: int = 1, precision=None, position=None, **params) -> Plan:
     """The rule plan and the unsupported nodes on the relevance path, without emitting anything."""
     model, _ = read_model(model_or_path)
     rp = _pass(model, choose_composite(rule, composite), params=params, flat_layers=flat_layers, output=output,
-               node_output=node_output, opset=opset, input_shapes=input_shapes, precision=precision)
+               node_output=node_output, opset=opset, input_shapes=input_shapes, precision=precision,
+               position=position)
     problems = rp.unsupported()
     plan = {} if problems else rp.family.plan(rp.plan_nodes())
     return Plan(rule_table(plan), problems, rp.target, rp.sources, rp.family.name, rp.family.parameters_unused(plan))

@@ -17,11 +17,16 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .attention_rules import ATTENTION_DEFAULTS, ATTENTION_RULES
 from .errors import OnnxlrpError
-from .node_rules import DEFAULTS, NODE_RULES
+from .interim_gate_rules import GATE_DEFAULTS, GATE_RULES
+from .node_rules import DEFAULTS as NODE_DEFAULTS
+from .node_rules import NODE_RULES
 from .rules import RULES, Rule, make_rule
 
-ALL_RULES: dict[str, type[Rule]] = {**RULES, **NODE_RULES}
+ALL_RULES: dict[str, type[Rule]] = {**RULES, **NODE_RULES, **ATTENTION_RULES, **GATE_RULES}
+# the rule of a node kind that no entry selects (an ``offset`` has none: relevance passes it unchanged)
+DEFAULTS: dict[str, type[Rule]] = {**NODE_DEFAULTS, **ATTENTION_DEFAULTS, **GATE_DEFAULTS}
 
 CONV = ("Conv",)
 DENSE = ("Gemm", "MatMul")
@@ -100,6 +105,8 @@ class Composite:
             entry = next((e for e in self.entries if e.matches(node, per_kind[node.kind], flat_layers)), None)
             if entry is None and node.kind == "linear":
                 raise OnnxlrpError(f"composite {self.name!r} has no entry for node {node.name!r} ({node.op_type})")
+            if entry is None and node.kind not in DEFAULTS:
+                continue
             name, fixed = (entry.rule, entry.params) if entry else (DEFAULTS[node.kind].name, {})
             fields = ALL_RULES[name].__dataclass_fields__
             given = {PARAMETERS[k]: v for k, v in params.items() if PARAMETERS[k] in fields}
@@ -132,6 +139,16 @@ COMPOSITES.update({
         [Entry("flat", first=True), Entry("alpha-beta", {"alpha": 2.0, "beta": 1.0}, ops=CONV),
          Entry("epsilon", ops=DENSE)],
         "flat on the first linear layer, alpha2-beta1 on convolutions, epsilon on dense layers"),
+    "attnlrp": Composite(
+        "attnlrp",
+        [Entry("lxt-epsilon"), Entry("softmax-taylor"), Entry("uniform-epsilon"), Entry("uniform")],
+        "AttnLRP (Achtibat et al. 2024, LXT's explicit rules): epsilon with z + eps (1e-8) on linear layers, joins "
+        "and offsets, Prop. 3.1 on softmax, Prop. 3.3 on matrix products, uniform gates, LayerNorm's sigma constant"),
+    "cp-lrp": Composite(
+        "cp-lrp",
+        [Entry("lxt-epsilon"), Entry("constant"), Entry("uniform-epsilon"), Entry("value")],
+        "CP-LRP (Ali et al. 2022, as LXT computes it): AttnLRP with the attention probabilities, LayerNorm's sigma "
+        "and the gates held constant"),
     "cmp": Composite(
         "cmp",
         [Entry("flat", first=True), Entry("alpha-beta", {"alpha": 2.0, "beta": 1.0}, ops=CONV),

@@ -137,8 +137,12 @@ class Linear:
         if self.kind == "dense":
             if weight is self.weight and self.source is not None:  # the model's own [out, in] or [in, out] weight
                 name, stored_transposed = self.source
-                return b.op("MatMul", [g, name], "WTg") if stored_transposed else \
-                    b.op("Gemm", [g, name], "WTg", transB=1)
+                if stored_transposed:
+                    return b.op("MatMul", [g, name], "WTg")
+                if self.x_shape is not None and len(self.x_shape) > 2:  # [batch, tokens, in]: Gemm takes 2-D only
+                    # a Transpose of an initializer, which onnxruntime folds when the session is created
+                    return b.op("MatMul", [g, b.op("Transpose", [name], "W_T", perm=[1, 0])], "WTg")
+                return b.op("Gemm", [g, name], "WTg", transB=1)
             return b.op("MatMul", [g, self.weight_name(b, weight.T, tag + "_T")], "WTg")
         wd = self.window
         strided = any(s != 1 for s in wd.strides)

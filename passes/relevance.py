@@ -22,11 +22,13 @@ from onnxlrp.errors import OnnxlrpError, UnsupportedOpError
 from onnxlrp.graph import GraphView
 from onnxlrp.rules import Rule
 
+from . import attention_patterns  # noqa: F401  (registers its recognizers)
 from .families import Family, PlanNode
 from .linear import linear_layer
 from .ops import data_input_indices, lookup, spec, unsupported_reason
 from .ops.helpers import path_inputs
 from .patterns import find_matches, fused_node_list
+from .tokens import token_inputs
 
 FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
 
@@ -75,6 +77,7 @@ class RelevancePass:
     family: Family
     output: str | None = None
     node_output: str | None = None
+    position: int | None = None
     graph: onnx.GraphProto = field(init=False)
     view: GraphView = field(init=False)
     b: GraphBuilder = field(init=False)
@@ -92,9 +95,12 @@ class RelevancePass:
         self.b = GraphBuilder(self.graph)
         self.algebra = self.family.algebra
         self.opset = next(i.version for i in self.model.opset_import if i.domain in ("", "ai.onnx"))
-        self.sources = [v.name for v in data_inputs(self.graph)]
+        self.token_inputs = token_inputs(self.graph, self.view.consumers, self.constants)
+        self.sources = [v.name for v in data_inputs(self.graph)] + \
+            [lookup for token in self.token_inputs for lookup in token.lookups]
         if not self.sources:
-            raise OnnxlrpError("the model has no float data input to explain")
+            raise OnnxlrpError("the model has no float data input and no token input (integer ids looked up in an "
+                               "embedding table) to explain")
         self.target = explained_tensor(self.graph, self.view, self.output, self.node_output)
         self.tensors = self.view.relevance_tensors(self.sources, self.target)
         if not self.tensors:
@@ -159,8 +165,11 @@ class RelevancePass:
         planned = []
         for node in self.nodes:
             kind = spec(node).kind
+            if kind == "join" and len(path_inputs(self, node)) < 2:
+                # an Add/Sub whose other operand carries no relevance (and is not a linear layer's bias)
+                kind = "offset" if node.op_type in ("Add", "Sub") and node.output[0] not in linear_out else None
             if kind is None or (kind == "linear" and node.name not in self.layers) or \
-                    (kind == "join" and len(path_inputs(self, node)) < 2):
+                    (kind == "gate" and len(path_inputs(self, node)) < 2):
                 continue
             out = self.layer_output[node.name] if kind == "linear" else node.output[0]
             planned.append(PlanNode(node.name, node.op_type, kind, counts.get(kind, 0), depth_at[out]))
@@ -361,13 +370,35 @@ class RelevancePass:
             result[name] = self.family.combine(self, name, parts) if parts else None
         return result
 
+    def sequence_position(self) -> int | None:
+        """The position explained along the sequence axis (axis 1) of a ``[batch, tokens, classes]`` output (a
+        decoder's logits): ``position`` (negative: from the end), by default the last; None for other outputs."""
+        rank = len(self.shapes.get(self.target) or [])
+        if rank == 3:
+            return -1 if self.position is None else self.position
+        if self.position is not None:
+            raise OnnxlrpError(f"--position needs an explained output shaped [batch, tokens, classes]; "
+                               f"{self.target!r} has rank {rank}")
+        return None
+
     def initial_relevance(self) -> tuple[str, str]:
         """The family's seed on one-hot(target) and the explained tensor; the target defaults (when not fed, or -1)
-        to the arg-max. Returns the seed and the explained value per sample."""
+        to the arg-max. With a sequence axis (:meth:`sequence_position`) the target and the seed are taken at one
+        position and the other positions start with 0. Returns the seed and the explained value per sample."""
         b = self.b
         b.scope = "init"
         y = self.value(self.target)
         b.scope = "init"
+        position = self.sequence_position()
+        at_position = None
+        if position is not None:
+            tokens = b.op("Gather", [b.op("Shape", [y]), b.const(1, "one_i", np.int64)], "tokens")
+            index = b.const(position, "position", np.int64)
+            if position < 0:
+                index = b.op("Add", [index, tokens], "position")
+            at_position = b.op("Equal", [b.op("Range", [b.const(0, "zero_i", np.int64), tokens,
+                                                         b.const(1, "one_i", np.int64)], "positions"), index])
+            y = b.op("Gather", [y, index], "logits", axis=1)
         flat = b.op("Flatten", [y], "logits", axis=1)
         predicted = b.op("ArgMax", [flat], "predicted", axis=1, keepdims=0)
         target = b.op("Where", [b.op("Less", [TARGET_INPUT, b.const(0, "zero_i", np.int64)]), predicted,
@@ -381,7 +412,12 @@ class RelevancePass:
                    "one_hot", to=TensorProto.FLOAT)
         selected = b.op("Mul", [hit, flat], "selected")
         value = self.reduce("ReduceSum", selected, [1], keepdims=0)
-        return b.op("Reshape", [self.family.seed(self, hit, selected), b.op("Shape", [y])], "R0"), value
+        seed = b.op("Reshape", [self.family.seed(self, hit, selected), b.op("Shape", [y])], "R0")
+        if at_position is not None:  # [batch, classes] -> [batch, tokens, classes], zero off the position
+            mask = b.op("Cast", [b.op("Reshape", [at_position, b.const([1, -1, 1], "shape", np.int64)])], "at_position",
+                        to=TensorProto.FLOAT)
+            seed = b.op("Mul", [b.op("Unsqueeze", [seed, b.const([1], "axes", np.int64)]), mask], "R0")
+        return seed, value
 
     def elem_type(self, name: str) -> int:
         if not hasattr(self, "_types"):
@@ -395,9 +431,10 @@ class RelevancePass:
         b = self.b
         b.scope = "outputs"
         relevance = self.family.finish(self, relevance)
-        single = len(self.sources) == 1
+        floats = data_inputs(self.graph)
+        single = len(floats) == 1 and not self.token_inputs
         names = []
-        for vi in data_inputs(self.graph):
+        for vi in floats:
             r = relevance.get(vi.name)
             if r is None:
                 r = self.zeros_like(vi.name)
@@ -408,6 +445,8 @@ class RelevancePass:
             shape = [d.dim_param or d.dim_value or None for d in vi.type.tensor_type.shape.dim]
             self.graph.output.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, shape))
             names.append(out)
+        for token in self.token_inputs:
+            names.append(self.token_relevance(token, relevance))
         b.nodes.append(helper.make_node("Identity", [self.class_tensor], [CLASS_OUTPUT], name=b.fresh(CLASS_OUTPUT)))
         batch = self.batch_dim()
         self.graph.output.append(helper.make_tensor_value_info(CLASS_OUTPUT, TensorProto.INT64, [batch]))
@@ -419,8 +458,27 @@ class RelevancePass:
         b.commit()
         return names
 
+    def token_relevance(self, token, relevance: dict[str, str | None]) -> str:
+        """``relevance.<input>``: the relevance of the token input's lookups summed over the hidden axis, shaped like
+        the ids (:mod:`onnxlrp.passes.tokens`)."""
+        b = self.b
+        vi = next(v for v in self.graph.input if v.name == token.name)
+        parts = [self.reduce("ReduceSum", relevance[t], [-1], keepdims=0, hint="R_tokens")
+                 for t in token.lookups if relevance.get(t) is not None]
+        if parts:
+            r = b.op("Reshape", [self.add_relevance(parts), b.op("Shape", [token.name])], "R")
+        else:
+            r = b.op("ConstantOfShape", [b.op("Shape", [token.name])], "zeros")
+        out = relevance_output(token.name, False)
+        b.nodes.append(helper.make_node("Identity", [r], [out], name=b.fresh(out)))
+        shape = [d.dim_param or d.dim_value or None for d in vi.type.tensor_type.shape.dim]
+        self.graph.output.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, shape))
+        return out
+
     def batch_dim(self):
-        dims = data_inputs(self.graph)[0].type.tensor_type.shape.dim
+        explained = data_inputs(self.graph) or [v for v in self.graph.input
+                                                if v.name in {t.name for t in self.token_inputs}]
+        dims = explained[0].type.tensor_type.shape.dim
         if dims and dims[0].HasField("dim_value"):
             return dims[0].dim_value
         return dims[0].dim_param if dims and dims[0].dim_param else "batch"

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import networkx as nx
 import numpy as np
 
+from onnxlrp.errors import OnnxlrpError
 from onnxlrp.rules import RLRP, Rule, mul, times_relative
 
 from .families import Family
@@ -79,8 +80,16 @@ class RLRPFamily(Family):
         self.join_reach: dict[tuple[str, str], list[int]] = {}
 
     def plan(self, nodes):
+        """Linear layers, joins and pools as above; an offset (an Add of a tensor that carries no relevance) passes
+        relevance unchanged, as a product with a constant does. Softmax, matrix products of two activations and gates
+        have no R-LRP rule in the paper: refused with the node's name."""
         rules = {"linear": RLRP(), "join": RelativeJoin(), "average_pool": RelativePool(), "max_pool": RelativePool()}
-        return {node.name: rules[node.kind] for node in nodes}
+        unsupported = [node for node in nodes if node.kind not in rules and node.kind != "offset"]
+        if unsupported:
+            node = unsupported[0]
+            raise OnnxlrpError(f"R-LRP has no rule for {node.kind} nodes such as {node.name!r} ({node.op_type}); "
+                               "use --rule attnlrp, cp-lrp or a classic rule")
+        return {node.name: rules[node.kind] for node in nodes if node.kind in rules}
 
     # ------------------------------------------------------------ range
 

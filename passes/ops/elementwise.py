@@ -12,15 +12,14 @@ declare("Shape", "Size", "ArgMax", "ArgMin", "Equal", "Greater", "Less", "Greate
         "Or", "Xor", "NonZero", "IsNaN", "IsInf", "TopK", "ConstantOfShape", "Constant", "EyeLike", data_inputs=())
 declare("RandomNormalLike", "RandomUniformLike", data_inputs=(), foldable=False)
 declare("RandomNormal", "RandomUniform", "Multinomial", "If", "Loop", "Scan", foldable=False)
-declare("Softmax", nonnegative="always")
 declare("Exp", nonnegative="always")
 declare("Max", "Min", nonnegative="all")
 declare("LpPool", nonnegative="first")
 declare("ReduceMax", "ReduceMin", data_inputs=(0,), nonnegative="first")
 declare("ReduceSum", data_inputs=(0,))
-declare("Expand", "Tile", data_inputs=(0,), nonnegative="first")
-declare("Gather", "Resize", "Upsample", "ConvTranspose", data_inputs=(0,))
-declare("InstanceNormalization", "LayerNormalization", data_inputs=(0,))
+declare("Tile", data_inputs=(0,), nonnegative="first")
+declare("Resize", "Upsample", "ConvTranspose", data_inputs=(0,))
+declare("InstanceNormalization", data_inputs=(0,))
 
 
 # ---------------------------------------------------------------- pass-through ops
@@ -72,13 +71,17 @@ def scaled_preserves_zero(ctx, node, index) -> bool:
 
 
 def add(ctx, node, r_out):
-    """With one relevance input (the others constant) relevance maps back unchanged. With several, the node joins
+    """With one relevance input (the others constant) relevance maps back unchanged, or, when the composite has a
+    rule for the kind ``offset`` (AttnLRP), the constant keeps its share. With several, the node joins
     branches and the rule the family planned for it splits ``R`` (classic: Zennit's Norm rule; R-LRP: Prop. 14).
     A Sub's second operand enters negated."""
     r = r_out[0]
     on_path = path_inputs(ctx, node)
     if len(on_path) == 1:
         i = on_path[0]
+        rule = ctx.plan.get(node.name)  # an offset (the other operand carries no relevance) under an offset rule
+        if rule is not None:
+            r = rule.offset(ctx, node, r, i)
         return {i: unbroadcast(ctx, r, node.input[i], node.output[0])}
     shares = ctx.rule(node).join(ctx, node, r, on_path)
     out = {i: unbroadcast(ctx, v, node.input[i], node.output[0]) for i, v in shares.items()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 
 from .helpers import attr, path_inputs, reshape_like
 from .registry import backward
@@ -25,29 +26,39 @@ def transpose(ctx, node, r_out):
 
 
 def check_concat(ctx, node):
-    axis = attr(node, "axis")
     for name in node.input:
-        shape = ctx.shapes.get(name)
-        if not shape or shape[axis] is None:
-            return f"input {name!r} needs a static size along axis {axis}"
+        if not ctx.shapes.get(name):
+            return f"input {name!r} needs a known rank"
     return None
+
+
+def run_time_size(ctx, name: str, axis: int) -> str:
+    """``Shape(name)[axis]`` as a one-element int64 tensor."""
+    b = ctx.b
+    return b.op("Gather", [b.op("Shape", [name]), b.const([axis], "axis", np.int64)], "size")
 
 
 @backward("Concat", join=True, nonnegative="all", zero_preserving=True, check=check_concat)
 def concat(ctx, node, r_out):
-    """Each input gets its slice of the relevance (for R-LRP, a join of branches normalized at the fork)."""
+    """Each input gets its slice of the relevance (for R-LRP, a join of branches normalized at the fork). The slice
+    bounds are constants when every input's size along the axis is static, else read from the inputs' shapes at run
+    time (TorchScript exports that compute sizes with Shape ops)."""
     b = ctx.b
     axis = attr(node, "axis")
     on_path = path_inputs(ctx, node)
-    out, start = {}, 0
+    sizes = [ctx.shapes[name][axis] for name in node.input]
+    static = None not in sizes
+    out = {}
+    start = 0 if static else b.const([0], "start", np.int64)
     for i, name in enumerate(node.input):
-        size = ctx.shapes[name][axis]
+        if static:
+            begin, end = b.const([start], "start", np.int64), b.const([start + sizes[i]], "end", np.int64)
+        else:
+            begin, end = start, b.op("Add", [start, run_time_size(ctx, name, axis)], "end")
         if i in on_path:
-            out[i] = b.op("Slice", [r_out[0], b.const([start], "start", np.int64),
-                                    b.const([start + size], "end", np.int64), b.const([axis], "axis", np.int64)],
-                          "R")
+            out[i] = b.op("Slice", [r_out[0], begin, end, b.const([axis], "axis", np.int64)], "R")
             ctx.join_shares[(node.name, i)] = out[i]
-        start += size
+        start = start + sizes[i] if static else end
     return out
 
 
@@ -72,21 +83,31 @@ def slice_params(ctx, node):
 
 def check_slice(ctx, node):
     shape, params = ctx.shapes.get(node.input[0]), slice_params(ctx, node)
-    if shape is None or params is None:
-        return "needs constant starts/ends/axes/steps and a known input shape"
+    if shape is None:
+        return "needs a known input rank"
+    if params is None:
+        names = list(node.input[3:5]) + ["", ""]
+        axes, steps = (ctx.constants.get(n) if n else None for n in names[:2])
+        if (names[0] and axes is None) or (names[1] and (steps is None or np.any(steps != 1))):
+            return "needs constant axes and steps of 1 (starts and ends may be computed at run time)"
+        if not names[0] and not (ctx.shapes.get(node.input[1]) or [None])[0]:
+            return "needs constant axes or a starts input of known length"
+        return None
     if np.any(params[3] != 1):
         return "slices with steps other than 1 are not supported"
-    if any(shape[int(a)] is None for a in params[2]):
-        return "needs static sizes along the sliced axes"
     return None
 
 
 @backward("Slice", data_inputs=(0,), nonnegative="first", zero_preserving=True, check=check_slice)
 def slice_(ctx, node, r_out):
-    """Pad the relevance back with the algebra's zero to the input's extent."""
+    """Pad the relevance back with the algebra's zero to the input's extent (the pads computed at run time when the
+    bounds or the sliced sizes are known only then)."""
     shape = ctx.shapes[node.input[0]]
     rank = len(shape)
-    starts, ends, axes, _ = slice_params(ctx, node)
+    params = slice_params(ctx, node)
+    if params is None or any(shape[int(a) % rank] is None for a in params[2]):
+        return {0: slice_at_run_time(ctx, node, r_out[0])}
+    starts, ends, axes, _ = params
     pads = [0] * (2 * rank)
     for s, e, a in zip(starts, ends, axes, strict=True):
         a = int(a) % rank
@@ -95,6 +116,35 @@ def slice_(ctx, node, r_out):
         e = int(np.clip(e + dim if e < 0 else e, 0, dim))
         pads[a], pads[a + rank] = s, dim - max(e, s)
     return {0: ctx.pad_with_zero(r_out[0], pads)}
+
+
+def slice_at_run_time(ctx, node, r: str) -> str:
+    """Pad by ``[start, dim - end]`` along each sliced axis, with ``start`` and ``end`` clamped to ``[0, dim]`` as
+    Slice clamps them (negative bounds count from the end), all computed from the run-time shape and bounds."""
+    b = ctx.b
+    x = node.input[0]
+    rank = len(ctx.shapes[x])
+    axes = ctx.constants.get(node.input[3]) if len(node.input) > 3 and node.input[3] else \
+        np.arange(ctx.shapes[node.input[1]][0])
+    shape = b.op("Shape", [x])
+    zero = b.const([0], "zero_i", np.int64)
+    starts, ends = (b.op("Cast", [node.input[k]], "bound", to=onnx.TensorProto.INT64) for k in (1, 2))
+    before, after = [zero] * rank, [zero] * rank
+
+    def clamp(bound, dim):
+        wrapped = b.op("Where", [b.op("Less", [bound, zero]), b.op("Add", [bound, dim]), bound], "bound")
+        return b.op("Min", [b.op("Max", [wrapped, zero]), dim], "bound")
+
+    for k, a in enumerate(int(a) % rank for a in axes):
+        index = b.const([k], "k", np.int64)
+        dim = b.op("Gather", [shape, b.const([a], "axis", np.int64)], "dim")
+        start = clamp(b.op("Gather", [starts, index], "start"), dim)
+        end = b.op("Max", [clamp(b.op("Gather", [ends, index], "end"), dim), start], "end")
+        before[a], after[a] = start, b.op("Sub", [dim, end], "pad_end")
+    inputs = [r, b.op("Concat", before + after, "pads", axis=0)]
+    if ctx.algebra.zero != 0:
+        inputs.append(b.const(ctx.algebra.zero, "zero"))
+    return b.op("Pad", inputs, "R")
 
 
 def check_pad(ctx, node):

@@ -1,0 +1,156 @@
+"""AttnLRP and CP-LRP rules for transformers, as LXT 2.1's explicit mode computes them.
+
+Sources: Achtibat et al., "AttnLRP: Attention-Aware Layer-Wise Relevance Propagation for Transformers" (ICML 2024;
+Eq. 8 epsilon rule, Prop. 3.1 softmax, Prop. 3.3 matrix product) and its code, LXT 2.1 (``lxt.explicit.functional``:
+``linear_epsilon``, ``add2``, ``softmax``, ``matmul``; ``lxt.explicit.rules``: ``EpsilonRule``,
+``UniformEpsilonRule``); Ali et al., "XAI for Transformers: Better Explanations through Conservative Propagation"
+(ICML 2022) for CP-LRP.
+
+**Stabilizer.** LXT stabilizes a denominator as ``z + eps`` (``lxt.explicit.functional._stabilize``: 1e-8 on linear
+layers, ``Q K^T`` and Add), not as Zennit's ``z + eps * sign(z)``. The rules here follow LXT (:func:`shifted_divide`),
+the classic rules of :mod:`onnxlrp.rules` keep Zennit's convention, and a composite picks one per node: ``attnlrp``
+and ``cp-lrp`` use these rules everywhere, the Zennit composites use theirs for linear layers and joins and these
+for the node kinds that have no Zennit rule (softmax, matrix products of two activations). ``z + eps`` differs from
+Zennit's only where ``z < 0``; where ``z + eps`` is exactly 0 (``z = -eps``), the denominator is ``eps`` instead, so
+that no quotient is infinite.
+
+Node kinds (a composite selects the rule per kind, op type, name or position):
+
+- ``linear`` (Conv/Gemm/MatMul with a constant weight and its bias Add) and ``join`` (Add/Sum/Sub of several
+  relevance-carrying tensors): :class:`LXTEpsilon`, Eq. 8: ``R_in = x * W^T (R / (z + eps))``, a join's operand
+  ``u_k`` gets ``u_k * R / (z + eps)`` (``add2``).
+- ``offset`` (an Add/Sub of a relevance-carrying tensor and one that carries none: a folded position or token-type
+  embedding, an attention mask): :class:`LXTEpsilon` too, so that the other operand keeps its share
+  ``c * R / (z + eps)`` (LXT's ``add2`` with a detached operand). Without an entry for ``offset`` (the Zennit
+  composites), relevance passes unchanged, as before.
+- ``softmax`` (a Softmax inside the network): :class:`SoftmaxTaylor`, Prop. 3.1, or :class:`HeldConstant` (CP-LRP:
+  the attention probabilities are constants).
+- ``matmul`` (MatMul of two activations, ``Q K^T`` and ``P V``): :class:`UniformEpsilon`, Prop. 3.3. An operand that
+  CP-LRP holds constant (the output of a Softmax under :class:`HeldConstant`) gets nothing, and the other operand then
+  gets the epsilon rule of a linear map with run-time weights, as LXT's CP-LRP attention computes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .rules import Rule, product
+
+LXT_EPSILON = 1e-8  # lxt.explicit.rules.EpsilonRule, lxt.explicit.functional.add2 and matmul
+FLOAT_MAX = float(np.finfo(np.float32).max)
+
+
+def shifted_divide(b, r: str, z: str, eps: float) -> str:
+    """``r / (z + eps)``, LXT's stabilizer; a denominator that is exactly 0 becomes ``eps``."""
+    zero = b.const(0.0, "zero")
+    shifted = b.op("Add", [z, b.const(eps, "eps")], "stab") if eps else z
+    safe = b.op("Where", [b.op("Equal", [shifted, zero], "stab_zero"), b.const(eps or 1.0, "eps"), shifted], "stab")
+    return b.op("Div", [r, safe], "s")
+
+
+@dataclass(frozen=True)
+class LXTEpsilon(Rule):
+    """The epsilon rule with LXT's stabilizer ``z + eps`` (AttnLRP Eq. 8; ``lxt.explicit.rules.EpsilonRule``).
+
+    - linear layer ``z = W x + b``: ``R_in = x * W^T (R / (z + eps))``;
+    - join ``z = u_0 + u_1 + ...``: ``R_k = u_k * R / (z + eps)`` (a Sub's second operand negated; ``add2``);
+    - offset ``z = u + c`` with ``c`` carrying no relevance: ``R_u = u * R / (z + eps)``, ``c`` keeps the rest."""
+
+    epsilon: float = LXT_EPSILON
+    name = "lxt-epsilon"
+    summary = "epsilon rule with LXT's stabilizer z + eps (default 1e-8): linear layers, joins, offsets"
+    kinds = ("linear", "join", "offset")
+    multiplies_by_input = True
+
+    def relevance(self, b, layer, r):
+        s = shifted_divide(b, r, layer.z, self.epsilon)
+        return product(b, layer.x, layer.transpose(b, s, layer.weight, "W"))
+
+    def join(self, ctx, node, r: str, on_path: list[int]) -> dict[int, str]:
+        b = ctx.b
+        s = shifted_divide(b, r, ctx.value(node.output[0]), self.epsilon)
+        shares = {i: product(b, ctx.value(node.input[i]), s) for i in on_path}
+        return {i: b.op("Neg", [v], "R") if node.op_type == "Sub" and i == 1 else v for i, v in shares.items()}
+
+    def offset(self, ctx, node, r: str, index: int) -> str:
+        return self.join(ctx, node, r, [index])[index]
+
+
+@dataclass(frozen=True)
+class SoftmaxTaylor(Rule):
+    """AttnLRP Prop. 3.1 (Deep Taylor decomposition of the softmax at its input, with the bias):
+    ``R_x = x * (R_s - s * sum_axis R_s)`` (``lxt.explicit.functional.softmax``).
+
+    ``x`` is the softmax input after scaling and masking. LXT replaces ``-inf`` entries of ``x`` by 0; here ``x`` is
+    clipped to the float32 range, the same where ``s = 0`` (a masked entry: ``R_s`` is 0 there, since every rule of
+    the softmax's readers multiplies by ``s``), and finite everywhere. When the exporter guards the softmax's NaN rows
+    (``Where(IsNaN(s), 0, s)``, fully masked rows), ``s`` is read behind the guard."""
+
+    name = "softmax-taylor"
+    summary = "AttnLRP Prop. 3.1: x * (R - s * sum R) at a softmax inside the network"
+    kinds = ("softmax",)
+    multiplies_by_input = True
+
+    def softmax(self, ctx, node, r: str, s: str, axis: int) -> dict[int, str]:
+        b = ctx.b
+        x = b.op("Clip", [ctx.value(node.input[0]), b.const(-FLOAT_MAX, "float_min")], "x_finite")
+        total = ctx.reduce("ReduceSum", r, [axis])
+        return {0: product(b, x, b.op("Sub", [r, b.op("Mul", [s, total], "s_total")], "centred"))}
+
+
+@dataclass(frozen=True)
+class HeldConstant(Rule):
+    """CP-LRP (Ali et al. 2022; LXT's ``StopRelevanceRule`` and ``.detach()``): the softmax output is a constant. No
+    relevance reaches its input, and a matrix product that reads it (``P V``) is a linear map of its other operand
+    (:class:`UniformEpsilon`)."""
+
+    name = "constant"
+    summary = "CP-LRP: the softmax output (attention probabilities) is a constant; no relevance passes it"
+    kinds = ("softmax",)
+    holds_output_constant = True
+
+    def softmax(self, ctx, node, r, s, axis):
+        return {}
+
+
+@dataclass(frozen=True)
+class UniformEpsilon(Rule):
+    """AttnLRP Prop. 3.3 for ``C = A B`` with two relevance-carrying operands: the epsilon rule on the bilinear map,
+    then the uniform rule between the operands (``lxt.explicit.functional.matmul``):
+    ``N = R / (n C + eps)``, ``R_A = A * (N B^T)``, ``R_B = B * (A^T N)``, ``n = 2``.
+
+    An operand held constant (CP-LRP's attention probabilities, or a run-time tensor that carries no relevance)
+    gets nothing, ``n = 1``, and the other operand gets the epsilon rule of the linear map it goes through
+    (``lxt.explicit.special.multi_head_attention_cp``)."""
+
+    epsilon: float = LXT_EPSILON
+    name = "uniform-epsilon"
+    summary = "AttnLRP Prop. 3.3: C = A B splits R / (2C + eps) between A and B (epsilon, then uniform)"
+    kinds = ("matmul",)
+    multiplies_by_input = True
+
+    def matmul(self, ctx, node, r: str, live: list[int]) -> dict[int, str]:
+        b = ctx.b
+        a, w = ctx.value(node.input[0]), ctx.value(node.input[1])
+        c = ctx.value(node.output[0])
+        z = c if len(live) == 1 else b.op("Mul", [c, b.const(float(len(live)), "n_operands")], "n_c")
+        s = shifted_divide(b, r, z, self.epsilon)
+        ranks = [len(ctx.shapes[name]) for name in node.input[:2]]
+        out = {}
+        if 0 in live:
+            out[0] = product(b, a, b.op("MatMul", [s, swap_last(b, w, ranks[1])], "s_Bt"))
+        if 1 in live:
+            out[1] = product(b, w, b.op("MatMul", [swap_last(b, a, ranks[0]), s], "At_s"))
+        return out
+
+
+def swap_last(b, tensor: str, rank: int) -> str:
+    """``tensor`` (of rank ``rank``) with its last two axes swapped."""
+    return b.op("Transpose", [tensor], "T", perm=list(range(rank - 2)) + [rank - 1, rank - 2])
+
+
+ATTENTION_RULES: dict[str, type[Rule]] = {cls.name: cls for cls in (LXTEpsilon, SoftmaxTaylor, HeldConstant,
+                                                                     UniformEpsilon)}
+ATTENTION_DEFAULTS: dict[str, type[Rule]] = {"softmax": SoftmaxTaylor, "matmul": UniformEpsilon}

@@ -68,7 +68,8 @@ ELEMENTWISE = UNARY | WITH_CONSTANT | {"Add", "Sub", "Mul", "Div", "Pow"}
 
 def elementwise_cone(scope, top) -> tuple[set[str], list] | None:
     """The tensors that ``top``'s output is an element-wise function of (walking back through element-wise ops, with
-    any number of run-time operands), and the nodes walked: ``(leaves, interior)``."""
+    any number of run-time operands, up to the first tensor that has several readers: the ``x`` of ``x * f(x)``),
+    and the nodes walked: ``(leaves, interior)``."""
     leaves, interior, frontier = set(), [], [i for i in top.input if i and not scope.is_constant(i)]
     seen = set()
     while frontier:
@@ -78,7 +79,7 @@ def elementwise_cone(scope, top) -> tuple[set[str], list] | None:
         seen.add(tensor)
         node = scope.producer.get(tensor)
         data = [i for i in node.input if i and not scope.is_constant(i)] if node is not None else []
-        if node is None or node.domain not in ("", "ai.onnx") or node.op_type not in ELEMENTWISE or not data or \
+        if node is None or len(scope.readers.get(tensor, [])) > 1 or node.domain not in ("", "ai.onnx") or node.op_type not in ELEMENTWISE or not data or \
                 (node.op_type in UNARY and data != [node.input[0]]) or len(interior) > 32:
             leaves.add(tensor)
             continue

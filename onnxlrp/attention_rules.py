@@ -93,11 +93,12 @@ class SoftmaxTaylor(Rule):
     kinds = ("softmax",)
     multiplies_by_input = True
 
-    def softmax(self, ctx, node, r: str, s: str, axis: int) -> dict[int, str]:
+    def softmax(self, ctx, x: str, s: str, r: str, axis: int) -> str | None:
+        """``R_x`` for ``s = softmax(x)`` along ``axis`` (float32 values of ``x`` and ``s``)."""
         b = ctx.b
-        x = b.op("Clip", [ctx.value(node.input[0]), b.const(-FLOAT_MAX, "float_min")], "x_finite")
+        x = b.op("Clip", [x, b.const(-FLOAT_MAX, "float_min")], "x_finite")
         total = ctx.reduce("ReduceSum", r, [axis])
-        return {0: product(b, x, b.op("Sub", [r, b.op("Mul", [s, total], "s_total")], "centred"))}
+        return product(b, x, b.op("Sub", [r, b.op("Mul", [s, total], "s_total")], "centred"))
 
 
 @dataclass(frozen=True)
@@ -111,8 +112,8 @@ class HeldConstant(Rule):
     kinds = ("softmax",)
     holds_output_constant = True
 
-    def softmax(self, ctx, node, r, s, axis):
-        return {}
+    def softmax(self, ctx, x, s, r, axis):
+        return None
 
 
 @dataclass(frozen=True)
@@ -131,13 +132,12 @@ class UniformEpsilon(Rule):
     kinds = ("matmul",)
     multiplies_by_input = True
 
-    def matmul(self, ctx, node, r: str, live: list[int]) -> dict[int, str]:
+    def matmul(self, ctx, a: str, w: str, c: str, ranks: list[int], r: str, live: list[int]) -> dict[int, str]:
+        """The relevance of the operands ``live`` (0: ``a``, 1: ``w``) of ``c = a w`` (float32 values, ``ranks``
+        of ``a`` and ``w``), each shaped like the product's batch axes and the operand's matrix axes."""
         b = ctx.b
-        a, w = ctx.value(node.input[0]), ctx.value(node.input[1])
-        c = ctx.value(node.output[0])
         z = c if len(live) == 1 else b.op("Mul", [c, b.const(float(len(live)), "n_operands")], "n_c")
         s = shifted_divide(b, r, z, self.epsilon)
-        ranks = [len(ctx.shapes[name]) for name in node.input[:2]]
         out = {}
         if 0 in live:
             out[0] = product(b, a, b.op("MatMul", [s, swap_last(b, w, ranks[1])], "s_Bt"))

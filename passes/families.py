@@ -51,7 +51,7 @@ class PlanNode:
 
     name: str
     op_type: str
-    kind: str  # "linear", "join", "average_pool" or "max_pool"
+    kind: str  # "linear", "join", "offset", "average_pool", "max_pool", "softmax", "matmul" or "gate"
     index: int  # position among the nodes of its kind, topological order
     depth: int  # linear layers on the longest input path up to and including this node (first layer: 1)
 

@@ -153,7 +153,10 @@ class RelevancePass:
         return "?"
 
     def plan_nodes(self) -> list[PlanNode]:
-        """The rule-bearing nodes in topological order: linear layers, joins with several relevance inputs, pools.
+        """The rule-bearing nodes in topological order: linear layers, joins with several relevance inputs, offsets
+        (an Add/Sub whose other operand carries no relevance and is not a linear layer's bias), pools, softmax,
+        matrix products of two activations, gates with two relevance-carrying factors. An op with several kinds (a
+        fused ``Attention``: ``softmax`` and ``matmul``) has one entry per kind, named ``<node>/<kind>``.
         ``depth`` counts the linear layers on the longest path from an input up to and including the node (the first
         layer has depth 1); ``index`` is the position among the nodes of the same kind."""
         linear_out = set(self.layer_output.values())
@@ -166,19 +169,21 @@ class RelevancePass:
         for node in self.nodes:
             kind = spec(node).kind
             if kind == "join" and len(path_inputs(self, node)) < 2:
-                # an Add/Sub whose other operand carries no relevance (and is not a linear layer's bias)
                 kind = "offset" if node.op_type in ("Add", "Sub") and node.output[0] not in linear_out else None
             if kind is None or (kind == "linear" and node.name not in self.layers) or \
                     (kind == "gate" and len(path_inputs(self, node)) < 2):
                 continue
             out = self.layer_output[node.name] if kind == "linear" else node.output[0]
-            planned.append(PlanNode(node.name, node.op_type, kind, counts.get(kind, 0), depth_at[out]))
-            counts[kind] = counts.get(kind, 0) + 1
+            kinds = kind if isinstance(kind, tuple) else (kind,)
+            for k in kinds:
+                name = node.name if len(kinds) == 1 else f"{node.name}/{k}"
+                planned.append(PlanNode(name, node.op_type, k, counts.get(k, 0), depth_at[out]))
+                counts[k] = counts.get(k, 0) + 1
         return planned
 
-    def rule(self, node: onnx.NodeProto) -> Rule:
-        """The rule the family planned for ``node``."""
-        return self.plan[node.name]
+    def rule(self, node: onnx.NodeProto, kind: str | None = None) -> Rule:
+        """The rule the family planned for ``node`` (for one of its ``kind`` when it has several)."""
+        return self.plan[node.name if kind is None else f"{node.name}/{kind}"]
 
     def nonnegative(self, tensor: str) -> bool:
         """Whether ``tensor`` is >= 0 for every input: by the facts of its producer (:attr:`OpSpec.nonnegative`), or

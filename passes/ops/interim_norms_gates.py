@@ -79,8 +79,9 @@ def elementwise_cone(scope, top) -> tuple[set[str], list] | None:
         seen.add(tensor)
         node = scope.producer.get(tensor)
         data = [i for i in node.input if i and not scope.is_constant(i)] if node is not None else []
-        if node is None or len(scope.readers.get(tensor, [])) > 1 or node.domain not in ("", "ai.onnx") or node.op_type not in ELEMENTWISE or not data or \
-                (node.op_type in UNARY and data != [node.input[0]]) or len(interior) > 32:
+        if node is None or len(scope.readers.get(tensor, [])) > 1 or node.domain not in ("", "ai.onnx") or \
+                node.op_type not in ELEMENTWISE or not data or (node.op_type in UNARY and data != [node.input[0]]) or \
+                len(interior) > 32:
             leaves.add(tensor)
             continue
         interior.append(node)

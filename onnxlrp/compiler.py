@@ -116,7 +116,8 @@ def inspect(model_or_path, rule: str = "epsilon", *, composite=None, output=None
                position=position)
     problems = rp.unsupported()
     plan = {} if problems else rp.family.plan(rp.plan_nodes())
-    return Plan(rule_table(plan), problems, rp.target, rp.sources, rp.family.name, rp.family.parameters_unused(plan))
+    return Plan(rule_table(plan), problems, rp.target, rp.explained_inputs, rp.family.name,
+                rp.family.parameters_unused(plan))
 
 
 def is_compiled(model: onnx.ModelProto) -> bool:

@@ -122,6 +122,11 @@ class RelevancePass:
                 self.layers[node.name] = layer
         self.join_shares: dict[tuple[str, int], str] = {}  # (join, input index) -> the relevance it routed there
 
+    @property
+    def explained_inputs(self) -> list[str]:
+        """The graph inputs that get relevance: the float data inputs and the token inputs."""
+        return [v.name for v in data_inputs(self.graph)] + [t.name for t in self.token_inputs]
+
     # ------------------------------------------------------------ analysis
 
     def unsupported(self) -> list[str]:
@@ -437,7 +442,7 @@ class RelevancePass:
         b.scope = "outputs"
         relevance = self.family.finish(self, relevance)
         floats = data_inputs(self.graph)
-        single = len(floats) == 1 and not self.token_inputs
+        single = len(floats) == 1  # token inputs are always named: relevance.<ids>
         names = []
         for vi in floats:
             r = relevance.get(vi.name)

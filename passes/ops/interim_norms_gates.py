@@ -172,8 +172,7 @@ def rms_norm(scope, node):
 @recognizer
 def run_time_product(scope, node):
     """``a * b`` with both factors computed at run time: ``Product(a, b)`` (kind ``gate``)."""
-    if node.op_type != "Mul" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
-        return None
-    if any(scope.is_constant(name) for name in node.input):
-        return None
+    if node.op_type != "Mul" or node.domain not in ("", "ai.onnx") or len(node.input) != 2 or \
+            node.input[0] == node.input[1] or any(scope.is_constant(name) for name in node.input):
+        return None  # a square x * x is no gate
     return Match(virtual_node("Product", list(node.input), node.output[0], node.name), [node.name])

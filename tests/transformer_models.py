@@ -29,7 +29,6 @@ import numpy as np
 import onnx
 import torch
 from torch import nn
-
 from vision_models import import_torchvision
 
 os.environ.setdefault("USE_TF", "0")  # transformers would import TensorFlow (seconds) when it is installed

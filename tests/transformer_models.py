@@ -158,8 +158,12 @@ MODELS = {
 
 @functools.cache
 def build(name: str, attn: str = "sdpa") -> Model:
+    """The model in eval mode (the wrapper too: the exporters restore the top module's mode, and ``train()`` would
+    reach the model's dropouts)."""
     torch.manual_seed(SEED)
-    return MODELS[name](attn)
+    model = MODELS[name](attn)
+    model.module.eval()
+    return model
 
 
 def torch_logits(name: str, attn: str = "sdpa") -> np.ndarray:

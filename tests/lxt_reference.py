@@ -235,6 +235,18 @@ def llama(model, rules: Rules, x, attention_mask):
     return rules.module(h, model.lm_head)
 
 
+def sdpa_block(model, rules: Rules, x):
+    """``transformer_models.SDPABlock``: a fused in-projection, SDPA with a boolean or causal mask, a classifier."""
+    n, t = x.shape[:2]
+    q, k, v = (heads(part, model.heads) for part in rules.module(x, model.qkv).chunk(3, dim=-1))
+    if model.mode == "bool":
+        mask = additive_mask(model.allowed[None, None])
+    else:
+        mask = additive_mask(torch.ones(t, t, dtype=torch.bool).tril()[None, None])
+    context = merge(rules.attention(q, k, v, mask, 1 / math.sqrt(q.shape[-1])))
+    return rules.module(context.reshape(n, -1), model.out)
+
+
 # ---------------------------------------------------------------- relevance
 
 def relevance(name: str, model, inputs: dict[str, np.ndarray], cp: bool, target=None):
@@ -252,7 +264,7 @@ def relevance(name: str, model, inputs: dict[str, np.ndarray], cp: bool, target=
         x = next(v for k, v in feeds.items() if k != "attention_mask").double()
     x.requires_grad_(True)
     forward = {"bert": bert, "bert-embeds": bert, "vit-hf": vit_hf, "vit-tv": vit_tv, "gpt2": gpt2,
-               "llama": llama}[name]
+               "llama": llama, "sdpa-bool": sdpa_block, "sdpa-causal": sdpa_block}[name]
     args = (feeds["attention_mask"],) if "attention_mask" in feeds else ()
     logits = forward(net, rules, x, *args)
     explained = logits[:, -1] if logits.ndim == 3 else logits

@@ -91,6 +91,15 @@ def test_agrees_with_lxt_at_other_opsets(name, exporter, opset, attn, rule):
         assert "Attention" in {n.op_type for n in compiled.graph.node}
 
 
+@pytest.mark.parametrize("exporter,opset", [("ts", 17), ("dynamo", 18)])
+def test_boolean_sdpa_mask_has_the_nan_guard(exporter, opset):
+    """Both exporters guard the softmax of a boolean-masked SDPA with ``Where(IsNaN(s), 0, s)``; the rules read
+    ``s`` behind it (the agreement itself is in test_agrees_with_lxt[sdpa-bool-...])."""
+    ops = {n.op_type for n in tm.exported("sdpa-bool", exporter, opset, "sdpa" if exporter == "dynamo" else
+                                          "eager").graph.node}
+    assert {"IsNaN", "Where", "Softmax"} <= ops
+
+
 @pytest.mark.parametrize("name", ["bert", "vit-tv", "llama"])
 def test_dynamic_batch(name):
     """TorchScript exports keep the batch (and the tokens) dynamic: one sample alone gets the relevance it gets in

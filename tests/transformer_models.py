@@ -8,7 +8,9 @@ sequences, and every parameter is randomised: weights ``N(0, 1/fan_in)``, biases
   ``attention_mask`` with padding), ``bert-embeds`` (the same model fed ``inputs_embeds``), ``vit-hf``
   (``ViTForImageClassification``), ``vit-tv`` (torchvision's ``VisionTransformer``, the ``vit_b_16`` architecture
   at 16x16 pixels), ``gpt2`` (``GPT2LMHeadModel``) and ``llama`` (``LlamaForCausalLM`` with RMSNorm, SwiGLU, RoPE,
-  grouped-query attention and all biases on), the decoders fed ``input_ids`` and a left-padded ``attention_mask``.
+  grouped-query attention and all biases on), the decoders fed ``input_ids`` and a left-padded ``attention_mask``;
+  ``sdpa-bool`` and ``sdpa-causal`` (one ``scaled_dot_product_attention`` layer with a boolean mask or
+  ``is_causal``).
 * :func:`exported`: the ONNX export by the TorchScript (``"ts"``) or dynamo exporter at an opset, cached in the
   process and on disk (``ONNXLRP_TEST_CACHE``, default a folder in the temp dir), keyed by this file's content and the
   library versions, so that the dynamo exporter (about 9 s per model) runs once per machine.
@@ -146,6 +148,35 @@ def build_llama(attn: str) -> Model:
     return Model(Logits(model, tuple(inputs)), inputs, {n: {0: "batch", 1: "tokens"} for n in inputs})
 
 
+class SDPABlock(nn.Module):
+    """One attention layer by ``F.scaled_dot_product_attention`` with a boolean ``attn_mask`` (a column masked out;
+    the exporters guard its softmax with ``Where(IsNaN(s), 0, s)``) or ``is_causal=True``, then a classifier."""
+
+    def __init__(self, mode: str):
+        super().__init__()
+        self.mode, self.heads = mode, HEADS
+        self.qkv = nn.Linear(HIDDEN, 3 * HIDDEN)
+        self.out = nn.Linear(TOKENS * HIDDEN, 3)
+        allowed = torch.ones(TOKENS, TOKENS, dtype=torch.bool)
+        allowed[:, 2] = False
+        self.register_buffer("allowed", allowed)
+
+    def forward(self, x):
+        n = x.shape[0]
+        q, k, v = (t.view(n, TOKENS, self.heads, -1).transpose(1, 2) for t in self.qkv(x).chunk(3, dim=-1))
+        if self.mode == "bool":
+            y = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.allowed)
+        else:
+            y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(y.transpose(1, 2).reshape(n, -1))
+
+
+def build_sdpa(attn: str, mode: str) -> Model:
+    model = randomize(SDPABlock(mode))
+    x = np.random.default_rng(SEED).standard_normal((BATCH, TOKENS, HIDDEN)).astype(np.float32)
+    return Model(Logits(model, ("x",), hf=False), {"x": x}, {"x": {0: "batch"}})
+
+
 MODELS = {
     "bert": build_bert,
     "bert-embeds": functools.partial(build_bert, embeds=True),
@@ -153,6 +184,8 @@ MODELS = {
     "vit-tv": build_vit_tv,
     "gpt2": build_gpt2,
     "llama": build_llama,
+    "sdpa-bool": functools.partial(build_sdpa, mode="bool"),
+    "sdpa-causal": functools.partial(build_sdpa, mode="causal"),
 }
 
 

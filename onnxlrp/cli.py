@@ -13,9 +13,12 @@ import click
 
 from . import __version__
 from .errors import OnnxlrpError
+from .messages import explained_line
 from .naming import escape_terminal
 
 DEBUG = {"on": False}
+PREPROCESS_HELP = ("'none' (pixels/255), 'imagenet' (mean/std), 'caffe' (BGR in 0-255 minus the ImageNet mean), or a "
+                   "TOML file with scale, mean, std and channels = \"rgb\" or \"bgr\".")
 
 
 def parse_input_shapes(values: tuple[str, ...]) -> dict[str, list[int]] | None:
@@ -48,7 +51,9 @@ def rule_options(fn):
         click.option("--flat-layers", type=int, default=1, show_default=True,
                      help="How many linear layers from the input get the flat rule in *-flat composites and cmp."),
         click.option("--opset", type=int, help="Upgrade the model to this opset first (at least 13)."),
-        click.option("--output", "output_name", help="Graph output to explain (default: the first float output)."),
+        click.option("--output", "output_name",
+                     help="Graph output to explain (default: the class scores: an output made by a Softmax or "
+                          "Sigmoid, else the largest [batch, K] one, else the first float output)."),
         click.option("--node-output", help="Intermediate tensor to explain instead of a graph output."),
         click.option("--position", type=int,
                      help="Position explained along the sequence axis of a [batch, tokens, classes] output "
@@ -88,7 +93,7 @@ def cli(debug: bool):
 def compile_command(model, out, isolate, **kw):
     """Write MODEL compiled with a rule: its outputs plus `relevance` and `explained_class`."""
     from .compiler import compile as compile_model
-    from .loading import load_model, save_model_atomic
+    from .io import load_model, save_model_atomic
 
     options = compile_kwargs(kw)
     if isolate:
@@ -99,6 +104,8 @@ def compile_command(model, out, isolate, **kw):
     written = save_model_atomic(compiled, target)
     click.echo(f"wrote {escape_terminal(str(written))} ({label}; outputs: "
                f"{', '.join(escape_terminal(o.name) for o in compiled.graph.output)})")
+    meta = {p.key: p.value for p in compiled.metadata_props}
+    click.echo(explained_line(meta["onnxlrp.explained"], meta["onnxlrp.explained_why"]))
 
 
 @cli.command("inspect")
@@ -109,7 +116,7 @@ def inspect_command(model, **kw):
     from .compiler import inspect as inspect_model
 
     plan = inspect_model(model, **compile_kwargs(kw))
-    click.echo(f"explained tensor: {escape_terminal(plan.explained)}")
+    click.echo(explained_line(plan.explained, plan.explained_why))
     click.echo(f"relevance inputs: {', '.join(escape_terminal(i) for i in plan.inputs)}")
     click.echo(f"family: {plan.family}")
     if plan.unused_parameters and not plan.unsupported:
@@ -149,8 +156,7 @@ def rules_command():
 @click.argument("images", nargs=-1, required=True)
 @rule_options
 @click.option("--target", default="predicted", show_default=True, help="Class index, or 'predicted'.")
-@click.option("--preprocess", default="none", show_default=True,
-              help="'none' (pixels/255), 'imagenet' (mean/std), or a TOML file with scale, mean, std.")
+@click.option("--preprocess", default="none", show_default=True, help=PREPROCESS_HELP)
 @click.option("-o", "--out-dir", default="onnxlrp-explain", show_default=True)
 @click.option("--overlay/--no-overlay", default=True, show_default=True, help="Blend the heatmap over the image.")
 @click.option("--batch-size", type=int, default=32, show_default=True)
@@ -171,7 +177,7 @@ def explain_command(model, images, target, preprocess, out_dir, overlay, batch_s
 @click.option("--abs", "absolute", is_flag=True, help="Rank by |relevance| instead of signed relevance.")
 @click.option("--pixel", is_flag=True, help="Rank pixels by relevance summed over channels.")
 @click.option("--limit", type=int, help="Use only the first N samples.")
-@click.option("--preprocess", default="none", show_default=True)
+@click.option("--preprocess", default="none", show_default=True, help=PREPROCESS_HELP)
 @click.option("-o", "--out-dir", default="onnxlrp-evaluate", show_default=True)
 @click.option("--batch-size", type=int, default=128, show_default=True)
 @click.option("--masks", help="A .npz with object 'masks' [N,H,W] or 'boxes' [N,4] (x0,y0,x1,y1): adds the "

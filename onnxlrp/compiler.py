@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,9 @@ from onnxlrp.passes.rlrp import RLRPFamily
 from . import __version__
 from .composites import Composite, get_composite, load_composite
 from .errors import OnnxlrpError
-from .loading import clamp_ir_version, load_model
+from .io import clamp_ir_version, read_model
+from .io.load import IN_MEMORY
+from .messages import show
 
 PARAMETER_NAMES = ("epsilon", "gamma", "alpha", "beta", "low", "high", "stabilizer")
 
@@ -34,14 +37,21 @@ class Plan:
     inputs: list[str]
     family: str = "classic"
     unused_parameters: list[str] = field(default_factory=list)
+    explained_why: str = ""  # what the explained tensor is and why it was chosen
 
 
-def read_model(model_or_path) -> tuple[onnx.ModelProto, str]:
-    """The model and the sha256 of its serialized bytes."""
-    if isinstance(model_or_path, onnx.ModelProto):
-        return model_or_path, hashlib.sha256(model_or_path.SerializeToString()).hexdigest()
-    model = load_model(model_or_path)
-    return model, hashlib.sha256(Path(model_or_path).read_bytes()).hexdigest()
+@contextmanager
+def naming_the_model(model_or_path):
+    """Prefix the one-line error of everything that reads the model's graph with the model's file (or ``model`` for
+    an in-memory model), unless it names it already."""
+    label = show(model_or_path) if isinstance(model_or_path, (str, os.PathLike)) else IN_MEMORY
+    try:
+        yield
+    except OnnxlrpError as err:
+        text = str(err)
+        if not text.startswith(f"{label}: "):
+            err.args = (f"{label}: {text}",)
+        raise
 
 
 def choose_composite(rule: str, composite: str | Path | None) -> Composite:
@@ -57,7 +67,7 @@ def family_of(composite: Composite, params: dict, flat_layers: int) -> Family:
 
 
 def _pass(model: onnx.ModelProto, composite: Composite, *, params: dict, flat_layers: int, output, node_output,
-          opset, input_shapes, precision=None, position=None) -> RelevancePass:
+          opset, input_shapes, precision=None, source=None, position=None) -> RelevancePass:
     unknown = set(params) - set(PARAMETER_NAMES)
     if unknown:
         raise OnnxlrpError(f"unknown parameter(s) {', '.join(sorted(unknown))}; valid: {', '.join(PARAMETER_NAMES)}")
@@ -66,8 +76,9 @@ def _pass(model: onnx.ModelProto, composite: Composite, *, params: dict, flat_la
         raise OnnxlrpError("--flat-layers must be at least 1")
     family = family_of(composite, params, flat_layers)
     composite.check_parameters(params)
-    canonical, shapes = canonicalize(model, opset=opset, input_shapes=input_shapes, precision=precision)
-    return RelevancePass(canonical, shapes, family, output=output, node_output=node_output, position=position)
+    with naming_the_model(source):
+        canonical, shapes = canonicalize(model, opset=opset, input_shapes=input_shapes, precision=precision)
+        return RelevancePass(canonical, shapes, family, output=output, node_output=node_output, position=position)
 
 
 def compile(model_or_path, rule: str = "epsilon", *, composite: str | Path | None = None, output: str | None = None,
@@ -85,9 +96,10 @@ def compile(model_or_path, rule: str = "epsilon", *, composite: str | Path | Non
     model, digest = read_model(model_or_path)
     comp = choose_composite(rule, composite)
     rp = _pass(model, comp, params=params, flat_layers=flat_layers, output=output, node_output=node_output,
-               opset=opset, input_shapes=input_shapes, precision=precision, position=position)
-    relevance = rp.run()
-    rp.finish(relevance)
+               opset=opset, input_shapes=input_shapes, precision=precision, source=model_or_path, position=position)
+    with naming_the_model(model_or_path):
+        relevance = rp.run()
+        rp.finish(relevance)
     compiled = rp.model
     compiled.producer_name, compiled.producer_version = "onnxlrp", __version__
     meta = {
@@ -95,6 +107,7 @@ def compile(model_or_path, rule: str = "epsilon", *, composite: str | Path | Non
         "onnxlrp.rule": comp.name,
         "onnxlrp.plan": json.dumps(rule_table(rp.plan)),
         "onnxlrp.explained": rp.target,
+        "onnxlrp.explained_why": rp.explained_why,
         "onnxlrp.source_sha256": digest,
     }
     kept = [p for p in compiled.metadata_props if not p.key.startswith("onnxlrp.")]
@@ -113,11 +126,12 @@ def inspect(model_or_path, rule: str = "epsilon", *, composite=None, output=None
     model, _ = read_model(model_or_path)
     rp = _pass(model, choose_composite(rule, composite), params=params, flat_layers=flat_layers, output=output,
                node_output=node_output, opset=opset, input_shapes=input_shapes, precision=precision,
-               position=position)
-    problems = rp.unsupported()
-    plan = {} if problems else rp.family.plan(rp.plan_nodes())
+               source=model_or_path, position=position)
+    with naming_the_model(model_or_path):
+        problems = rp.unsupported()
+        plan = {} if problems else rp.family.plan(rp.plan_nodes())
     return Plan(rule_table(plan), problems, rp.target, rp.explained_inputs, rp.family.name,
-                rp.family.parameters_unused(plan))
+                rp.family.parameters_unused(plan), rp.explained_why)
 
 
 def is_compiled(model: onnx.ModelProto) -> bool:

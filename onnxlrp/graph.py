@@ -14,27 +14,7 @@ import networkx as nx
 import onnx
 
 from onnxlrp.passes.ops import data_input_indices
-
-
-def subgraphs(node: onnx.NodeProto):
-    for a in node.attribute:
-        if a.type == onnx.AttributeProto.GRAPH:
-            yield a.g
-        elif a.type == onnx.AttributeProto.GRAPHS:
-            yield from a.graphs
-
-
-def implicit_inputs(node: onnx.NodeProto) -> set[str]:
-    """Outer-scope tensors that the subgraphs of ``node`` (If, Loop, Scan) read."""
-    names: set[str] = set()
-    for g in subgraphs(node):
-        local = {v.name for v in g.input} | {t.name for t in g.initializer}
-        for inner in g.node:
-            local |= set(inner.output)
-        for inner in g.node:
-            names |= {n for n in inner.input if n and n not in local}
-            names |= {n for n in implicit_inputs(inner) if n not in local}
-    return names
+from onnxlrp.scopes import implicit_inputs, subgraphs  # noqa: F401 - subgraphs: re-exported
 
 
 @dataclass

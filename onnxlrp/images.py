@@ -31,8 +31,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from onnxlrp.errors import OnnxlrpError
-from onnxlrp.loading import stat_regular_file
-from onnxlrp.naming import escape_terminal
+from onnxlrp.io.parse import stat_regular_file
+from onnxlrp.messages import first_line, reason, show
 
 __all__ = ["IMAGE_EXTENSIONS", "MAX_PIXELS", "RASTER_FORMATS", "list_images", "load_image"]
 
@@ -46,19 +46,6 @@ IMAGE_EXTENSIONS = frozenset(
 MAX_PIXELS = 64 * 1024 * 1024
 
 _GRAY_MODES = ("1", "L", "LA", "La")
-
-
-def _show(path: str | os.PathLike[str]) -> str:
-    return escape_terminal(os.fspath(path))
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
-    return escape_terminal(text.splitlines()[0])
-
-
-def _reason(err: OSError) -> str:
-    return escape_terminal(err.strerror or str(err))
 
 
 def _check_file(path: Path) -> None:
@@ -140,7 +127,7 @@ def load_image(
     and alpha are handled.
     """
     path = Path(path)
-    shown = _show(path)
+    shown = show(path)
     if channels not in (1, 3):
         raise OnnxlrpError(f"{shown}: cannot make a {channels}-channel model input from an image (only 1 or 3)")
     target_size = _check_size_arg(size, max_pixels)
@@ -173,7 +160,7 @@ def load_image(
     except OnnxlrpError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise OnnxlrpError(f"{shown}: image too large (possible decompression bomb): {_first_line(err)}") from None
+        raise OnnxlrpError(f"{shown}: image too large (possible decompression bomb): {first_line(err)}") from None
     except MemoryError:
         raise OnnxlrpError(f"{shown}: not enough memory to decode the image") from None
     except FileNotFoundError:
@@ -181,7 +168,7 @@ def load_image(
     except PermissionError:
         raise OnnxlrpError(f"{shown}: cannot read image (permission denied)") from None
     except Exception as err:  # noqa: BLE001 - any decoder failure is a corrupt file to the user
-        raise OnnxlrpError(f"{shown}: truncated or corrupt image ({_first_line(err)})") from None
+        raise OnnxlrpError(f"{shown}: truncated or corrupt image ({first_line(err)})") from None
     if target_size is not None:
         planes = _resize(planes, target_size)
     return np.ascontiguousarray(planes.transpose(2, 0, 1), dtype=np.float32)
@@ -205,19 +192,19 @@ def list_images(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
 
     for raw in paths:
         p = Path(raw)
-        shown = _show(p)
+        shown = show(p)
         try:
             st = os.stat(p)
         except FileNotFoundError:
             raise OnnxlrpError(f"{shown}: no such file or folder") from None
         except OSError as err:
-            raise OnnxlrpError(f"{shown}: cannot access ({_reason(err)})") from None
+            raise OnnxlrpError(f"{shown}: cannot access ({reason(err)})") from None
         if stat.S_ISDIR(st.st_mode):
             try:
                 with os.scandir(p) as it:
                     entries = sorted(it, key=lambda e: e.name)
             except OSError as err:
-                raise OnnxlrpError(f"{shown}: cannot list folder ({_reason(err)})") from None
+                raise OnnxlrpError(f"{shown}: cannot list folder ({reason(err)})") from None
             found = [
                 p / e.name
                 for e in entries

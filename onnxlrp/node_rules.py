@@ -62,5 +62,19 @@ class WinnerTakesAll(Rule):
         return view.route_first(ctx.b, r)
 
 
-NODE_RULES: dict[str, type[Rule]] = {cls.name: cls for cls in (Norm, WinnerTakesAll)}
-DEFAULTS: dict[str, type[Rule]] = {"join": Norm, "average_pool": Norm, "max_pool": WinnerTakesAll}
+@dataclass(frozen=True)
+class RecurrentEpsilon(Rule):
+    """LSTM and GRU layers: Arras et al. 2017 (gates constant, signal-take-all for gated products, the epsilon
+    rule on sums and on the linear maps into the candidate; see :mod:`onnxlrp.passes.ops.recurrent`), with their
+    ``eps = 0.001``."""
+
+    epsilon: float = 1e-3
+    name = "recurrent-epsilon"
+    summary = "LSTM/GRU: Arras et al. 2017, gates constant, signal-take-all, epsilon on sums and linear maps"
+    kinds = ("recurrent",)
+    multiplies_by_input = True
+
+
+NODE_RULES: dict[str, type[Rule]] = {cls.name: cls for cls in (Norm, WinnerTakesAll, RecurrentEpsilon)}
+DEFAULTS: dict[str, type[Rule]] = {"join": Norm, "average_pool": Norm, "max_pool": WinnerTakesAll,
+                                   "recurrent": RecurrentEpsilon}

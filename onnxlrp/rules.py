@@ -354,7 +354,8 @@ class Gamma(Rule):
         cancel). No Where, one convolution and one transposed convolution instead of two each."""
         eps = self.stabilizer
         denominator = split_halves(b, layer, at_least(b, layer.forward(b, layer.x, w_stack, b_stack, "Wpn"), eps))
-        signs = np.array([SATURATE / 2, -SATURATE / 2]).reshape(1, 2, *[1] * (len(layer.x_shape) - 1))
+        rank = 2 if layer.kind == "dense" else 2 + layer.window.rank  # of z: [N, C] or [N, C, *spatial]
+        signs = np.array([SATURATE / 2, -SATURATE / 2]).reshape(1, 2, *[1] * (rank - 1))
         gates = b.op("Clip", [b.op("Mul", [unsqueeze_halves(b, layer.z), b.const(signs, "gate_scale")], "gate"),
                               b.const(0.0, "zero"), b.const(1.0, "one")], "gate")
         quotient = b.op("Div", [unsqueeze_halves(b, r), denominator], "s")

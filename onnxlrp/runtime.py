@@ -11,9 +11,12 @@ import numpy as np
 import onnx
 
 from .compiler import compile as compile_model
-from .compiler import is_compiled, read_model
+from .compiler import is_compiled
+from .contract import CLASS_OUTPUT, RELEVANCE_OUTPUT, TARGET_INPUT, is_relevance_output
 from .errors import OnnxlrpError
-from .loading import EXTERNAL_DATA_THRESHOLD, save_model_atomic
+from .io import EXTERNAL_DATA_THRESHOLD, read_model, save_model_atomic
+from .io.wire import serialized_size
+from .messages import first_line
 
 LARGE_MODEL_BYTES = EXTERNAL_DATA_THRESHOLD  # larger models cannot be passed to onnxruntime as bytes
 
@@ -45,13 +48,13 @@ def make_session(model: onnx.ModelProto, providers: list[str] | None = None, thr
     if providers is None:
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda_usable() else ["CPUExecutionProvider"]
     try:
-        if model.ByteSize() < LARGE_MODEL_BYTES:
+        if serialized_size(model) < LARGE_MODEL_BYTES:
             return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
         with tempfile.TemporaryDirectory(prefix="onnxlrp-") as folder:  # past 2 GB: weights as external data
             path = save_model_atomic(model, Path(folder) / "model.onnx")
             return ort.InferenceSession(str(path), options, providers=providers)
     except Exception as err:
-        raise OnnxlrpError(f"onnxruntime cannot run the compiled model: {str(err).splitlines()[0]}") from err
+        raise OnnxlrpError(f"onnxruntime cannot run the compiled model: {first_line(err)}") from err
 
 
 @dataclass
@@ -69,14 +72,15 @@ class Explainer:
     def __init__(self, model_or_path, rule: str = "rlrp", providers: list[str] | None = None, threads=None,
                  **compile_kwargs):
         model, _ = read_model(model_or_path)
-        self.model = model if is_compiled(model) else compile_model(model, rule, **compile_kwargs)
+        # compiled from what was given, so that a file's compiled model records the file's sha256
+        self.model = model if is_compiled(model) else compile_model(model_or_path, rule, **compile_kwargs)
         self.session = make_session(self.model, providers, threads)
         self.provider = self.session.get_providers()[0]
         names = [i.name for i in self.session.get_inputs()]
-        self.data_inputs = [n for n in names if n != "target"]
-        self.relevance_outputs = [o.name for o in self.session.get_outputs() if o.name.startswith("relevance")]
+        self.data_inputs = [n for n in names if n != TARGET_INPUT]
+        self.relevance_outputs = [o.name for o in self.session.get_outputs() if is_relevance_output(o.name)]
         self.original_outputs = [o.name for o in self.session.get_outputs()
-                                 if o.name not in self.relevance_outputs and o.name != "explained_class"]
+                                 if o.name not in self.relevance_outputs and o.name != CLASS_OUTPUT]
 
     def __call__(self, *inputs, target=None, **named) -> Explanation:
         feeds = dict(zip(self.data_inputs, inputs, strict=False)) | named
@@ -86,11 +90,11 @@ class Explainer:
         feeds = {k: np.asarray(v) for k, v in feeds.items()}
         if target is not None:
             batch = len(next(iter(feeds.values())))
-            feeds["target"] = np.broadcast_to(np.asarray(target, dtype=np.int64), (batch,)).copy()
+            feeds[TARGET_INPUT] = np.broadcast_to(np.asarray(target, dtype=np.int64), (batch,)).copy()
         results = dict(zip([o.name for o in self.session.get_outputs()], self.session.run(None, feeds), strict=True))
         relevance = {k: results[k] for k in self.relevance_outputs}
         return Explanation(
             outputs={k: results[k] for k in self.original_outputs},
-            relevance=relevance["relevance"] if list(relevance) == ["relevance"] else relevance,
-            explained_class=results["explained_class"],
+            relevance=relevance[RELEVANCE_OUTPUT] if list(relevance) == [RELEVANCE_OUTPUT] else relevance,
+            explained_class=results[CLASS_OUTPUT],
         )

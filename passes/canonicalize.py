@@ -218,13 +218,14 @@ def set_input_shapes(graph: onnx.GraphProto, input_shapes: dict[str, list[int]] 
             if len(dims) and len(dims) != len(wanted):
                 raise OnnxlrpError(f"--input-shape for {vi.name!r} has rank {len(wanted)}, the model's input "
                                    f"has rank {len(dims)}")
+            names = [d.dim_param for d in dims]
             del vi.type.tensor_type.shape.dim[:]
             for i, d in enumerate(wanted):
                 dim = vi.type.tensor_type.shape.dim.add()
-                if i == 0 and d <= 0:
-                    dim.dim_param = "batch"
-                else:
+                if d > 0:
                     dim.dim_value = d
+                else:  # stays open: the batch on axis 0, the model's own name elsewhere (a batch on axis 1, ...)
+                    dim.dim_param = "batch" if i == 0 else (names[i] if i < len(names) and names[i] else f"dim{i}")
 
 
 LIGHT_INITIALIZER_BYTES = 1 << 20

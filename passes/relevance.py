@@ -20,9 +20,11 @@ from onnxlrp.builder import GraphBuilder
 from onnxlrp.contract import CLASS_OUTPUT, TARGET_INPUT, relevance_output
 from onnxlrp.errors import OnnxlrpError, UnsupportedOpError
 from onnxlrp.graph import GraphView
+from onnxlrp.messages import quote
 from onnxlrp.rules import Rule
 
-from . import attention_patterns  # noqa: F401  (registers its recognizers)
+from . import attention_patterns, signal_patterns  # noqa: F401  (register their recognizers)
+from .diagnostics import batch_axis, input_dims, unsupported_summary
 from .families import Family, PlanNode
 from .linear import linear_layer
 from .ops import data_input_indices, lookup, spec, unsupported_reason
@@ -39,33 +41,75 @@ def data_inputs(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
     return [v for v in graph.input if v.name not in inits and v.type.tensor_type.elem_type in FLOAT_TYPES]
 
 
-def explained_tensor(graph: onnx.GraphProto, view: GraphView, output: str | None, node_output: str | None) -> str:
-    """The tensor whose target entry is explained: ``node_output``; else the chosen graph output (default: the
-    first float tensor output, or the input of a ZipMap that produces an output); and when that value is a
-    Softmax/LogSoftmax, possibly behind shape-only ops (Identity, Cast, reshaping), the Softmax's input (the
-    logits)."""
+#: Ops whose output is a class score computed from logits: the explained tensor is their input (the logits).
+SCORE_HEADS = ("Softmax", "LogSoftmax", "Sigmoid")
+
+
+def _head_behind(view: GraphView, name: str) -> onnx.NodeProto | None:
+    """The Softmax/LogSoftmax/Sigmoid that produces ``name``, possibly behind shape-only ops (Cast, Reshape, ...)."""
+    t = name
+    while t in view.producer and spec(view.producer[t]).shape_only:
+        t = view.producer[t].input[0]
+    node = view.producer.get(t)
+    return node if node is not None and node.op_type in SCORE_HEADS else None
+
+
+def _per_sample_size(shapes: dict[str, list], name: str) -> int | None:
+    """``K`` of a ``[batch, K]`` tensor (one score vector per sample), None for any other or an unknown shape."""
+    shape = shapes.get(name)
+    return shape[1] if shape is not None and len(shape) == 2 and isinstance(shape[1], int) else None
+
+
+def explained_tensor(graph: onnx.GraphProto, view: GraphView, output: str | None, node_output: str | None,
+                     shapes: dict[str, list] | None = None) -> tuple[str, str]:
+    """The tensor whose target entry is explained, and what it is and why it was chosen (one phrase).
+
+    ``node_output`` if given; else a graph output: ``output`` if given, else the class scores among the float
+    outputs (a ZipMap's input stands for the ZipMap's output): the first output that a Softmax, LogSoftmax or
+    Sigmoid produces (possibly behind shape-only ops), else the largest ``[batch, K]`` output (largest ``K``), else
+    the first. When a Softmax/LogSoftmax/Sigmoid produces the chosen output, its input (the logits) is explained."""
     names = [o.name for o in graph.output]
     if node_output:
         if node_output not in view.producer:
             raise OnnxlrpError(f"--node-output {node_output!r} is not produced by any node")
-        return node_output
+        return node_output, f"tensor {quote(node_output)} (--node-output)"
     if output is not None and output not in names:
         raise OnnxlrpError(f"--output {output!r} is not a graph output; outputs: {', '.join(names)}")
-    float_outputs = [o.name for o in graph.output if o.type.tensor_type.elem_type in FLOAT_TYPES]
-    candidates = [output] if output else float_outputs + names
-    for name in candidates:
-        producer = view.producer.get(name)
+    candidates: dict[str, str] = {}  # graph output -> the float tensor that stands for it
+    for o in graph.output:
+        producer = view.producer.get(o.name)
         if producer is not None and producer.op_type == "ZipMap":
-            name = producer.input[0]
-        elif name not in float_outputs:
-            continue
-        t = name
-        while t in view.producer and spec(view.producer[t]).shape_only:
-            t = view.producer[t].input[0]
-        if t in view.producer and view.producer[t].op_type in ("Softmax", "LogSoftmax"):
-            return view.producer[t].input[0]
-        return name
-    raise OnnxlrpError("the model has no float tensor output to explain")
+            candidates[o.name] = producer.input[0]
+        elif o.type.tensor_type.elem_type in FLOAT_TYPES:
+            candidates[o.name] = o.name
+    if output is not None:
+        if output not in candidates:
+            raise OnnxlrpError(f"--output {output!r} is not a float tensor output")
+        chosen, why = output, "--output"
+    elif not candidates:
+        raise OnnxlrpError("the model has no float tensor output to explain")
+    else:
+        heads = [o for o, t in candidates.items() if _head_behind(view, t) is not None]
+        sizes = {o: k for o, t in candidates.items() if (k := _per_sample_size(shapes or {}, t)) is not None}
+        if heads:
+            chosen, why = heads[0], "class scores"
+        elif len(candidates) == 1:
+            chosen, why = next(iter(candidates)), "the only float output"
+        elif sizes:
+            chosen = max(sizes, key=lambda o: sizes[o])  # the first of the largest
+            why = (f"class scores: the largest [batch, K] float output, K = {sizes[chosen]}; no output comes from "
+                   "a Softmax or Sigmoid")
+        else:
+            chosen, why = next(iter(candidates)), "the first float output"
+        others = [o for o in candidates if o != chosen]
+        if others:
+            why += f"; not {', '.join(quote(o) for o in others[:3])}{', ...' if len(others) > 3 else ''}, " \
+                   "--output chooses another"
+    tensor = candidates[chosen]
+    head = _head_behind(view, tensor)
+    if head is not None:
+        return head.input[0], f"the input (logits) of the {head.op_type} that makes output {quote(chosen)} ({why})"
+    return tensor, f"output {quote(chosen)} ({why})"
 
 
 @dataclass
@@ -101,7 +145,8 @@ class RelevancePass:
         if not self.sources:
             raise OnnxlrpError("the model has no float data input and no token input (integer ids looked up in an "
                                "embedding table) to explain")
-        self.target = explained_tensor(self.graph, self.view, self.output, self.node_output)
+        self.target, self.explained_why = explained_tensor(self.graph, self.view, self.output, self.node_output,
+                                                           self.shapes)
         self.tensors = self.view.relevance_tensors(self.sources, self.target)
         if not self.tensors:
             raise OnnxlrpError(f"no data path leads from the inputs to {self.target!r}")
@@ -129,27 +174,44 @@ class RelevancePass:
 
     # ------------------------------------------------------------ analysis
 
+    def unsupported_nodes(self) -> list[tuple[onnx.NodeProto, str]]:
+        """Every node on the relevance path that cannot carry relevance, with the reason."""
+        return [(node, reason) for node in self.nodes if (reason := unsupported_reason(self, node))]
+
     def unsupported(self) -> list[str]:
-        """Every node on the relevance path that cannot carry relevance, one line each."""
+        """Every node on the relevance path that cannot carry relevance, one line each (``inspect`` prints them)."""
         problems = []
-        for node in self.nodes:
-            reason = unsupported_reason(self, node)
-            if reason:
-                domain = node.domain or "ai.onnx"
-                problems.append(f"{node.name or node.output[0]} ({node.op_type}, domain {domain}, "
-                                f"opset {self.opset_of(domain)}): {reason}")
+        for node, reason in self.unsupported_nodes():
+            domain = node.domain or "ai.onnx"
+            problems.append(f"{node.name or node.output[0]} ({node.op_type}, domain {domain}, "
+                            f"opset {self.opset_of(domain)}): {reason}")
         return problems
 
-    def request_input_shapes(self) -> None:
-        """Convolution and pooling need static spatial dims: ask for the open ones by name."""
+    def request_input_shapes(self, needs_static: onnx.NodeProto) -> None:
+        """``needs_static`` (a convolution, pooling, padding or slicing node) needs static sizes: ask for the open
+        dims of the first data input that has open dims besides its batch axis (:func:`batch_axis`), keeping the
+        batch where it is and dynamic; when only batch axes are open, ask for a batch size."""
+        inputs = []
         for vi in data_inputs(self.graph):
-            dims = [d.dim_param or (d.dim_value if d.HasField("dim_value") else "?")
-                    for d in vi.type.tensor_type.shape.dim]
-            if any(not isinstance(d, int) for d in dims[1:]):
-                example = ",".join(["-1"] + [str(d) if isinstance(d, int) else "N" for d in dims[1:]])
-                raise OnnxlrpError(f"input {vi.name!r} has open dims {dims}; convolution and pooling need static "
-                                   f"sizes: give them with --input-shape {vi.name}={example} (N = your size; -1 "
-                                   f"keeps the batch dynamic)")
+            dims = input_dims(vi)
+            axis, how = batch_axis(dims)
+            open_axes = [i for i, d in enumerate(dims) if not isinstance(d, int)]
+            if open_axes:
+                inputs.append((vi.name, dims, axis, how, [i for i in open_axes if i != axis]))
+        if not inputs:
+            return
+        name, dims, axis, how, others = next((entry for entry in inputs if entry[4]), inputs[0])
+        node = f"node {quote(needs_static.name)} ({needs_static.op_type}) needs static sizes"
+        if others:
+            hint = ",".join("-1" if i == axis else "N" if i in others else str(d) for i, d in enumerate(dims))
+            batch = (f"-1 keeps axis {axis}, the batch ({how}), dynamic" if axis is not None else
+                     f"no axis is taken as the batch ({how})")
+            raise OnnxlrpError(f"input {quote(name)} has open dims {dims} and {node}: give them with --input-shape "
+                               f"{name}={hint} (N = your size; {batch})")
+        hint = ",".join("B" if i == axis else str(d) for i, d in enumerate(dims))
+        raise OnnxlrpError(f"input {quote(name)} has open dims {dims} and {node}; its only open axis is the batch "
+                           f"(axis {axis}, {how}): give a batch size with --input-shape {name}={hint} (B = your batch "
+                           f"size; -1 there would keep it open)")
 
     def opset_of(self, domain: str) -> int | str:
         for imp in self.model.opset_import:
@@ -178,7 +240,8 @@ class RelevancePass:
             if kind is None or (kind == "linear" and node.name not in self.layers) or \
                     (kind == "gate" and len(path_inputs(self, node)) < 2):
                 continue
-            out = self.layer_output[node.name] if kind == "linear" else node.output[0]
+            out = self.layer_output[node.name] if kind == "linear" else \
+                next(o for o in node.output if o in self.tensors)
             kinds = kind if isinstance(kind, tuple) else (kind,)
             for k in kinds:
                 name = node.name if len(kinds) == 1 else f"{node.name}/{k}"
@@ -344,12 +407,13 @@ class RelevancePass:
 
     def run(self) -> dict[str, str]:
         """Emit everything; returns the relevance tensor of every data input."""
-        problems = self.unsupported()
-        if any("static" in p for p in problems):
-            self.request_input_shapes()
+        problems = self.unsupported_nodes()
+        static = [node for node, reason in problems if "static" in reason]
+        if static:
+            self.request_input_shapes(static[0])
         if problems:
             raise UnsupportedOpError(f"{len(problems)} node(s) on the relevance path have no rule: "
-                                     + "; ".join(problems))
+                                     f"{unsupported_summary(problems)}")
         self.plan = self.family.plan(self.plan_nodes())
         if self.family.divides_by_outputs:
             for name, layer in self.layers.items():
@@ -486,12 +550,22 @@ class RelevancePass:
         return out
 
     def batch_dim(self):
+        """The batch of ``target`` and ``explained_class``: axis 0 of the explained tensor (the seed takes one row
+        per sample, and a time-major sequence model reads ``[T, B, ...]``), its size when static, else its symbolic
+        name; else the name of the first data (or token) input's batch axis (:func:`batch_axis`: ``[2, 'batch',
+        128]`` has it on axis 1), or "batch"."""
+        shape = self.shapes.get(self.target)
+        if shape and isinstance(shape[0], int):
+            return shape[0]
+        declared = {vi.name: vi for vi in list(self.graph.value_info) + list(self.graph.output)}
+        info = declared.get(self.target)
+        if info is not None and info.type.tensor_type.shape.dim and info.type.tensor_type.shape.dim[0].dim_param:
+            return info.type.tensor_type.shape.dim[0].dim_param
         explained = data_inputs(self.graph) or [v for v in self.graph.input
                                                 if v.name in {t.name for t in self.token_inputs}]
-        dims = explained[0].type.tensor_type.shape.dim
-        if dims and dims[0].HasField("dim_value"):
-            return dims[0].dim_value
-        return dims[0].dim_param if dims and dims[0].dim_param else "batch"
+        dims = input_dims(explained[0])
+        axis, _ = batch_axis(dims)
+        return dims[axis] if axis is not None and dims[axis] != "?" else "batch"
 
 
 def activation_work_first(nodes: list[onnx.NodeProto], relevance_source: str) -> list[onnx.NodeProto]:

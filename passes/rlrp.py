@@ -84,11 +84,11 @@ class RLRPFamily(Family):
         relevance unchanged, as a product with a constant does. Softmax, matrix products of two activations and gates
         have no R-LRP rule in the paper: refused with the node's name."""
         rules = {"linear": RLRP(), "join": RelativeJoin(), "average_pool": RelativePool(), "max_pool": RelativePool()}
-        unsupported = [node for node in nodes if node.kind not in rules and node.kind != "offset"]
-        if unsupported:
-            node = unsupported[0]
-            raise OnnxlrpError(f"R-LRP has no rule for {node.kind} nodes such as {node.name!r} ({node.op_type}); "
-                               "use --rule attnlrp, cp-lrp or a classic rule")
+        for node in nodes:
+            if node.kind not in rules and node.kind != "offset":
+                raise OnnxlrpError(f"node {node.name!r} ({node.op_type}): R-LRP is defined for feed-forward layers "
+                                   f"(Eq. 8-14) and has no rule for a {node.kind} layer; use a classic rule, e.g. "
+                                   "--rule epsilon or epsilon-plus-flat (transformers: --rule attnlrp or cp-lrp)")
         return {node.name: rules[node.kind] for node in nodes if node.kind in rules}
 
     # ------------------------------------------------------------ range

@@ -44,6 +44,7 @@ from netspec import (
     pool_out_size,
     sublists,
 )
+from scipy.sparse import issparse
 
 EPS = 1e-6
 
@@ -436,15 +437,17 @@ def forward(layers, x):
 # ==========================================================================
 # LRP rules in matrix form.  W: [n_out, n_in], b: [n_out], x: [B, n_in],
 # R: [B, n_out]  ->  R_in: [B, n_in].  W^T v is written v @ W (batched).
+# W (and C) may be dense arrays or scipy sparse arrays (csr_array).
 # ==========================================================================
 
 
 def _pos(a):
-    return np.maximum(a, 0.0)
+    """max(a, 0); for a scipy sparse matrix too (the graph reference's layers are sparse)."""
+    return a.maximum(0.0) if issparse(a) else np.maximum(a, 0.0)
 
 
 def _neg(a):
-    return np.minimum(a, 0.0)
+    return a.minimum(0.0) if issparse(a) else np.minimum(a, 0.0)
 
 
 def rule_lrp0(W, b, x, R, **_):

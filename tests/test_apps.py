@@ -17,9 +17,11 @@ import pytest
 from PIL import Image
 
 from onnxlrp import apps
+from onnxlrp.apps.explain import unique_stems
 from onnxlrp.cli import main
 from onnxlrp.compiler import is_compiled
 from onnxlrp.errors import OnnxlrpError
+from onnxlrp.io import write_atomic
 from onnxlrp.metrics import masked_accuracy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,7 +148,7 @@ def test_preprocess_toml(tmp_path):
 
 
 def test_unique_stems_and_atomic_write(tmp_path):
-    stems = apps._unique_stems([Path("a/x.png"), Path("b/x.png"), Path("c/X.jpg")])
+    stems = unique_stems([Path("a/x.png"), Path("b/x.png"), Path("c/X.jpg")])
     assert stems == ["x", "x-2", "X-3"]
     target = tmp_path / "f.bin"
     target.write_bytes(b"old")
@@ -156,10 +158,10 @@ def test_unique_stems_and_atomic_write(tmp_path):
         raise OSError(28, "No space left on device")
 
     with pytest.raises(OnnxlrpError, match="f.bin"):
-        apps.write_atomic(target, fails)
+        write_atomic(target, fails)
     assert target.read_bytes() == b"old"
     _no_leftovers(tmp_path)
-    apps.write_atomic(target, lambda tmp: tmp.write_bytes(b"new"))
+    write_atomic(target, lambda tmp: tmp.write_bytes(b"new"))
     assert target.read_bytes() == b"new"
 
 

@@ -343,5 +343,5 @@ def test_toml_composite_sets_gamma_on_linear_layers(tmp_path):
 
 def test_rlrp_refuses_attention_in_one_line():
     proto, _ = attention_block()
-    with pytest.raises(OnnxlrpError, match="R-LRP has no rule for matmul nodes such as 'qk'"):
+    with pytest.raises(OnnxlrpError, match="node 'qk' .*R-LRP .* no rule for a matmul layer.* --rule attnlrp"):
         onnxlrp.compile(proto, "rlrp")

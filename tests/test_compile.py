@@ -11,7 +11,8 @@ import numpy as np
 import onnx
 import pytest
 import reference as ref
-from helpers import assert_close_relative, session
+from graph_reference import GraphReference
+from helpers import assert_close_relative, check_against_graph_reference, session
 from onnx import TensorProto, helper, numpy_helper
 from spec_zoo import ZOO
 
@@ -45,13 +46,20 @@ def test_contract_inputs_outputs_metadata():
 
 @pytest.mark.parametrize("batch", [1, 5])
 def test_dynamic_batch_default_target_and_unchanged_outputs(batch):
+    """The bundled model at batch 1 and 5: original outputs unchanged, the predicted class explained, the relevance
+    of the float64 graph reference (R-LRP: cosine >= 0.9999 per sample)."""
     x = digits(batch)
-    sess = session(onnxlrp.compile(str(DIGITS), "rlrp"))
+    compiled = onnxlrp.compile(str(DIGITS), "rlrp")
+    sess = session(compiled)
     probabilities, relevance, cls = sess.run(None, {"image": x})  # target not fed: the predicted class
     expected = session(onnx.load(DIGITS)).run(None, {"image": x})[0]
     np.testing.assert_allclose(probabilities, expected, rtol=1e-5, atol=1e-7)
     np.testing.assert_array_equal(cls, expected.argmax(1))
     assert relevance.shape == x.shape and relevance.dtype == np.float32
+    source = onnx.load(DIGITS)
+    logits = next(n.input[0] for n in source.graph.node if n.op_type == "Softmax")
+    check_against_graph_reference(GraphReference(source, logits, "image"), compiled, x,
+                                  {"relevance": relevance, "explained_class": cls}, "rlrp")
     _, _, cls = sess.run(None, {"image": x, "target": np.full(batch, 3, dtype=np.int64)})
     assert list(cls) == [3] * batch
 
@@ -92,7 +100,8 @@ def test_every_unsupported_node_is_listed():
     with pytest.raises(UnsupportedOpError) as err:
         onnxlrp.compile(unsupported_model(), "epsilon")
     message = str(err.value)
-    assert "2 node(s)" in message and "square (Mul" in message and "custom (Weird, domain my.domain" in message
+    assert message.startswith("model: 2 node(s)")  # an in-memory model is named "model"
+    assert "Mul x1 (square: a product" in message and "my.domain.Weird x1 (custom: no relevance rule" in message
     assert "\n" not in message
 
 
@@ -218,11 +227,11 @@ def test_open_spatial_dims_ask_for_input_shape(tmp_path, capsys):
 def test_models_past_the_protobuf_limit_go_through_external_data(tmp_path, monkeypatch):
     """Models over 2 GB: compile never serializes the whole model, the Explainer and the CLI use external data.
     The thresholds are lowered so that a small model takes the same code paths."""
-    import onnxlrp.loading
+    import onnxlrp.io.save
     import onnxlrp.runtime
 
     monkeypatch.setattr(onnxlrp.runtime, "LARGE_MODEL_BYTES", 0)
-    monkeypatch.setattr(onnxlrp.loading, "EXTERNAL_DATA_THRESHOLD", 0)
+    monkeypatch.setattr(onnxlrp.io.save, "EXTERNAL_DATA_THRESHOLD", 0)
     monkeypatch.setattr("onnxlrp.passes.canonicalize.LIGHT_INITIALIZER_BYTES", 0)
     x = digits(2)
     result = onnxlrp.Explainer(str(DIGITS), rule="epsilon")(x)

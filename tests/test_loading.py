@@ -18,9 +18,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxlrp import loading
 from onnxlrp.errors import OnnxlrpError
-from onnxlrp.loading import (
+from onnxlrp.io import (
     check_domains,
     check_resource_bombs,
     check_structure,
@@ -29,6 +28,8 @@ from onnxlrp.loading import (
     load_model,
     save_model_atomic,
 )
+from onnxlrp.io import checker as checking
+from onnxlrp.io import save as saving
 
 REPO = Path(__file__).resolve().parent.parent
 CANARY = b"CANARY-7f3a9c-DO-NOT-READ-" * 100  # 2600 bytes; also the exact size some tests claim
@@ -577,7 +578,7 @@ def test_isolate_reports_checker_errors(tmp_path: Path) -> None:
 
 def test_isolate_turns_a_crash_into_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Stand-in for a segfault inside onnx's C++ checker: the child kills itself with SIGSEGV.
-    monkeypatch.setattr(loading, "_CHILD_CODE", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
+    monkeypatch.setattr(checking, "_CHILD_CODE", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
     path = write(small_model(), tmp_path / "m.onnx")
     with pytest.raises(OnnxlrpError) as err:
         load_model(path, isolate=True)
@@ -656,7 +657,7 @@ def test_existing_file_replaced_only_on_success(tmp_path: Path, monkeypatch: pyt
         raise ValueError("serialization exploded")
 
     with monkeypatch.context() as m:
-        m.setattr(loading, "_serialize", broken)
+        m.setattr(saving, "_serialize", broken)
         with pytest.raises(OnnxlrpError, match="serialization exploded"):
             save_model_atomic(small_model(), dest)
     assert dest.read_bytes() == b"old content"
@@ -683,7 +684,7 @@ def test_keyboard_interrupt_during_save_leaves_nothing(tmp_path: Path, monkeypat
         os.write(fd, bytes(data[:10]))
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(loading, "_write_all", interrupted)
+    monkeypatch.setattr(saving, "write_all", interrupted)
     with pytest.raises(KeyboardInterrupt):
         save_model_atomic(small_model(), tmp_path / "out.onnx")
     assert _listing(tmp_path) == []
@@ -691,7 +692,7 @@ def test_keyboard_interrupt_during_save_leaves_nothing(tmp_path: Path, monkeypat
 
 
 def test_save_with_external_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(loading, "EXTERNAL_DATA_THRESHOLD", 0)  # pretend the model is over 2 GB
+    monkeypatch.setattr(saving, "EXTERNAL_DATA_THRESHOLD", 0)  # pretend the model is over 2 GB
     base = small_model()
     dest = save_model_atomic(base, tmp_path / "out.onnx")
     assert _listing(tmp_path) == ["out.onnx", "out.onnx.data"]
@@ -725,7 +726,7 @@ _SIGTERM_CHILD = textwrap.dedent(
     sys.path.insert(0, {repo!r})
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
-    from onnxlrp import loading
+    from onnxlrp.io import save as saving
 
     mode = sys.argv[1]
     n = 50_000_000 if mode == "race" else 1000  # 200 MB of float32 for the race
@@ -739,15 +740,15 @@ _SIGTERM_CHILD = textwrap.dedent(
     model = helper.make_model(graph)
     del w
     if mode == "stall":
-        real = loading._write_all
+        real = saving.write_all
         def stalled(fd, data):
             real(fd, bytes(data[:100]))
             print("writing", flush=True)
             import time
             time.sleep(60)
-        loading._write_all = stalled
+        saving.write_all = stalled
     print("ready", flush=True)
-    loading.save_model_atomic(model, sys.argv[2])
+    saving.save_model_atomic(model, sys.argv[2])
     print("done", flush=True)
     """
 )

@@ -1,9 +1,10 @@
 """Models from other exporters: scikit-learn MLPClassifier through skl2onnx, and Keras CNNs (NHWC) through tf2onnx
 (when tensorflow and tf2onnx are importable) and as hand-built graphs in the keras2onnx style (always).
 
-The MLP's relevance is checked against an independent numpy epsilon-LRP on ``coefs_``/``intercepts_``. Until
-d486035 every skl2onnx case failed: the Softmax sits behind an Identity (``zipmap=False``) or a ZipMap, and the
-compiler only looked through a Softmax that writes the graph output itself.
+The MLP's relevance is checked against an independent numpy epsilon-LRP on ``coefs_``/``intercepts_``, and every
+rule on every model here against the float64 graph reference (tests/graph_reference.py). Until d486035 every
+skl2onnx case failed: the Softmax sits behind an Identity (``zipmap=False``) or a ZipMap, and the compiler only
+looked through a Softmax that writes the graph output itself.
 """
 
 from __future__ import annotations
@@ -16,10 +17,15 @@ import numpy as np
 import onnx
 import pytest
 import zoo_models as zm
+from graph_reference import GraphReference
+from helpers import check_against_graph_reference
+from onnx import TensorProto, helper, numpy_helper
 
 import onnxlrp
 
 RULES = zm.RULES
+# the coverage rules, and two composites' rules alone on every layer
+KERAS_RULES = (*RULES, "epsilon-alpha2-beta1", "zplus", "gamma")
 
 # ================================================================ scikit-learn MLPClassifier via skl2onnx
 
@@ -142,10 +148,11 @@ def test_mlp_explicit_target_and_explainer():
     assert rel_l2(result.relevance, expected) < 1e-4
 
 
-@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("rule", (*RULES, "zplus", "gamma"))
 def test_mlp_rules(rule):
-    """Every rule of the matrix compiles and runs on the MLP; R-LRP's sum|R| is |logit|; epsilon-gamma-box and
-    the flat composites fall back to their dense entries (the MLP has no convolution)."""
+    """Every rule of the matrix compiles and runs on the MLP and gives the graph reference's relevance (R-LRP: its
+    cosine, and sum|R| = |logit|); epsilon-gamma-box and the flat composites fall back to their dense entries (the
+    MLP has no convolution)."""
     clf, x = mlp()
     model = mlp_onnx(zipmap=False)
     xs = x[:8]
@@ -154,6 +161,7 @@ def test_mlp_rules(rule):
     r = out["relevance"]
     assert r.shape == xs.shape and np.isfinite(r).all()
     assert (np.abs(r).sum(1) > 0).all()
+    check_against_graph_reference(GraphReference(model, softmax_input(model), "X"), compiled, xs, out, rule)
     _, logits = numpy_epsilon_lrp(clf, xs)
     if rule == "rlrp":
         np.testing.assert_allclose(np.abs(r).sum(1), np.abs(logits.max(1)), rtol=1e-4)
@@ -162,7 +170,8 @@ def test_mlp_rules(rule):
 # ================================================================ Keras CNNs (NHWC)
 
 def check_keras_like(model: onnx.ModelProto, x: np.ndarray, logits_name: str, rule: str, **params) -> list[str]:
-    """Compile, run, compare the original output with the source, check the relevance."""
+    """Compile, run, compare the original output with the source, check the relevance against the graph
+    reference."""
     input_name = model.graph.input[0].name
     output_name = model.graph.output[0].name
     compiled = onnxlrp.compile(model, rule, **params)
@@ -176,7 +185,8 @@ def check_keras_like(model: onnx.ModelProto, x: np.ndarray, logits_name: str, ru
     r = out["relevance"]
     assert r.shape == x.shape and np.isfinite(r).all()
     assert (np.abs(r).reshape(len(x), -1).sum(1) > 0).all()
-    if rule == "rlrp":
+    check_against_graph_reference(GraphReference(model, logits_name, input_name), compiled, x, out, rule, **params)
+    if rule == "rlrp":  # the final scaling (README)
         np.testing.assert_allclose(np.abs(r).reshape(len(x), -1).sum(1), np.abs(explained), rtol=1e-4)
     if rule in ("lrp0", "epsilon") and params.get("epsilon", 1.0) < 1e-8:  # a bias-free model: conservation
         np.testing.assert_allclose(r.reshape(len(x), -1).sum(1), explained, rtol=1e-3)
@@ -185,7 +195,7 @@ def check_keras_like(model: onnx.ModelProto, x: np.ndarray, logits_name: str, ru
 CONSERVING = [("lrp0", {}), ("epsilon", {"epsilon": 1e-9})]
 
 
-@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("rule", KERAS_RULES)
 def test_keras_style_handbuilt(rule):
     """keras2onnx-style graph: NHWC input -> Transpose -> Conv -> Transpose -> Relu, Transpose pairs around the
     MaxPool, BatchNorm as Mul/Add on the channel-last axis, a Shape-computed Reshape, MatMul + Add, Softmax."""
@@ -239,7 +249,7 @@ def keras_sample(seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).uniform(0, 1, (2, 12, 12, 3)).astype(np.float32)
 
 
-@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("rule", KERAS_RULES)
 def test_keras_tf2onnx(rule):
     model, logits = tf2onnx_cnn(bias=True)
     ops = {n.op_type for n in model.graph.node}
@@ -251,3 +261,31 @@ def test_keras_tf2onnx(rule):
 def test_keras_tf2onnx_conservation(rule, params):
     model, logits = tf2onnx_cnn(bias=False)
     check_keras_like(model, keras_sample(), logits, rule, **params)
+
+
+def test_gamma_on_a_dense_layer_behind_a_computed_reshape():
+    """The smallest graph of the Keras exports' pattern: Relu -> Reshape(x, Concat(Shape(x)[0], -1)) -> MatMul.
+    Shape inference leaves the MatMul's input shape open; epsilon compiles, gamma raises "object of type 'NoneType'
+    has no len()" in Gamma.stacked (the layer's input is non-negative and its output not behind a Relu)."""
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Relu", ["x"], ["h"]),
+        helper.make_node("Shape", ["h"], ["shape"]),
+        helper.make_node("Gather", ["shape", "zero"], ["batch"]),
+        helper.make_node("Unsqueeze", ["batch", "axes"], ["batch_1d"]),
+        helper.make_node("Concat", ["batch_1d", "minus_one"], ["flat_shape"], axis=0),
+        helper.make_node("Reshape", ["h", "flat_shape"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "W"], ["y"]),
+    ]
+    constants = [numpy_helper.from_array(np.array(0, np.int64), "zero"),
+                 numpy_helper.from_array(np.array([0], np.int64), "axes"),
+                 numpy_helper.from_array(np.array([-1], np.int64), "minus_one"),
+                 numpy_helper.from_array(rng.standard_normal((4, 3)).astype(np.float32), "W")]
+    graph = helper.make_graph(nodes, "computed_reshape", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                                        ["N", 2, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], initializer=constants)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    x = rng.standard_normal((2, 2, 2)).astype(np.float32)
+    compiled = onnxlrp.compile(model, "gamma")
+    check_against_graph_reference(GraphReference(model, "y", "x"), compiled, x, zm.run_compiled(compiled, {"x": x}),
+                                  "gamma")

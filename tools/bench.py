@@ -63,6 +63,8 @@ sys.path.insert(0, str(HERE))
 
 import archs  # noqa: E402
 
+from onnxlrp.contract import CLASS_OUTPUT, RELEVANCE_OUTPUT  # noqa: E402
+
 DEFAULT_CACHE = Path(os.environ.get("ONNXLRP_BENCH_CACHE", Path(tempfile.gettempdir()) / "onnxlrp-bench"))
 SETTLE_S = 0.1  # Zennit and ours take turns on different thread pools: let the last one's spinning threads sleep
 EXTERNAL_DATA_BYTES = 1 << 30  # save models above 1 GiB with external data (protobuf's 2 GiB limit)
@@ -747,12 +749,12 @@ def main(argv=None) -> dict:
         names = [o.name for o in explainer.get_outputs()]
         got = dict(zip(names, cmp_out, strict=True))
         logits_err = float(np.max(np.abs(got[names[0]] - src_out[0])))
-        relevance = got["relevance"]
+        relevance = got[RELEVANCE_OUTPUT]
         result["check"] = {"logits_max_abs_diff": logits_err, "relevance_finite": bool(np.isfinite(relevance).all()),
-                           "explained_class": got["explained_class"].tolist()[:8],
+                           CLASS_OUTPUT: got[CLASS_OUTPUT].tolist()[:8],
                            "relevance_sum_over_logit": (relevance.reshape(len(x), -1).sum(1) /
                                                         np.take_along_axis(got[names[0]],
-                                                                           got["explained_class"][:, None],
+                                                                           got[CLASS_OUTPUT][:, None],
                                                                            1)[:, 0]).tolist()[:8]}
         rel_path = work / "relevance.npy"
         np.save(rel_path, relevance)
@@ -771,6 +773,7 @@ def main(argv=None) -> dict:
             vt = run["times"][f"variant:{key}"]
             out_v = dict(zip(names, run["outputs"][f"variant:{key}"], strict=True))
             scale = max(float(np.abs(relevance).max()), 1e-30)
+            variant_error = float(np.max(np.abs(out_v[RELEVANCE_OUTPUT] - relevance))) / scale
             result["variants"][key] = {
                 "path": path, "median_s": median(vt), "min_s": min(vt), "times_s": vt,
                 "ratio_explain_forward": median(vt) / med_src,
@@ -779,7 +782,7 @@ def main(argv=None) -> dict:
                 "ratio_to_compiled_pairs_median": median([v / c for c, v in zip(run["times"]["compiled"], vt,
                                                                                 strict=True)]),
                 "ratio_to_compiled_min": min(vt) / min(run["times"]["compiled"]),
-                "relevance_max_abs_diff_vs_compiled": float(np.max(np.abs(out_v["relevance"] - relevance))) / scale}
+                "relevance_max_abs_diff_vs_compiled": variant_error}
             vr = result["variants"][key]
             say(f"variant {key}: {median(vt) * 1e3:.1f} ms, explain/forward = {median(vt) / med_src:.2f} "
                 f"(compiled {med_cmp / med_src:.2f}); variant/compiled: medians {vr['ratio_to_compiled']:.3f}, "

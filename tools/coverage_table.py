@@ -41,6 +41,7 @@ import zoo_models as zm  # noqa: E402
 from onnx import numpy_helper  # noqa: E402
 
 import onnxlrp  # noqa: E402
+from onnxlrp.contract import CLASS_OUTPUT, PREDICTED, TARGET_INPUT, is_relevance_output  # noqa: E402
 from onnxlrp.errors import OnnxlrpError, UnsupportedOpError  # noqa: E402
 
 DEFAULT_RULES = zm.RULES
@@ -182,8 +183,8 @@ def as_ir4(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def static_batch_mismatch(compiled: onnx.ModelProto) -> bool:
     """B3: the compiled model declares ``target`` with a static size its default initializer does not have."""
-    declared = next((v for v in compiled.graph.input if v.name == "target"), None)
-    default = next((t for t in compiled.graph.initializer if t.name == "target"), None)
+    declared = next((v for v in compiled.graph.input if v.name == TARGET_INPUT), None)
+    default = next((t for t in compiled.graph.initializer if t.name == TARGET_INPUT), None)
     if declared is None or default is None:
         return False
     dims = [d.dim_value if d.HasField("dim_value") else None for d in declared.type.tensor_type.shape.dim]
@@ -210,9 +211,9 @@ def compile_known(model: onnx.ModelProto, rule: str, logits: str, **kwargs) -> t
             continue
         if static_batch_mismatch(compiled):
             bugs.append("B3")
-            size = next(v for v in compiled.graph.input if v.name == "target").type.tensor_type.shape.dim[0]
-            default = next(t for t in compiled.graph.initializer if t.name == "target")
-            default.CopyFrom(numpy_helper.from_array(np.full(size.dim_value, -1, np.int64), "target"))
+            size = next(v for v in compiled.graph.input if v.name == TARGET_INPUT).type.tensor_type.shape.dim[0]
+            default = next(t for t in compiled.graph.initializer if t.name == TARGET_INPUT)
+            default.CopyFrom(numpy_helper.from_array(np.full(size.dim_value, PREDICTED, np.int64), TARGET_INPUT))
         return compiled, bugs
     raise AssertionError("unreachable")
 
@@ -263,7 +264,7 @@ def run_cell(case: Case, rule: str) -> Cell:
                     seconds=time.perf_counter() - start)
     dev = max(deviation(got[name], want[name]) for name in outputs)
     problems = []
-    relevance = {k: v for k, v in got.items() if k.startswith("relevance")}
+    relevance = {k: v for k, v in got.items() if is_relevance_output(k)}
     for name, r in relevance.items():
         source = name.split(".", 1)[1] if "." in name else next(k for k, v in feeds.items()
                                                                   if np.issubdtype(v.dtype, np.floating))
@@ -275,7 +276,7 @@ def run_cell(case: Case, rule: str) -> Cell:
             problems.append("zero")
     if rule == "rlrp" and not problems:
         batch = len(want_logits)
-        explained = np.abs(want_logits.reshape(batch, -1)[np.arange(batch), got["explained_class"]])
+        explained = np.abs(want_logits.reshape(batch, -1)[np.arange(batch), got[CLASS_OUTPUT]])
         mass = sum(np.abs(r).reshape(batch, -1).sum(1) for r in relevance.values())
         if not np.allclose(mass, explained, rtol=1e-4):
             problems.append("sum|R| != |logit|")
@@ -296,8 +297,8 @@ def conservation(case: Case, rule: str, params: dict) -> str:
         return f"FAIL: {str(err).splitlines()[0][:80]}"
     want = zm.run_source(model, feeds, [logits])[0]
     batch = len(want)
-    explained = want.reshape(batch, -1)[np.arange(batch), got["explained_class"]]
-    total = sum(r.reshape(batch, -1).sum(1) for k, r in got.items() if k.startswith("relevance"))
+    explained = want.reshape(batch, -1)[np.arange(batch), got[CLASS_OUTPUT]]
+    total = sum(r.reshape(batch, -1).sum(1) for k, r in got.items() if is_relevance_output(k))
     error = float(np.max(np.abs(total - explained) / np.abs(explained)))
     mark = "pass" if error < 1e-3 else "FAIL"
     return f"{mark} {error:.0e}" + (f" [{bug_ids(bugs)}]" if bugs else "")

@@ -25,9 +25,12 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from onnxlrp import apps
+from onnxlrp.apps import PAPER_PERCENTS, evaluate_rules, parse_rules
+from onnxlrp.apps.datasets import load_dataset
+from onnxlrp.apps.study import save_plots
 from onnxlrp.errors import OnnxlrpError
 from onnxlrp.heatmap import relevance_to_rgb, save_plot
+from onnxlrp.io import write_atomic
 from onnxlrp.metrics import top_percent_mask
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +53,7 @@ MODES = ((False, False), (True, False))  # (absolute, pixel): signed and absolut
 
 
 def _atomic_png(path: Path, fig: Figure) -> None:
-    apps.write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
 def heatmap_grid(path: Path, images: np.ndarray, rows: dict[str, np.ndarray], titles: list[str]) -> None:
@@ -79,14 +82,14 @@ def heatmap_grid(path: Path, images: np.ndarray, rows: dict[str, np.ndarray], ti
 def compute(out: Path, limit: int | None) -> dict:
     card = json.loads(MODEL_CARD.read_text())
     sample_idx = [card["samples"][str(k)]["test_index"] for k in range(10)]
-    specs = apps.parse_rules(",".join(RULES))
+    specs = parse_rules(",".join(RULES))
     refused = {}
     for label in NOT_EXPRESSIBLE:
         try:
-            apps.parse_rules(label)
+            parse_rules(label)
         except OnnxlrpError as err:
             refused[label] = str(err)
-    dataset = apps.load_dataset("builtin:digits", (1, 28, 28), "none", limit)
+    dataset = load_dataset("builtin:digits", (1, 28, 28), "none", limit)
     heat: dict[str, np.ndarray] = {}
     pixel_same: dict[str, bool] = {}
     background: dict[str, float] = {}  # largest |relevance| on black (x == 0) pixels, per rule
@@ -98,22 +101,22 @@ def compute(out: Path, limit: int | None) -> dict:
         pixel_same[spec.label] = all(
             np.array_equal(top_percent_mask(relevance, p, absolute=a, per_pixel=True),
                            top_percent_mask(relevance, p, absolute=a, per_pixel=False))
-            for p in apps.PAPER_PERCENTS for a in (False, True))
+            for p in PAPER_PERCENTS for a in (False, True))
         background[spec.label] = float(np.abs(relevance[dataset.x == 0]).max())
 
     t0 = time.perf_counter()
-    results = apps.evaluate_rules(str(MODEL), specs, dataset, batch_size=128, modes=MODES,
-                                  percents=list(apps.PAPER_PERCENTS), on_relevance=on_relevance)
+    results = evaluate_rules(str(MODEL), specs, dataset, batch_size=128, modes=MODES,
+                                  percents=list(PAPER_PERCENTS), on_relevance=on_relevance)
     seconds = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
     for res in results:
         renamed = dict(res)
         renamed["rules"] = {RULES[k]: v for k, v in res["rules"].items()}
-        apps.save_plots(renamed, out, prefix=f"reproduction_{res['ranking']}_")
+        save_plots(renamed, out, prefix=f"reproduction_{res['ranking']}_")
         small = [p for p in res["percents"] if p <= 25]
         curves = {RULES[k]: [v["accuracy_correct"][f"{float(p):g}"] for p in small] for k, v in res["rules"].items()}
         low = min(min(c) for c in curves.values())
-        apps.write_atomic(out / f"reproduction_{res['ranking']}_small_p.png", lambda tmp, curves=curves, low=low,
+        write_atomic(out / f"reproduction_{res['ranking']}_small_p.png", lambda tmp, curves=curves, low=low,
                           small=small, res=res: save_plot(
             tmp, small, curves, title=f"Masked-input accuracy, small p ({res['ranking']} relevance)",
             xlabel="% most relevant inputs kept (others set to 0)", ylabel="accuracy (correctly classified digits)",
@@ -322,7 +325,7 @@ def render(data: dict, out: Path) -> None:
     ]
     text = "\n".join(md)
     text = text.replace("NARRATIVE", narrative(signed, absolute, data["background"]))
-    apps.write_atomic(out / "reproduction.md", lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    write_atomic(out / "reproduction.md", lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def narrative(signed: dict, absolute: dict, background: dict[str, float]) -> str:

@@ -51,17 +51,24 @@ backward("Dropout", data_inputs=(0,), nonnegative="first", zero_preserving=True)
 backward("BatchNormalization", data_inputs=(0,), fusable_producer=True)(pass_through)
 backward("ElementwiseActivation", fused=True, data_inputs=(0,), zero_preserving=True)(pass_through)
 backward("Elu", "Selu", "Celu", "Gelu", "Softsign", "HardSigmoid", "HardSwish", "Mish", "ThresholdedRelu", "LRN",
-         "Erf")(pass_through)
+         "Erf", "Log", "Sqrt")(pass_through)
+
+
+def check_power(ctx, node):
+    return None if node.input[1] in ctx.constants else "a power with a relevance-carrying exponent has no LRP rule"
+
+
+backward("Pow", data_inputs=(0,), check=check_power)(pass_through)
 
 
 # ---------------------------------------------------------------- element-wise arithmetic and joins
 
 def check_arith(ctx, node):
     on_path = path_inputs(ctx, node)
-    if node.op_type in ("Mul", "Div") and len(on_path) > 1:
+    if node.op_type == "Mul" and len(on_path) > 1:
         return "a product of two relevance-carrying tensors has no LRP rule"
-    if node.op_type == "Div" and on_path == [1]:
-        return "division by a relevance-carrying tensor has no LRP rule"
+    if node.op_type == "Div" and 1 in on_path:
+        return "a division by a relevance-carrying tensor has no LRP rule"
     return None
 
 

@@ -93,21 +93,63 @@ def check_slice(ctx, node):
         if not names[0] and not (ctx.shapes.get(node.input[1]) or [None])[0]:
             return "needs constant axes or a starts input of known length"
         return None
-    if np.any(params[3] != 1):
-        return "slices with steps other than 1 are not supported"
+    if np.any(params[3] != 1) and any(shape[int(a) % len(shape)] is None for a in params[2]):
+        return "slices with steps other than 1 need static sizes along the sliced axes"
     return None
+
+
+def copy_matrix(sources: np.ndarray, size: int) -> np.ndarray:
+    """``[len(sources), size]``: row ``j`` is 1 at ``sources[j]``, the input index that output ``j`` copies. Its
+    transpose adds up, per input index, the relevance of every output that copies it."""
+    matrix = np.zeros((len(sources), size), dtype=np.float32)
+    matrix[np.arange(len(sources)), sources] = 1
+    return matrix
+
+
+def copy_back(ctx, r: str, maps: dict[int, np.ndarray], rank: int) -> str:
+    """Relevance of a re-indexing ``y[.., j, ..] = x[.., src_a(j), ..]`` (separable, per axis ``a``) sent back to
+    ``x``: along each axis, the transposed 0/1 copy matrix (an Einsum), so an input element copied several times (a
+    reflect or edge pad) gets the sum of its copies' relevance and one never copied gets 0."""
+    b = ctx.b
+    letters = "abcdefghijklmnopqrstuvwxyz"[:rank]
+    for axis, matrix in maps.items():
+        out = letters.replace(letters[axis], "Z")
+        equation = f"{letters},{letters[axis]}Z->{out}"
+        r = b.op("Einsum", [r, b.const(matrix, "copy_matrix")], "R", equation=equation)
+    return r
+
+
+def slice_sources(start, end, step, dim: int) -> np.ndarray:
+    """The input indices a Slice reads along one axis (ONNX's clamping rules, negative steps included)."""
+    return np.arange(dim)[slice(*normalized_slice(int(start), int(end), int(step), dim))]
+
+
+def normalized_slice(start: int, end: int, step: int, dim: int) -> tuple[int, int | None, int]:
+    """Python slice bounds equivalent to ONNX Slice's (negative indices count from the end, then clamp to
+    ``[0, dim]`` for positive steps and ``[-1, dim - 1]`` for negative ones)."""
+    start = start + dim if start < 0 else start
+    end = end + dim if end < 0 else end
+    if step > 0:
+        return int(np.clip(start, 0, dim)), int(np.clip(end, 0, dim)), step
+    start, end = int(np.clip(start, -1, dim - 1)), int(np.clip(end, -1, dim - 1))
+    return start, (None if end < 0 else end), step
 
 
 @backward("Slice", data_inputs=(0,), nonnegative="first", zero_preserving=True, check=check_slice)
 def slice_(ctx, node, r_out):
-    """Pad the relevance back with the algebra's zero to the input's extent (the pads computed at run time when the
-    bounds or the sliced sizes are known only then)."""
+    """Step 1: pad the relevance back with the algebra's zero to the input's extent (the pads computed at run time
+    when the bounds or the sliced sizes are known only then). Other steps (negative too): each input element read
+    gets the relevance of its output element, the others 0 (:func:`copy_back`)."""
     shape = ctx.shapes[node.input[0]]
     rank = len(shape)
     params = slice_params(ctx, node)
-    if params is None or any(shape[int(a) % rank] is None for a in params[2]):
+    if params is None or (np.all(params[3] == 1) and any(shape[int(a) % rank] is None for a in params[2])):
         return {0: slice_at_run_time(ctx, node, r_out[0])}
-    starts, ends, axes, _ = params
+    starts, ends, axes, steps = params
+    if np.any(steps != 1):
+        maps = {int(a) % rank: copy_matrix(slice_sources(s, e, t, shape[int(a) % rank]), shape[int(a) % rank])
+                for s, e, a, t in zip(starts, ends, axes, steps, strict=True)}
+        return {0: copy_back(ctx, r_out[0], maps, rank)}
     pads = [0] * (2 * rank)
     for s, e, a in zip(starts, ends, axes, strict=True):
         a = int(a) % rank
@@ -147,13 +189,39 @@ def slice_at_run_time(ctx, node, r: str) -> str:
     return b.op("Pad", inputs, "R")
 
 
-def check_pad(ctx, node):
-    if attr(node, "mode", "constant") != "constant":
-        return "only constant padding maps relevance back"
-    if ctx.constants.get(node.input[1]) is None:
-        return "needs constant pads"
+def pad_amounts(ctx, node) -> list[int] | None:
+    """Begin and end pads per axis of the input (``[b_0, .., b_{r-1}, e_0, .., e_{r-1}]``), with opset 18's axes."""
+    pads = ctx.constants.get(node.input[1])
+    shape = ctx.shapes.get(node.input[0])
+    if pads is None or shape is None:
+        return None
+    pads = [int(p) for p in pads]
+    rank = len(shape)
     if len(node.input) > 3 and node.input[3]:
-        return "pads with an axes input are not supported"
+        axes = ctx.constants.get(node.input[3])
+        if axes is None:
+            return None
+        full = [0] * (2 * rank)
+        k = len(axes)
+        for i, a in enumerate(int(a) % rank for a in axes):
+            full[a], full[a + rank] = pads[i], pads[i + k]
+        return full
+    return pads
+
+
+def check_pad(ctx, node):
+    pads = pad_amounts(ctx, node)
+    if pads is None:
+        return "needs constant pads (and axes) and a known input rank"
+    mode = attr(node, "mode", "constant")
+    if mode not in ("constant", "reflect", "edge", "wrap"):
+        return f"unknown pad mode {mode!r}"
+    shape = ctx.shapes[node.input[0]]
+    rank = len(shape)
+    if mode != "constant" and any(shape[a] is None for a in range(rank) if pads[a] or pads[a + rank]):
+        return f"{mode} padding needs static sizes along the padded axes"
+    if any(p < 0 for p in pads) and mode != "constant":
+        return "negative pads are only supported in constant mode"
     return None
 
 
@@ -163,12 +231,37 @@ def pad_nonnegative(is_nonneg, node, tensor) -> bool:
     return is_nonneg(node.input[0]) and (not value or is_nonneg(value))
 
 
+def pad_sources(mode: str, dim: int, begin: int, end: int) -> np.ndarray:
+    """The input index each output position copies along one axis, for reflect (mirror without the edge), edge
+    (repeat the edge) and wrap (periodic) padding."""
+    positions = np.arange(-begin, dim + end)
+    if mode == "edge":
+        return np.clip(positions, 0, dim - 1)
+    if mode == "wrap":
+        return positions % dim
+    period = 2 * (dim - 1)  # reflect: ..., 2, 1, [0, 1, ..., n-1], n-2, n-3, ...
+    folded = np.abs(positions) % period if period else np.zeros_like(positions)
+    return np.where(folded < dim, folded, period - folded)
+
+
 @backward("Pad", data_inputs=(0,), nonnegative=pad_nonnegative, zero_preserving=True, check=check_pad)
 def pad(ctx, node, r_out):
-    """Crop the padding off the relevance."""
+    """Constant mode: crop the padding off the relevance (the pad value is a constant: its share is dropped, like
+    a bias's). Reflect, edge and wrap copy input elements into the border: each copy's relevance goes back to the
+    element it copies (:func:`copy_back`)."""
     b = ctx.b
-    pads = ctx.constants[node.input[1]].astype(np.int64)
+    pads = pad_amounts(ctx, node)
     rank = len(pads) // 2
+    mode = attr(node, "mode", "constant")
+    if mode != "constant":
+        shape = ctx.shapes[node.input[0]]
+        maps = {a: copy_matrix(pad_sources(mode, shape[a], pads[a], pads[a + rank]), shape[a])
+                for a in range(rank) if pads[a] or pads[a + rank]}
+        return {0: copy_back(ctx, r_out[0], maps, rank)}
+    if any(p < 0 for p in pads):  # a negative pad crops: the relevance of the cropped part is 0
+        grow = [max(-p, 0) for p in pads]
+        r_out = [ctx.pad_with_zero(r_out[0], grow)]
+        pads = [max(p, 0) for p in pads]
     ends = [-int(p) if p > 0 else np.iinfo(np.int64).max for p in pads[rank:]]
     return {0: b.op("Slice", [r_out[0], b.const(pads[:rank], "start", np.int64), b.const(ends, "end", np.int64),
                               b.const(list(range(rank)), "axes", np.int64)], "R")}

@@ -1,0 +1,35 @@
+"""What ``onnxlrp explain``, ``onnxlrp evaluate`` and ``onnxlrp demo`` do.
+
+* :func:`run_explain` (:mod:`.explain`) writes one heatmap PNG and the raw relevance (``.npy``) per image.
+* :func:`run_evaluate` (:mod:`.evaluate`) runs the R-LRP paper's masked-input study (keep the p % most relevant
+  inputs, set the others to 0, measure the accuracy) and region perturbation (MoRF, AOPC) for several rules
+  (:mod:`.study`), and writes JSON, CSV and plots.
+* :func:`run_demo` (:mod:`.demo`) does both on the bundled digits CNN.
+
+Shared pieces: compiling and the forward pass (:mod:`.models`), preprocessing (:mod:`.preprocess`), the data sets
+of evaluate (:mod:`.datasets`), its ``--rules`` and ``--percent`` (:mod:`.rulespec`), and the output files
+(:mod:`.files`).
+
+Every output file is written through :func:`onnxlrp.io.write_atomic` (a hidden temp file in its folder, renamed
+into place), so a file either exists complete or not at all, also on Ctrl-C or SIGTERM.  Every user error is an
+:class:`~onnxlrp.errors.OnnxlrpError` with one line.
+"""
+
+from .demo import run_demo
+from .evaluate import PAPER_PERCENTS, evaluate_rules, run_evaluate
+from .explain import run_explain
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD, make_preprocess
+from .rulespec import RuleSpec, parse_rules
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "PAPER_PERCENTS",
+    "RuleSpec",
+    "evaluate_rules",
+    "make_preprocess",
+    "parse_rules",
+    "run_demo",
+    "run_evaluate",
+    "run_explain",
+]

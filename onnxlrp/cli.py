@@ -153,15 +153,33 @@ def rules_command():
 
 @cli.command("explain")
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.argument("images", nargs=-1, required=True)
+@click.argument("images", nargs=-1)
 @rule_options
 @click.option("--target", default="predicted", show_default=True, help="Class index, or 'predicted'.")
 @click.option("--preprocess", default="none", show_default=True, help=PREPROCESS_HELP)
 @click.option("-o", "--out-dir", default="onnxlrp-explain", show_default=True)
 @click.option("--overlay/--no-overlay", default=True, show_default=True, help="Blend the heatmap over the image.")
 @click.option("--batch-size", type=int, default=32, show_default=True)
-def explain_command(model, images, target, preprocess, out_dir, overlay, batch_size, **kw):
-    """Write a heatmap PNG and the raw relevance (.npy) per image; print the explained class and score."""
+@click.option("--text", "texts", multiple=True,
+              help="Explain this text instead of images (repeatable; a model with a token input; rule default "
+                   "attnlrp): token relevance as JSON, HTML and PNG.")
+@click.option("--tokenizer", type=click.Path(dir_okay=False), help="The tokenizer.json that --text is tokenized with.")
+def explain_command(model, images, target, preprocess, out_dir, overlay, batch_size, texts, tokenizer, **kw):
+    """Write a heatmap PNG and the raw relevance (.npy) per image, or the token relevance of each --text; print the
+    explained class and score."""
+    if texts:
+        from .apps.text import run_explain_text
+
+        if images:
+            raise OnnxlrpError("explain: give images or --text, not both")
+        if not tokenizer:
+            raise OnnxlrpError("explain --text needs --tokenizer tokenizer.json")
+        if click.get_current_context().get_parameter_source("rule") == click.core.ParameterSource.DEFAULT:
+            kw["rule"] = "attnlrp"
+        run_explain_text(model, texts, tokenizer, out_dir=out_dir, target=target, **compile_kwargs(kw))
+        return
+    if not images:
+        raise OnnxlrpError("explain: give at least one image or folder (or --text with --tokenizer)")
     from .apps import run_explain
 
     run_explain(model, images, out_dir=out_dir, target=target, preprocess=preprocess, overlay=overlay,

@@ -139,9 +139,12 @@ class Linear:
                 name, stored_transposed = self.source
                 if stored_transposed:
                     return b.op("MatMul", [g, name], "WTg")
-                if self.x_shape is not None and len(self.x_shape) > 2:  # [batch, tokens, in]: Gemm takes 2-D only
-                    # a Transpose of an initializer, which onnxruntime folds when the session is created
-                    return b.op("MatMul", [g, b.op("Transpose", [name], "W_T", perm=[1, 0])], "WTg")
+                if self.x_shape is not None and len(self.x_shape) > 2:
+                    # [batch, tokens, out]: Gemm takes 2-D only, so g goes through it as [batch * tokens, out] (a
+                    # MatMul with the Transpose of the weight would keep a transposed copy of every weight)
+                    flat = b.op("Reshape", [g, b.const([-1, self.weight.shape[1]], "flat", np.int64)], "g_2d")
+                    out = b.op("Gemm", [flat, name], "WTg", transB=1)
+                    return b.op("Reshape", [out, b.op("Shape", [self.x])], "WTg")
                 return b.op("Gemm", [g, name], "WTg", transB=1)
             return b.op("MatMul", [g, self.weight_name(b, weight.T, tag + "_T")], "WTg")
         wd = self.window

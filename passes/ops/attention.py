@@ -91,7 +91,7 @@ def activation_matmul(ctx, node, r_out):
 
 def unbroadcast_batch(ctx, r: str, operand: str, output: str) -> str:
     """``r`` (shaped like the product's batch axes and the operand's matrix axes) summed over the batch axes that
-    MatMul broadcast the operand along, and reshaped like the operand."""
+    MatMul broadcast the operand along (the leading ones squeezed)."""
     si, so = ctx.shapes.get(operand), ctx.shapes.get(output)
     if si is None or so is None:
         raise OnnxlrpError(f"MatMul {output!r}: operand shapes unknown")
@@ -100,7 +100,9 @@ def unbroadcast_batch(ctx, r: str, operand: str, output: str) -> str:
     if not axes:
         return r
     r = ctx.reduce(ctx.algebra.reduce_op, r, axes, hint="unbroadcast")
-    return ctx.b.op("Reshape", [r, ctx.b.op("Shape", [operand])], "unbroadcast")
+    if not lead:
+        return r
+    return ctx.b.op("Squeeze", [r, ctx.b.const(list(range(lead)), "axes", np.int64)], "unbroadcast")
 
 
 # ---------------------------------------------------------------- the fused Attention op (opset 23)

@@ -55,12 +55,19 @@ def gather(ctx, node, r_out):
         positions = b.op("Range", [b.const(0, "zero_i", np.int64), size, b.const(1, "one_i", np.int64)], "positions")
         hit = b.op("Equal", [b.op("Unsqueeze", [wrapped, b.const([1], "axes", np.int64)]), positions], "hit")
         one_hot = b.op("Cast", [hit], "one_hot", to=TensorProto.FLOAT)
-    if None not in shape:
-        k_shape = b.const([*shape[:axis], -1, *shape[axis + 1:]], "shape", np.int64)
+    post = shape[axis + 1:]
+    index_rank = len(ctx.shapes[indices])
+    if index_rank == 0:  # a scalar index dropped the axis: put it back
+        k_shape = None
+    elif None not in post or index_rank == 1:
+        # the leading axes of the relevance are the data's (Reshape's 0 copies them), the trailing ones too when
+        # the indices take one axis: no Shape of the forward tensor, which would keep it alive
+        k_shape = b.const([0] * axis + [-1] + [0 if d is None else d for d in post], "shape", np.int64)
     else:
         k_shape = b.op("Concat", [shape_slice(b, data, 0, axis), b.const([-1], "k", np.int64),
                                   shape_slice(b, data, axis + 1, rank)], "shape", axis=0)
-    r = b.op("Reshape", [r_out[0], k_shape], "R_k")
+    r = b.op("Unsqueeze", [r_out[0], b.const([axis], "axes", np.int64)], "R_k") if k_shape is None else \
+        b.op("Reshape", [r_out[0], k_shape], "R_k")
     to_last = [a for a in range(rank) if a != axis] + [axis]
     spread = b.op("MatMul", [b.op("Transpose", [r], "R_k", perm=to_last), one_hot], "R")
     return {0: b.op("Transpose", [spread], "R", perm=[int(p) for p in np.argsort(to_last)])}

@@ -12,7 +12,13 @@ from .registry import backward
 @backward("Flatten", "Reshape", "Squeeze", "Unsqueeze", data_inputs=(0,), shape_only=True, nonnegative="first",
           zero_preserving=True)
 def reshape(ctx, node, r_out):
-    return {0: reshape_like(ctx, r_out[0], node.input[0])}
+    """The relevance in the input's shape: a Squeeze undoes an Unsqueeze and the reverse (constant axes, opset 13),
+    anything else is a Reshape like the input (:func:`reshape_like`)."""
+    axes = ctx.constants.get(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+    inverse = {"Unsqueeze": "Squeeze", "Squeeze": "Unsqueeze"}.get(node.op_type)
+    if inverse and axes is not None:
+        return {0: ctx.b.op(inverse, [r_out[0], ctx.b.const(axes, "axes", np.int64)], "R")}
+    return {0: reshape_like(ctx, r_out[0], node.input[0], node.output[0])}
 
 
 def check_transpose(ctx, node):

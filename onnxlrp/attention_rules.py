@@ -28,6 +28,10 @@ Node kinds (a composite selects the rule per kind, op type, name or position):
 - ``matmul`` (MatMul of two activations, ``Q K^T`` and ``P V``): :class:`UniformEpsilon`, Prop. 3.3. An operand that
   CP-LRP holds constant (the output of a Softmax under :class:`HeldConstant`) gets nothing, and the other operand then
   gets the epsilon rule of a linear map with run-time weights, as LXT's CP-LRP attention computes it.
+- ``normalization`` (LayerNorm, RMS norm and their decomposed forms, :mod:`onnxlrp.passes.ops.normalization`):
+  :class:`LXTNorm`, LXT's rules (LayerNorm linearized with LXT's stabilizer on its output, RMS norm the identity).
+- ``gate`` (a product of two relevance-carrying tensors, :mod:`onnxlrp.passes.ops.gates`): AttnLRP's uniform split
+  is :class:`onnxlrp.node_rules.Uniform`; CP-LRP's constant gate is :class:`ActivationGate`.
 """
 
 from __future__ import annotations
@@ -39,6 +43,11 @@ import numpy as np
 from .rules import Rule, product
 
 LXT_EPSILON = 1e-8  # lxt.explicit.rules.EpsilonRule, lxt.explicit.functional.add2 and matmul
+LXT_NORM_EPSILON = 1e-6  # lxt.explicit.functional.layer_norm_grad_fn: relevance_norm = R / (y + 1e-6)
+# op types whose output is an element-wise activation of its input (the gate of SwiGLU or GeGLU); with the fused
+# ElementwiseActivation of :func:`onnxlrp.passes.patterns.activation_product`
+ACTIVATIONS = {"ElementwiseActivation", "Sigmoid", "Tanh", "HardSigmoid", "Gelu", "Relu", "Softplus", "Elu", "Selu",
+               "Celu", "Mish", "HardSwish", "LeakyRelu", "Swish"}
 FLOAT_MAX = float(np.finfo(np.float32).max)
 
 
@@ -146,11 +155,63 @@ class UniformEpsilon(Rule):
         return out
 
 
+@dataclass(frozen=True)
+class LXTNorm(Rule):
+    """LXT's normalization rules. LayerNorm (centered; ``lxt.explicit.functional.layer_norm``): the standard deviation
+    is a constant, so the layer is linear, and the epsilon rule with LXT's stabilizer on its output gives ``R_x = x *
+    (h - mean(h))``, ``h = w * R / (sigma (y + eps))`` (AttnLRP Prop. 3.4's linearization; the map is
+    :class:`onnxlrp.passes.ops.normalization.NormView`'s). RMS norm (not centered;
+    ``lxt.explicit.functional.rms_norm_identity``): the identity, ``R_x = R``."""
+
+    epsilon: float = LXT_NORM_EPSILON
+    name = "lxt-norm"
+    summary = "normalizations as LXT: LayerNorm linearized with the stabilizer y + eps (1e-6), RMS norm identity"
+    kinds = ("normalization",)
+    multiplies_by_input = True
+
+    def normalization(self, ctx, view, r: str) -> str:
+        if not view.centered:
+            return r
+        return view.input_relevance(shifted_divide(ctx.b, r, view.y, self.epsilon))
+
+
+@dataclass(frozen=True)
+class ActivationGate(Rule):
+    """CP-LRP's gate (Ali et al. 2022; LXT's CP-LRP for LLaMA stops the relevance at the activation,
+    ``lxt.explicit.models.llama.cp_lrp``): in ``y = act(g) * u`` the activation's output is a constant, ``R_u = R``.
+    The gate is the factor that a gating activation makes (:func:`onnxlrp.passes.ops.gates.gate_side`: Sigmoid,
+    HardSigmoid, Softmax, bounded Clip), else the one factor that an element-wise activation makes (the SiLU of
+    SwiGLU, the GELU of GeGLU); where neither decides (a bilinear product), the product is split as
+    :class:`onnxlrp.node_rules.Uniform` does."""
+
+    name = "activation-gate"
+    summary = "gates: the activation's factor (SwiGLU's SiLU, a Sigmoid) is a constant, the other gets all R (CP-LRP)"
+    kinds = ("gate",)
+    preserves_zero = True
+
+    def gate(self, ctx, node, r: str, factors: list[int], gate: int | None) -> dict[int, str]:
+        if gate is None:
+            made = [i for i in factors if activation_output(ctx, node.input[i])]
+            gate = made[0] if len(made) == 1 else None
+        if gate is None:
+            half = ctx.b.op("Mul", [r, ctx.b.const(1.0 / len(factors), "uniform")], "R_half")
+            return {i: half for i in factors}
+        return {next(i for i in factors if i != gate): r}
+
+
+def activation_output(ctx, tensor: str) -> bool:
+    """Whether ``tensor`` is the output of an element-wise activation (through Cast and Identity)."""
+    node = ctx.view.producer.get(tensor)
+    while node is not None and node.op_type in ("Cast", "Identity"):
+        node = ctx.view.producer.get(node.input[0])
+    return node is not None and node.op_type in ACTIVATIONS
+
+
 def swap_last(b, tensor: str, rank: int) -> str:
     """``tensor`` (of rank ``rank``) with its last two axes swapped."""
     return b.op("Transpose", [tensor], "T", perm=list(range(rank - 2)) + [rank - 1, rank - 2])
 
 
 ATTENTION_RULES: dict[str, type[Rule]] = {cls.name: cls for cls in (LXTEpsilon, SoftmaxTaylor, HeldConstant,
-                                                                     UniformEpsilon)}
+                                                                     UniformEpsilon, LXTNorm, ActivationGate)}
 ATTENTION_DEFAULTS: dict[str, type[Rule]] = {"softmax": SoftmaxTaylor, "matmul": UniformEpsilon}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import onnx
 from onnx import helper
@@ -19,6 +21,7 @@ class GraphBuilder:
         self._taken |= {t.name for t in graph.initializer} | {v.name for v in graph.input}
         self._counter = 0
         self._constants: dict[tuple, str] = {}
+        self._shared: dict[tuple, str] = {}  # key -> tensor emitted once (weights computed from initializers)
         self.products: dict[str, tuple[str, str]] = {}  # relevance tensor -> (forward value x, cofactor c): r = x * c
         self.stand_ins: dict[str, str] = {}  # a stand-in -> the forward value it equals wherever relevance is non-zero
         self.scope = ""
@@ -54,6 +57,12 @@ class GraphBuilder:
             self._constants[key] = name
         return name
 
+    def shared(self, key: tuple, emit: Callable[[], str]) -> str:
+        """The tensor ``emit()`` returns, emitted the first time ``key`` is asked for and reused after that."""
+        if key not in self._shared:
+            self._shared[key] = emit()
+        return self._shared[key]
+
     def drop_unread(self, needed: set[str]) -> None:
         """Forget the emitted nodes (and their constants) that nothing in ``needed`` depends on: a product that a
         reader bypassed through :attr:`products` is emitted before the reader knows it does not need it."""
@@ -66,6 +75,7 @@ class GraphBuilder:
         self.nodes = kept[::-1]
         self.initializers = [(name, array) for name, array in self.initializers if name in needed]
         self._constants = {k: v for k, v in self._constants.items() if v in needed}
+        self._shared = {k: v for k, v in self._shared.items() if v in needed}
 
     def commit(self) -> None:
         """Append everything emitted so far to the graph. Each constant is written straight into the graph's

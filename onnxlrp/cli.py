@@ -1,4 +1,4 @@
-"""Command line: ``onnxlrp compile|inspect|rules|explain|evaluate|demo``.
+"""Command line: ``onnxlrp compile|inspect|rules|explain|evaluate|web|demo``.
 
 Every user error ends in one line on stderr (``error: ...``) and a non-zero exit code; ``--debug`` shows the
 traceback instead.
@@ -55,6 +55,9 @@ def rule_options(fn):
                      help="Graph output to explain (default: the class scores: an output made by a Softmax or "
                           "Sigmoid, else the largest [batch, K] one, else the first float output)."),
         click.option("--node-output", help="Intermediate tensor to explain instead of a graph output."),
+        click.option("--node-input", multiple=True,
+                     help="Intermediate tensor to give relevance to instead of the graph inputs (e.g. a spectrogram "
+                          "or an embedding behind a front-end without a rule); repeatable."),
         click.option("--position", type=int,
                      help="Position explained along the sequence axis of a [batch, tokens, classes] output "
                           "(a decoder's logits; negative counts from the end; default: the last)."),
@@ -74,6 +77,7 @@ def compile_kwargs(kw: dict) -> dict:
         kw.pop(k, None)
     return dict(rule=kw.pop("rule"), composite=kw.pop("composite"), flat_layers=kw.pop("flat_layers"),
                 opset=kw.pop("opset"), output=kw.pop("output_name"), node_output=kw.pop("node_output"),
+                node_input=list(kw.pop("node_input")) or None,
                 input_shapes=parse_input_shapes(kw.pop("input_shape")), precision=kw.pop("precision"),
                 position=kw.pop("position"), **params)
 
@@ -124,6 +128,10 @@ def inspect_command(model, **kw):
                    "z-box on a model whose first layer is not a convolution)")
     for node, rule in plan.rules.items():
         click.echo(f"  {escape_terminal(node)}: {rule}")
+    if plan.patterns:
+        click.echo(f"{len(plan.patterns)} recognized pattern(s) and gate(s) on the relevance path:")
+        for line in plan.patterns:
+            click.echo(f"  {escape_terminal(line)}")
     if plan.unsupported:
         click.echo(f"{len(plan.unsupported)} unsupported node(s) on the relevance path:")
         for line in plan.unsupported:
@@ -141,7 +149,8 @@ def rules_command():
     click.echo("rules (applied to every Conv/Gemm/MatMul):")
     for name in RULES:
         click.echo(f"  {name:28s} {COMPOSITES[name].description}")
-    click.echo("rules for joins and pools (in a TOML composite; defaults: "
+    click.echo("rules for joins, pools, resizes, element-wise Max/Min, gates, normalizations and recurrent layers "
+               "(in a TOML composite; defaults: "
                + ", ".join(f"{kind} -> {cls.name}" for kind, cls in DEFAULTS.items()) + "):")
     for name, cls in NODE_RULES.items():
         click.echo(f"  {name:28s} {cls.summary}")
@@ -206,6 +215,25 @@ def evaluate_command(model, **kw):
     from .apps import run_evaluate
 
     run_evaluate(model, **kw)
+
+
+@cli.command("web")
+@click.argument("model", type=click.Path(dir_okay=False))
+@rule_options
+@click.option("--preprocess", default="none", show_default=True,
+              help="'none' (pixels/255), 'imagenet' (mean/std), or a TOML file with scale, mean, std.")
+@click.option("--ort-web", type=click.Path(), help="onnxruntime-web's folder (default: node_modules/onnxruntime-web "
+              "here or above; `npm install onnxruntime-web` fetches it).")
+@click.option("-o", "--out-dir", help="Output folder (default: MODEL_STEM-web).")
+def web_command(model, preprocess, ort_web, out_dir, **kw):
+    """Write a static page bundle that explains images in the browser (WebGPU, else WebAssembly); serve the folder
+    with any static server, e.g. `python -m http.server -d DIR`."""
+    from .web import write_bundle
+
+    options = compile_kwargs(kw)
+    out = write_bundle(model, out_dir, preprocess=preprocess, ort_web=ort_web, **options)
+    click.echo(f"wrote {escape_terminal(str(out))}: serve it with `python -m http.server -d "
+               f"{escape_terminal(str(out))}` and open http://localhost:8000")
 
 
 @cli.command("demo")

@@ -11,12 +11,13 @@ from pathlib import Path
 import onnx
 from onnx import helper
 
-from onnxlrp.passes.canonicalize import canonicalize
+from onnxlrp.passes.canonicalize import FoldedConstants, canonicalize, restore_folded
 from onnxlrp.passes.families import ClassicFamily, Family
 from onnxlrp.passes.relevance import RelevancePass, rule_table
 from onnxlrp.passes.rlrp import RLRPFamily
 
 from . import __version__
+from .attributes import make_explicit
 from .composites import Composite, get_composite, load_composite
 from .errors import OnnxlrpError
 from .io import clamp_ir_version, read_model
@@ -29,7 +30,7 @@ PARAMETER_NAMES = ("epsilon", "gamma", "alpha", "beta", "low", "high", "stabiliz
 @dataclass
 class Plan:
     """What ``inspect`` shows: the family, the rule per rule-bearing node, every node on the path that has no rule,
-    and the given rule parameters that no node of this model uses."""
+    the given rule parameters that no node of this model uses, and the recognized patterns and gates."""
 
     rules: dict[str, str]
     unsupported: list[str]
@@ -38,6 +39,7 @@ class Plan:
     family: str = "classic"
     unused_parameters: list[str] = field(default_factory=list)
     explained_why: str = ""  # what the explained tensor is and why it was chosen
+    patterns: list[str] = field(default_factory=list)
 
 
 @contextmanager
@@ -67,7 +69,8 @@ def family_of(composite: Composite, params: dict, flat_layers: int) -> Family:
 
 
 def _pass(model: onnx.ModelProto, composite: Composite, *, params: dict, flat_layers: int, output, node_output,
-          opset, input_shapes, precision=None, source=None, position=None) -> RelevancePass:
+          opset, input_shapes, precision=None, source=None, node_input=None, position=None
+          ) -> tuple[RelevancePass, FoldedConstants]:
     unknown = set(params) - set(PARAMETER_NAMES)
     if unknown:
         raise OnnxlrpError(f"unknown parameter(s) {', '.join(sorted(unknown))}; valid: {', '.join(PARAMETER_NAMES)}")
@@ -76,31 +79,40 @@ def _pass(model: onnx.ModelProto, composite: Composite, *, params: dict, flat_la
         raise OnnxlrpError("--flat-layers must be at least 1")
     family = family_of(composite, params, flat_layers)
     composite.check_parameters(params)
+    node_inputs = [node_input] if isinstance(node_input, str) else list(node_input) if node_input else None
     with naming_the_model(source):
-        canonical, shapes = canonicalize(model, opset=opset, input_shapes=input_shapes, precision=precision)
-        return RelevancePass(canonical, shapes, family, output=output, node_output=node_output, position=position)
+        canonical, shapes, folded = canonicalize(model, opset=opset, input_shapes=input_shapes, precision=precision)
+        return RelevancePass(canonical, shapes, family, output=output, node_output=node_output,
+                             node_inputs=node_inputs, position=position), folded
 
 
 def compile(model_or_path, rule: str = "epsilon", *, composite: str | Path | None = None, output: str | None = None,
-            node_output: str | None = None, opset: int | None = None,
+            node_output: str | None = None, node_input: str | list[str] | None = None, opset: int | None = None,
             input_shapes: dict[str, list[int]] | None = None, flat_layers: int = 1, precision: str | None = None,
             position: int | None = None, **params) -> onnx.ModelProto:
     """Compile ``model_or_path`` (a ModelProto or a file) with ``rule`` (a rule or composite name, see
     ``onnxlrp rules``) or a TOML ``composite``. Parameters: epsilon, gamma, alpha, beta, low, high, stabilizer.
-    ``precision="fp16"`` makes the forward pass float16 (relevance is always computed in float32). ``position``: the
-    position explained along the sequence axis of a ``[batch, tokens, classes]`` output (default: the last).
+    ``precision="fp16"`` makes the forward pass float16 (relevance is always computed in float32).
+    ``node_input``: one intermediate tensor (or several) explained instead of the float graph inputs, e.g. a
+    spectrogram behind an STFT or an embedding behind a token lookup; the nodes before it need no rule.
+    ``position``: the position explained along the sequence axis of a ``[batch, tokens, classes]`` output (default:
+    the last).
 
-    The result keeps every original input and output and adds the optional input ``target`` (int64 [batch], -1
-    or absent: explain the predicted class) and the outputs ``relevance`` and ``explained_class``.
+    The result keeps every original input and output and adds the input ``target`` (int64 [batch], -1: explain
+    the predicted class) and the outputs ``relevance`` (``relevance.<name>`` per input or node input when there
+    are several) and ``explained_class``.
     """
     model, digest = read_model(model_or_path)
     comp = choose_composite(rule, composite)
-    rp = _pass(model, comp, params=params, flat_layers=flat_layers, output=output, node_output=node_output,
-               opset=opset, input_shapes=input_shapes, precision=precision, source=model_or_path, position=position)
+    rp, folded = _pass(model, comp, params=params, flat_layers=flat_layers, output=output, node_output=node_output,
+                       opset=opset, input_shapes=input_shapes, precision=precision, source=model_or_path,
+                       node_input=node_input, position=position)
     with naming_the_model(model_or_path):
         relevance = rp.run()
-        rp.finish(relevance)
+        outputs = rp.finish(relevance)
     compiled = rp.model
+    restore_folded(compiled.graph, folded)
+    make_explicit(compiled.graph, rp.opset)  # no attribute left to a backend's defaults
     compiled.producer_name, compiled.producer_version = "onnxlrp", __version__
     meta = {
         "onnxlrp.version": __version__,
@@ -108,6 +120,7 @@ def compile(model_or_path, rule: str = "epsilon", *, composite: str | Path | Non
         "onnxlrp.plan": json.dumps(rule_table(rp.plan)),
         "onnxlrp.explained": rp.target,
         "onnxlrp.explained_why": rp.explained_why,
+        "onnxlrp.relevance_of": json.dumps(dict(zip(outputs, rp.explained_inputs, strict=True))),
         "onnxlrp.source_sha256": digest,
     }
     kept = [p for p in compiled.metadata_props if not p.key.startswith("onnxlrp.")]
@@ -120,18 +133,19 @@ def compile(model_or_path, rule: str = "epsilon", *, composite: str | Path | Non
     return compiled
 
 
-def inspect(model_or_path, rule: str = "epsilon", *, composite=None, output=None, node_output=None, opset=None,
-            input_shapes=None, flat_layers: int = 1, precision=None, position=None, **params) -> Plan:
+def inspect(model_or_path, rule: str = "epsilon", *, composite=None, output=None, node_output=None, node_input=None,
+            opset=None, input_shapes=None, flat_layers: int = 1, precision=None, position=None, **params) -> Plan:
     """The rule plan and the unsupported nodes on the relevance path, without emitting anything."""
     model, _ = read_model(model_or_path)
-    rp = _pass(model, choose_composite(rule, composite), params=params, flat_layers=flat_layers, output=output,
-               node_output=node_output, opset=opset, input_shapes=input_shapes, precision=precision,
-               source=model_or_path, position=position)
+    rp, _ = _pass(model, choose_composite(rule, composite), params=params, flat_layers=flat_layers, output=output,
+                  node_output=node_output, opset=opset, input_shapes=input_shapes, precision=precision,
+                  source=model_or_path, node_input=node_input, position=position)
     with naming_the_model(model_or_path):
         problems = rp.unsupported()
         plan = {} if problems else rp.family.plan(rp.plan_nodes())
+        patterns = rp.pattern_lines()
     return Plan(rule_table(plan), problems, rp.target, rp.explained_inputs, rp.family.name,
-                rp.family.parameters_unused(plan), rp.explained_why)
+                rp.family.parameters_unused(plan), rp.explained_why, patterns)
 
 
 def is_compiled(model: onnx.ModelProto) -> bool:

@@ -1,10 +1,14 @@
 """Composites: which rule each rule-bearing node gets, by selectors; first match wins (Zennit's names and defaults).
 
 Rule-bearing nodes are linear layers (Conv, Gemm, MatMul with a constant weight), joins (Add/Sum/Sub of several
-relevance-carrying tensors) and pools (average and max). An entry applies to a node when its selectors match and
-its rule is one for the node's kind (:attr:`onnxlrp.rules.Rule.kinds`). A linear layer that no entry selects is an
-error; a join or pool gets its kind's default (:data:`onnxlrp.node_rules.DEFAULTS`: Norm, winner-take-all) with the
-composite's parameters (``--stabilizer`` reaches joins and pools, as Zennit passes it to its Norm rule).
+relevance-carrying tensors), pools (average and max), resizes, element-wise Max/Min of several relevance-carrying
+tensors, gates (a Mul of two relevance-carrying tensors), normalizations (LayerNormalization, GroupNormalization,
+InstanceNormalization, RMSNormalization and their decomposed forms), and for transformers offsets, softmax and
+matrix products of two activations (:mod:`onnxlrp.attention_rules`). An entry applies to a node when its selectors
+match and its rule is one for the node's kind (:attr:`onnxlrp.rules.Rule.kinds`). A linear layer that no entry
+selects is an error; any other node gets its kind's default (:data:`onnxlrp.node_rules.DEFAULTS`: Norm,
+winner-take-all, value, linearized, recurrent-epsilon) with the composite's parameters (``--stabilizer`` reaches
+joins, pools, resizes and normalizations, as Zennit passes it to its Norm rule).
 
 A composite is propagated by a family: ``classic``, or ``rlrp`` when every entry's rule is ``rlrp`` (R-LRP is a
 whole-sweep method and cannot be mixed per layer, see :mod:`onnxlrp.passes.rlrp`).
@@ -19,15 +23,16 @@ from pathlib import Path
 
 from .attention_rules import ATTENTION_DEFAULTS, ATTENTION_RULES
 from .errors import OnnxlrpError
-from .interim_gate_rules import GATE_DEFAULTS, GATE_RULES
 from .node_rules import DEFAULTS as NODE_DEFAULTS
 from .node_rules import NODE_RULES
 from .rules import RULES, Rule, make_rule
 
-ALL_RULES: dict[str, type[Rule]] = {**RULES, **NODE_RULES, **ATTENTION_RULES, **GATE_RULES}
+ALL_RULES: dict[str, type[Rule]] = {**RULES, **NODE_RULES, **ATTENTION_RULES}
 # the rule of a node kind that no entry selects (an ``offset`` has none: relevance passes it unchanged)
-DEFAULTS: dict[str, type[Rule]] = {**NODE_DEFAULTS, **ATTENTION_DEFAULTS, **GATE_DEFAULTS}
+DEFAULTS: dict[str, type[Rule]] = {**NODE_DEFAULTS, **ATTENTION_DEFAULTS}
 
+KINDS = ("linear", "join", "offset", "average_pool", "max_pool", "resize", "elementwise_max", "gate", "normalization",
+         "softmax", "matmul", "recurrent")
 CONV = ("Conv",)
 DENSE = ("Gemm", "MatMul")
 
@@ -43,17 +48,21 @@ class Entry:
     rule: str
     params: dict = field(default_factory=dict)
     ops: tuple[str, ...] | None = None
+    kinds: tuple[str, ...] | None = None
     first: bool | None = None
     name: str | None = None
     position: tuple[int, int] | None = None
 
     def matches(self, node, n_of_kind: int, flat_layers: int) -> bool:
-        """Whether the selectors select ``node`` (a :class:`onnxlrp.passes.families.PlanNode`): its op type, whether
-        it lies within the first ``flat_layers`` linear layers from the input (``first``), a regex on its name, and
-        its position among the ``n_of_kind`` nodes of its kind (negative positions count from the end)."""
+        """Whether the selectors select ``node`` (a :class:`onnxlrp.passes.families.PlanNode`): its op type, its
+        kind, whether it lies within the first ``flat_layers`` linear layers from the input (``first``), a regex on
+        its name, and its position among the ``n_of_kind`` nodes of its kind (negative positions count from the
+        end). A virtual node of a recognized pattern has the op type ``Normalization`` (decomposed norms)."""
         if node.kind not in ALL_RULES[self.rule].kinds:
             return False
         if self.ops is not None and node.op_type not in self.ops:
+            return False
+        if self.kinds is not None and node.kind not in self.kinds:
             return False
         if self.first is not None and (node.depth <= flat_layers) != self.first:
             return False
@@ -141,12 +150,14 @@ COMPOSITES.update({
         "flat on the first linear layer, alpha2-beta1 on convolutions, epsilon on dense layers"),
     "attnlrp": Composite(
         "attnlrp",
-        [Entry("lxt-epsilon"), Entry("softmax-taylor"), Entry("uniform-epsilon"), Entry("uniform")],
+        [Entry("lxt-epsilon"), Entry("softmax-taylor"), Entry("uniform-epsilon"), Entry("uniform"), Entry("lxt-norm")],
         "AttnLRP (Achtibat et al. 2024, LXT's explicit rules): epsilon with z + eps (1e-8) on linear layers, joins "
-        "and offsets, Prop. 3.1 on softmax, Prop. 3.3 on matrix products, uniform gates, LayerNorm's sigma constant"),
+        "and offsets, Prop. 3.1 on softmax, Prop. 3.3 on matrix products, uniform gates, LayerNorm's sigma constant, "
+        "RMS norm identity"),
     "cp-lrp": Composite(
         "cp-lrp",
-        [Entry("lxt-epsilon"), Entry("constant"), Entry("uniform-epsilon"), Entry("value")],
+        [Entry("lxt-epsilon"), Entry("constant"), Entry("uniform-epsilon"), Entry("activation-gate"),
+         Entry("lxt-norm")],
         "CP-LRP (Ali et al. 2022, as LXT computes it): AttnLRP with the attention probabilities, LayerNorm's sigma "
         "and the gates held constant"),
     "cmp": Composite(
@@ -165,7 +176,8 @@ def get_composite(name: str) -> Composite:
 
 
 def load_composite(path: str | Path) -> Composite:
-    """A TOML composite: ``[[layer]]`` tables with selectors (op, first, name, position) and a rule + params."""
+    """A TOML composite: ``[[layer]]`` tables with selectors (op, kind, first, name, position) and a rule +
+    params."""
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -183,8 +195,14 @@ def load_composite(path: str | Path) -> Composite:
         if rule not in ALL_RULES:
             raise OnnxlrpError(f"{path}: layer {i + 1}: unknown rule {rule!r}; valid rules: {', '.join(ALL_RULES)}")
         ops = table.pop("op", None)
+        given_kinds = table.pop("kind", None)
+        kinds = (given_kinds,) if isinstance(given_kinds, str) else given_kinds
         position = table.pop("position", None)
+        if kinds is not None and (not isinstance(kinds, list | tuple) or any(k not in KINDS for k in kinds)):
+            raise OnnxlrpError(f"{path}: layer {i + 1}: unknown kind {given_kinds!r}; valid kinds: "
+                               f"{', '.join(KINDS)}")
         entry = Entry(rule, ops=(ops,) if isinstance(ops, str) else tuple(ops) if ops else None,
+                      kinds=tuple(kinds) if kinds else None,
                       first=table.pop("first", None), name=table.pop("name", None),
                       position=tuple(position) if position else None)
         entry.params = table

@@ -1,7 +1,10 @@
 """The names a compiled model adds to its source: one place for the compiler, the runtime and the apps.
 
-- ``target`` (int64 ``[batch]``, optional input): the class explained per sample; not fed, or -1, means the arg-max
-  of the explained output.
+- ``target`` (int64 ``[batch]``, a required input): the class explained per sample; -1 means the arg-max of the
+  explained output. It is a plain graph input, not an initializer-backed default, so that every runtime lists and
+  accepts it (onnxruntime-web and onnxruntime-node only know inputs without initializers, and onnxruntime logs a
+  warning for an initializer that is also an input); :class:`onnxlrp.runtime.Explainer` feeds -1 when no target is
+  given.
 - ``relevance`` (float32, shaped like the data input), or ``relevance.<input name>`` per float input when there are
   several.
 - ``explained_class`` (int64 ``[batch]``): the class that was explained.

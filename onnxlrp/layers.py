@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .builder import GraphBuilder
+from .weights import Weight, flip, reshape, transpose
 
 FEW_CHANNELS = 8  # a transposed product into fewer channels stays a ConvTranspose (see Linear.transpose)
 
@@ -84,21 +85,43 @@ class Window:
                                       - self.pads[a + r] + self.dilations[a] * (self.kernel[a] - 1) + 1)
                 for a in range(r)]
 
-    def conv_transpose(self, b: GraphBuilder, g: str, weight: str, group: int, hint: str) -> str:
-        """``W^T g`` for a convolution with this geometry, via ConvTranspose."""
+    def conv_transpose(self, b: GraphBuilder, g: str, weight: str, group: int, hint: str,
+                       channels: tuple[int, int]) -> str:
+        """``W^T g`` for a convolution with this geometry, via ConvTranspose. ``channels`` are the weight's first two
+        dims: the input channels of the transposed product and its output channels per group. A form that
+        onnxruntime-web computes wrong (:func:`miscomputed_on_the_web`) becomes a depthwise ConvTranspose, one output
+        per input channel, and the sum of each group's outputs."""
+        in_channels, out_per_group = channels
+        in_per_group = in_channels // group
+        if miscomputed_on_the_web(in_per_group, out_per_group, group):
+            each = b.op("ConvTranspose", [g, weight], hint, strides=self.strides, pads=self.pads,
+                        dilations=self.dilations, group=in_channels, output_padding=self.output_padding())
+            each = b.op("Reshape", [each, b.const([0, group, in_per_group, *self.in_spatial], "shape", np.int64)], hint)
+            return b.op("ReduceSum", [each, b.const([2], "axes", np.int64)], hint, keepdims=0)
         return b.op("ConvTranspose", [g, weight], hint, strides=self.strides, pads=self.pads,
                     dilations=self.dilations, group=group, output_padding=self.output_padding())
 
 
+def miscomputed_on_the_web(in_per_group: int, out_per_group: int, group: int) -> bool:
+    """Whether onnxruntime-web 1.30 computes this ConvTranspose form wrong (with no error): one output channel per
+    group from an even number of input channels per group, on its WebGPU execution provider (``ort.webgpu.min.js``)
+    when ``group > 1``, and on its JSEP WebGPU kernels (``ort.min.js``) with exactly two input channels per group,
+    grouped or not (docs/onnxruntime-web-webgpu.md)."""
+    return out_per_group == 1 and in_per_group % 2 == 0 and (group > 1 or in_per_group == 2)
+
+
 @dataclass
 class Linear:
-    """``z = W x + b``: a Conv (weight [Cout, Cin/g, *k]) or a dense layer (weight [in, out], ``x @ W``)."""
+    """``z = W x + b``: a Conv (weight [Cout, Cin/g, *k]) or a dense layer (weight [in, out], ``x @ W``).
+
+    ``weight`` is an expression over the model's initializer (:class:`Weight`): rules transform it with ops that
+    onnxruntime folds when the session is created, so the compiled file holds no transformed copy of it."""
 
     name: str
     kind: str  # "conv" or "dense"
     x: str
     z: str
-    weight: np.ndarray
+    weight: Weight
     bias: np.ndarray | None
     x_shape: list[int | None]
     window: Window | None = None
@@ -106,47 +129,41 @@ class Linear:
     transpose_x: bool = False  # Gemm transA=1: the node reads x^T; ``x`` is then the transposed tensor
     x_nonneg: bool = False  # x >= 0 everywhere (a Relu output, ...): x- = 0, so rules drop their x- terms
     relu_out: str | None = None  # Relu(z) when the relevance of z is 0 wherever z <= 0 (RelevancePass.relu_behind)
-    # the model's float32 initializer that holds ``weight`` unchanged, and whether it is stored transposed (a dense
-    # weight as [out, in], Gemm transB=1): rules that use the weight as it is read it instead of a copy
-    source: tuple[str, bool] | None = None
-    _weights: dict = field(default_factory=dict, repr=False)
+    _biases: dict = field(default_factory=dict, repr=False)
 
-    def weight_name(self, b: GraphBuilder, weight: np.ndarray, tag: str) -> str:
-        """An initializer for a transformed weight, computed once at compile time and shared within the layer."""
-        if weight is self.weight and self.source is not None and not self.source[1]:
-            return self.source[0]
-        if tag not in self._weights:
-            self._weights[tag] = b.const(weight.astype(np.float32), f"{tag}")
-        return self._weights[tag]
+    def bias_name(self, b: GraphBuilder, bias: np.ndarray, tag: str) -> str:
+        """An initializer for a (modified) bias, one per output: small, computed at compile time, shared within the
+        layer by tag."""
+        if tag not in self._biases:
+            self._biases[tag] = b.const(bias.astype(np.float32), tag)
+        return self._biases[tag]
 
-    def forward(self, b: GraphBuilder, x: str, weight: np.ndarray, bias: np.ndarray | None, tag: str) -> str:
+    def forward(self, b: GraphBuilder, x: str, weight: Weight, bias: np.ndarray | None, tag: str) -> str:
         """``W' x + b'`` with this layer's geometry."""
-        w = self.weight_name(b, weight, tag)
+        w = weight.emit(b, tag)
         if self.kind == "conv":
-            inputs = [x, w] + ([self.weight_name(b, bias, tag + "_b")] if bias is not None else [])
+            inputs = [x, w] + ([self.bias_name(b, bias, tag + "_b")] if bias is not None else [])
             wd = self.window
             return b.op("Conv", inputs, "z", strides=wd.strides, pads=wd.pads, dilations=wd.dilations,
                         group=self.group)
         z = b.op("MatMul", [x, w], "z")
         if bias is not None:
-            z = b.op("Add", [z, self.weight_name(b, bias, tag + "_b")], "z")
+            z = b.op("Add", [z, self.bias_name(b, bias, tag + "_b")], "z")
         return z
 
-    def transpose(self, b: GraphBuilder, g: str, weight: np.ndarray, tag: str) -> str:
+    def transpose(self, b: GraphBuilder, g: str, weight: Weight, tag: str) -> str:
         """``W'^T g``: the gradient of ``W' x`` with respect to ``x``, shaped like ``x``."""
         if self.kind == "dense":
-            if weight is self.weight and self.source is not None:  # the model's own [out, in] or [in, out] weight
-                name, stored_transposed = self.source
-                if stored_transposed:
-                    return b.op("MatMul", [g, name], "WTg")
-                if self.x_shape is not None and len(self.x_shape) > 2:
-                    # [batch, tokens, out]: Gemm takes 2-D only, so g goes through it as [batch * tokens, out] (a
-                    # MatMul with the Transpose of the weight would keep a transposed copy of every weight)
-                    flat = b.op("Reshape", [g, b.const([-1, self.weight.shape[1]], "flat", np.int64)], "g_2d")
-                    out = b.op("Gemm", [flat, name], "WTg", transB=1)
-                    return b.op("Reshape", [out, b.op("Shape", [self.x])], "WTg")
-                return b.op("Gemm", [g, name], "WTg", transB=1)
-            return b.op("MatMul", [g, self.weight_name(b, weight.T, tag + "_T")], "WTg")
+            if weight.is_initializer:
+                # the model's own [in, out] weight: Gemm reads it transposed, no copy (Gemm takes matrices only)
+                if self.x_shape is None or len(self.x_shape) == 2:
+                    return b.op("Gemm", [g, weight.emit(b, tag)], "WTg", transB=1)
+                # [batch, tokens, out]: g goes through Gemm as [batch * tokens, out] (a MatMul with the Transpose
+                # of the weight would keep a transposed copy of every weight)
+                flat = b.op("Reshape", [g, b.const([-1, weight.shape[1]], "flat", np.int64)], "g_2d")
+                out = b.op("Gemm", [flat, weight.emit(b, tag)], "WTg", transB=1)
+                return b.op("Reshape", [out, b.op("Shape", [self.x])], "WTg")
+            return b.op("MatMul", [g, weight.T.emit(b, tag + "_T")], "WTg")  # [out, in] (a stored one as it is)
         wd = self.window
         strided = any(s != 1 for s in wd.strides)
         # Most transposed products run faster as a stride-1 Conv with the flipped kernel than as a ConvTranspose.
@@ -161,12 +178,12 @@ class Linear:
         flipped = None if into_few_channels or (strided and weight.shape[1] != 1) else \
             flipped_conv(weight, wd, self.group)
         if flipped is None:
-            return wd.conv_transpose(b, g, self.weight_name(b, weight, tag), self.group, "WTg")
+            return wd.conv_transpose(b, g, weight.emit(b, tag), self.group, "WTg", weight.shape[:2])
         kernel, pads = flipped
         if strided:
             g = zero_insert(b, g, wd)
-        return b.op("Conv", [g, self.weight_name(b, kernel, tag + "_flip")], "WTg", pads=pads,
-                    dilations=wd.dilations, group=self.group)
+        return b.op("Conv", [g, kernel.emit(b, tag + "_flip")], "WTg", pads=pads, dilations=wd.dilations,
+                    group=self.group)
 
     @property
     def fan_in(self) -> int:
@@ -176,7 +193,7 @@ class Linear:
         return int(np.prod(self.weight.shape[2:]))
 
 
-def flipped_conv(weight: np.ndarray, window: Window, group: int):
+def flipped_conv(weight: Weight, window: Window, group: int):
     """A transposed convolution is a stride-1 Conv with the kernel flipped and its channel axes swapped, over ``g``
     with ``stride - 1`` zeros inserted after each element along each axis (``out * stride`` long, see
     :func:`zero_insert`; nothing inserted at stride 1). Its pads are ``span - pad_begin`` before and
@@ -184,6 +201,9 @@ def flipped_conv(weight: np.ndarray, window: Window, group: int):
     trailing positions that no window reaches.
 
     Returns (kernel, pads) for that Conv, or None when a pad would be negative (a real ConvTranspose is needed).
+    The kernel is ``weight`` as ``[group, Cout/g, Cin/g, *k]`` with axes 1 and 2 swapped (a Transpose; only a
+    Reshape when one of them has length 1, as in depthwise weights), reversed along the spatial axes (a Slice with
+    step -1).
     """
     r = window.rank
     span = [window.dilations[a] * (window.kernel[a] - 1) for a in range(r)]
@@ -193,9 +213,16 @@ def flipped_conv(weight: np.ndarray, window: Window, group: int):
         return None
     cout, cin_g = weight.shape[:2]
     k = weight.shape[2:]
-    w = weight.reshape(group, cout // group, cin_g, *k).swapaxes(1, 2).reshape(group * cin_g, cout // group, *k)
-    w = np.flip(w, axis=tuple(range(2, 2 + r)))
-    return np.ascontiguousarray(w), pads
+    cout_g = cout // group
+    spatial = tuple(range(2, 2 + r))
+    if group == 1:
+        swapped = transpose(weight, (1, 0, *spatial))
+    elif cout_g == 1 or cin_g == 1:  # swapping an axis of length 1 moves no element
+        swapped = reshape(weight, (group * cin_g, cout_g, *k))
+    else:
+        grouped = reshape(weight, (group, cout_g, cin_g, *k))
+        swapped = reshape(transpose(grouped, (0, 2, 1, *(a + 1 for a in spatial))), (group * cin_g, cout_g, *k))
+    return flip(swapped, spatial), pads
 
 
 def zero_insert(b: GraphBuilder, g: str, window: Window) -> str:

@@ -2,8 +2,9 @@
 
 Notation: a linear layer computes ``z = W x + b``; ``R`` is the relevance of ``z``; ``W^T g`` is the transposed
 product (:meth:`Linear.transpose`). ``x+ = max(x, 0)``, ``x- = min(x, 0)``, likewise ``W+``, ``W-``, ``b+``,
-``b-``. ``stab(z) = z + eps * sign(z)`` with ``sign(0) = +1``. Weight transforms are numpy, evaluated once
-at compile time; only activation-dependent work is emitted as ONNX ops.
+``b-``. ``stab(z) = z + eps * sign(z)`` with ``sign(0) = +1``. Weight transforms are expressions over the model's
+initializers (:mod:`onnxlrp.weights`) that onnxruntime folds when the session is created; bias transforms are
+numpy, evaluated at compile time (one value per output).
 """
 
 from __future__ import annotations
@@ -16,16 +17,19 @@ import numpy as np
 from .builder import GraphBuilder
 from .errors import OnnxlrpError
 from .layers import Linear
+from .weights import Weight, concat, negative_part, ones_like, positive_part
 
 STABILIZER = 1e-6
 
 
-def pos(a: np.ndarray) -> np.ndarray:
-    return np.maximum(a, 0)
+def pos(a: Weight | np.ndarray) -> Weight | np.ndarray:
+    """``a+ = max(a, 0)`` of a weight (an expression) or a bias (an array)."""
+    return positive_part(a) if isinstance(a, Weight) else np.maximum(a, 0)
 
 
-def neg(a: np.ndarray) -> np.ndarray:
-    return np.minimum(a, 0)
+def neg(a: Weight | np.ndarray) -> Weight | np.ndarray:
+    """``a- = min(a, 0)`` of a weight (an expression) or a bias (an array)."""
+    return negative_part(a) if isinstance(a, Weight) else np.minimum(a, 0)
 
 
 SATURATE = 2.0 ** 127  # 2 / (smallest normal float32): |z| * SATURATE >= 2 for every normal non-zero z
@@ -97,9 +101,9 @@ def outputs(layer: Linear) -> int:
     return layer.weight.shape[0] if layer.kind == "conv" else layer.weight.shape[1]
 
 
-def stack(layer: Linear, first: np.ndarray, second: np.ndarray) -> np.ndarray:
+def stack(layer: Linear, first: Weight, second: Weight) -> Weight:
     """Two weights of one layer stacked along the output axis (``[first; second]``)."""
-    return np.concatenate([first, second], axis=0 if layer.kind == "conv" else 1)
+    return concat([first, second], axis=0 if layer.kind == "conv" else 1)
 
 
 def at_least(b: GraphBuilder, z: str, eps: float) -> str:
@@ -372,7 +376,7 @@ class Flat(Rule):
     summary = "relevance spread uniformly over the receptive field"
 
     def relevance(self, b, layer, r):
-        ones_w = np.ones_like(layer.weight)
+        ones_w = ones_like(layer.weight)
         ones_x = b.op("ConstantOfShape", [b.op("Shape", [layer.x])], "ones",
                       value=_float_tensor(1.0))
         z = layer.forward(b, ones_x, ones_w, None, "W1")

@@ -12,7 +12,7 @@ import onnx
 
 from .compiler import compile as compile_model
 from .compiler import is_compiled
-from .contract import CLASS_OUTPUT, RELEVANCE_OUTPUT, TARGET_INPUT, is_relevance_output
+from .contract import CLASS_OUTPUT, PREDICTED, RELEVANCE_OUTPUT, TARGET_INPUT, is_relevance_output
 from .errors import OnnxlrpError
 from .io import EXTERNAL_DATA_THRESHOLD, read_model, save_model_atomic
 from .io.wire import serialized_size
@@ -57,6 +57,32 @@ def make_session(model: onnx.ModelProto, providers: list[str] | None = None, thr
         raise OnnxlrpError(f"onnxruntime cannot run the compiled model: {first_line(err)}") from err
 
 
+def batch_size(session, feeds: dict[str, np.ndarray]) -> int:
+    """The batch that ``target`` covers: its declared length, or the length of the data input's axis that shares its
+    symbolic dim (a time-major sequence model reads ``[T, B, ...]``), or the first input's first axis."""
+    declared = {i.name: i.shape for i in session.get_inputs()}
+    dim = (declared.get(TARGET_INPUT) or [None])[0]
+    if isinstance(dim, int) and dim > 0:
+        return dim
+    for name, value in feeds.items():
+        shape = declared.get(name) or []
+        if isinstance(dim, str) and dim in shape:
+            return np.shape(value)[shape.index(dim)]
+    return len(next(iter(feeds.values())))
+
+
+def with_target(session, feeds: dict[str, np.ndarray], target=None) -> dict[str, np.ndarray]:
+    """``feeds`` plus ``target`` as the compiled model takes it: int64 ``[batch]``, one class per sample, -1 (the
+    predicted class) where ``target`` is None; a single value applies to every sample. A model compiled by an older
+    onnxlrp (``target`` an initializer-backed default, not among ``session.get_inputs()``) gets it only when given."""
+    if TARGET_INPUT not in {i.name for i in session.get_inputs()} and target is None:
+        return dict(feeds)
+    value = np.asarray(PREDICTED if target is None else target, dtype=np.int64).reshape(-1)
+    if value.size == 1:
+        value = np.repeat(value, batch_size(session, feeds))
+    return dict(feeds) | {TARGET_INPUT: value}
+
+
 @dataclass
 class Explanation:
     """The original outputs (by name), the relevance (one array, or one per float input) and the class."""
@@ -67,7 +93,8 @@ class Explanation:
 
 
 class Explainer:
-    """``Explainer(model_or_path, rule="rlrp")(x, target=None) -> Explanation``."""
+    """``Explainer(model_or_path, rule="rlrp")(x, target=None) -> Explanation``; ``target`` None (or -1) explains
+    the predicted class, an int every sample's, a sequence one class per sample."""
 
     def __init__(self, model_or_path, rule: str = "rlrp", providers: list[str] | None = None, threads=None,
                  **compile_kwargs):
@@ -87,10 +114,7 @@ class Explainer:
         missing = [n for n in self.data_inputs if n not in feeds]
         if missing:
             raise OnnxlrpError(f"missing input(s): {', '.join(missing)}")
-        feeds = {k: np.asarray(v) for k, v in feeds.items()}
-        if target is not None:
-            batch = len(next(iter(feeds.values())))
-            feeds[TARGET_INPUT] = np.broadcast_to(np.asarray(target, dtype=np.int64), (batch,)).copy()
+        feeds = with_target(self.session, {k: np.asarray(v) for k, v in feeds.items()}, target)
         results = dict(zip([o.name for o in self.session.get_outputs()], self.session.run(None, feeds), strict=True))
         relevance = {k: results[k] for k in self.relevance_outputs}
         return Explanation(

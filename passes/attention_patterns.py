@@ -8,7 +8,7 @@ op type MatMul keeps meaning a linear layer with a constant weight.
 
 from __future__ import annotations
 
-from .patterns import Match, recognizer, virtual_node
+from .patterns import match, recognizer, virtual_node
 
 
 @recognizer
@@ -17,5 +17,4 @@ def activation_matmul(scope, node):
         return None
     if any(scope.is_constant(name) for name in node.input):
         return None
-    return Match(virtual_node("ActivationMatMul", list(node.input), node.output[0], node.name),
-                 [node.name])
+    return match(virtual_node("ActivationMatMul", list(node.input), node.output[0], node.name), [node])

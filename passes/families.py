@@ -10,7 +10,8 @@ differ:
   ``(or, and)``, counting, max-product) declares its own.
 - **the seed** ``R^(L) = one_hot(target) (x) y`` at the explained tensor ``y`` (:meth:`Family.seed`).
 - **the rule of every rule-bearing node** (:meth:`Family.plan`): linear layers (Conv, Gemm, MatMul with a constant
-  weight), joins (Add, Sum, Sub with several relevance-carrying inputs), average and max pools. Emitters ask the
+  weight), joins (Add, Sum, Sub with several relevance-carrying inputs), average and max pools, gates (a Mul of two
+  relevance-carrying tensors) and normalizations. Emitters ask the
   planned rule (``ctx.rule(node)``) and never the family's name.
 - **the per-layer step** (:meth:`Family.after_layer`) applied to what a linear layer or a pool sends back (R-LRP keeps
   it in float32's range).
@@ -51,7 +52,8 @@ class PlanNode:
 
     name: str
     op_type: str
-    kind: str  # "linear", "join", "offset", "average_pool", "max_pool", "softmax", "matmul" or "gate"
+    kind: str  # "linear", "join", "offset", "average_pool", "max_pool", "resize", "elementwise_max", "gate",
+    # "normalization", "recurrent", "softmax" or "matmul"
     index: int  # position among the nodes of its kind, topological order
     depth: int  # linear layers on the longest input path up to and including this node (first layer: 1)
 
@@ -62,6 +64,7 @@ class Family:
     name = "family"
     algebra = REAL
     divides_by_outputs = False  # its rules divide by layer outputs (a Relu behind them may stand in, see relu_behind)
+    gates_need_a_side = False  # its gate rule needs to know which factor is the gate (products without one are refused)
 
     def plan(self, nodes: list[PlanNode]) -> dict[str, Rule]:
         """The rule of every rule-bearing node, by node name."""

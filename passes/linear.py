@@ -7,6 +7,7 @@ import numpy as np
 import onnx
 
 from onnxlrp.layers import Linear, Window
+from onnxlrp.weights import Weight
 
 from .ops.helpers import attr, explicit_pads
 
@@ -17,28 +18,26 @@ def linear_layer(ctx, node: onnx.NodeProto) -> Linear | None:
     consts, shapes = ctx.constants, ctx.shapes
     x = node.input[0]
     if node.op_type == "Conv" and node.input[1] in consts:
-        w = consts[node.input[1]].astype(np.float64)
+        w = model_weight(ctx, node.input[1])
         bias = consts[node.input[2]].astype(np.float64) if len(node.input) > 2 and node.input[2] in consts else None
         if len(node.input) > 2 and node.input[2] and bias is None:
             return None
         layer = Linear(node.name, "conv", x, node.output[0], w, bias, shapes.get(x), conv_window(ctx, node, w),
-                       group=attr(node, "group", 1), source=own_weight(ctx, node.input[1], False))
+                       group=attr(node, "group", 1))
     elif node.op_type == "Gemm" and node.input[1] in consts:
         alpha, beta = attr(node, "alpha", 1.0), attr(node, "beta", 1.0)
-        w = consts[node.input[1]].astype(np.float64) * alpha
-        w = w.T if attr(node, "transB", 0) else w  # [in, out]
+        w = model_weight(ctx, node.input[1])
+        w = alpha * (w.T if attr(node, "transB", 0) else w)  # [in, out]
         bias = None
         if len(node.input) > 2 and node.input[2]:
             if node.input[2] not in consts:
                 return None
             bias = np.broadcast_to(consts[node.input[2]].astype(np.float64).reshape(-1) * beta, (w.shape[1],))
         layer = Linear(node.name, "dense", x, node.output[0], w, bias, shapes.get(x),
-                       transpose_x=bool(attr(node, "transA", 0)),
-                       source=own_weight(ctx, node.input[1], bool(attr(node, "transB", 0))) if alpha == 1 else None)
+                       transpose_x=bool(attr(node, "transA", 0)))
     elif node.op_type == "MatMul" and node.input[1] in consts and consts[node.input[1]].ndim == 2:
-        w = consts[node.input[1]].astype(np.float64)
-        layer = Linear(node.name, "dense", x, node.output[0], w, None, shapes.get(x),
-                       source=own_weight(ctx, node.input[1], False))
+        w = model_weight(ctx, node.input[1])
+        layer = Linear(node.name, "dense", x, node.output[0], w, None, shapes.get(x))
         add = sole_reader(ctx, layer.z)
         other = add.input[1] if add is not None and add.op_type == "Add" and add.input[0] == layer.z else \
             add.input[0] if add is not None and add.op_type == "Add" else None
@@ -50,12 +49,11 @@ def linear_layer(ctx, node: onnx.NodeProto) -> Linear | None:
     return layer
 
 
-def own_weight(ctx, name: str, transposed: bool) -> tuple[str, bool] | None:
-    """``(name, transposed)`` when the weight initializer is float32 and not an overridable graph input, so that
-    the relevance graph may read it directly (see :attr:`Linear.source`)."""
-    if ctx.constants[name].dtype != np.float32 or name in {i.name for i in ctx.graph.input}:
-        return None
-    return name, transposed
+def model_weight(ctx, name: str) -> Weight:
+    """The initializer ``name`` as a :class:`Weight`. A graph input's default (an initializer a caller may override)
+    is not read by the relevance graph: onnxruntime does not fold ops on it, so the rules get a copy of the default
+    (the value the compile-time analysis saw)."""
+    return Weight.initializer(name, ctx.constants[name], readable=name not in {i.name for i in ctx.graph.input})
 
 
 def sole_reader(ctx, tensor: str) -> onnx.NodeProto | None:
@@ -68,7 +66,9 @@ def sole_reader(ctx, tensor: str) -> onnx.NodeProto | None:
 
 def fold_batchnorm(ctx, layer: Linear) -> None:
     """``BN(W x + b) = (s W) x + s (b - mean) + beta`` with ``s = scale / sqrt(var + eps)``, per output channel:
-    the rule sees the folded layer and the BatchNormalization output as ``z``. The forward graph is untouched."""
+    the rule sees the folded layer and the BatchNormalization output as ``z``. The forward graph is untouched; the
+    folded weight is ``W`` times the per-channel constant ``s`` (a Mul that onnxruntime folds, see
+    :mod:`onnxlrp.weights`)."""
     bn = sole_reader(ctx, layer.z)
     if bn is None or bn.op_type != "BatchNormalization" or any(n not in ctx.constants for n in bn.input[1:5]):
         return
@@ -81,10 +81,9 @@ def fold_batchnorm(ctx, layer: Linear) -> None:
         layer.weight = layer.weight * s[None, :]
     layer.bias = (bias - mean) * s + beta
     layer.z = bn.output[0]
-    layer.source = None
 
 
-def conv_window(ctx, node: onnx.NodeProto, w: np.ndarray) -> Window | None:
+def conv_window(ctx, node: onnx.NodeProto, w: Weight) -> Window | None:
     x_shape, y_shape = ctx.shapes.get(node.input[0]), ctx.shapes.get(node.output[0])
     if not x_shape or not y_shape or any(d is None for d in x_shape[2:] + y_shape[2:]):
         return None

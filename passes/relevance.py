@@ -28,6 +28,7 @@ from .diagnostics import batch_axis, input_dims, unsupported_summary
 from .families import Family, PlanNode
 from .linear import linear_layer
 from .ops import data_input_indices, lookup, spec, unsupported_reason
+from .ops.gates import describe_gate
 from .ops.helpers import path_inputs
 from .patterns import find_matches, fused_node_list
 from .tokens import token_inputs
@@ -121,6 +122,7 @@ class RelevancePass:
     family: Family
     output: str | None = None
     node_output: str | None = None
+    node_inputs: list[str] | None = None  # intermediate tensors explained instead of the float graph inputs
     position: int | None = None
     graph: onnx.GraphProto = field(init=False)
     view: GraphView = field(init=False)
@@ -135,21 +137,26 @@ class RelevancePass:
         self.graph = self.model.graph
         self.constants = {t.name: numpy_helper.to_array(t) for t in self.graph.initializer}
         self.matches = find_matches(self.graph, self.constants, self.shapes)
+        for found in self.matches:
+            self.constants.update(found.constants)
         self.view = GraphView.of(self.graph, fused_node_list(self.graph, self.matches))
         self.b = GraphBuilder(self.graph)
         self.algebra = self.family.algebra
         self.opset = next(i.version for i in self.model.opset_import if i.domain in ("", "ai.onnx"))
-        self.token_inputs = token_inputs(self.graph, self.view.consumers, self.constants)
-        self.sources = [v.name for v in data_inputs(self.graph)] + \
+        self.token_inputs = [] if self.node_inputs else token_inputs(self.graph, self.view.consumers,
+                                                                     self.constants)
+        self.sources = self.start_tensors() if self.node_inputs else [v.name for v in data_inputs(self.graph)] + \
             [lookup for token in self.token_inputs for lookup in token.lookups]
         if not self.sources:
             raise OnnxlrpError("the model has no float data input and no token input (integer ids looked up in an "
-                               "embedding table) to explain")
+                               "embedding table) to explain (--node-input names a float tensor to explain instead, "
+                               "e.g. an embedding)")
         self.target, self.explained_why = explained_tensor(self.graph, self.view, self.output, self.node_output,
                                                            self.shapes)
         self.tensors = self.view.relevance_tensors(self.sources, self.target)
         if not self.tensors:
-            raise OnnxlrpError(f"no data path leads from the inputs to {self.target!r}")
+            origin = "--node-input " + ", ".join(self.sources) if self.node_inputs else "the inputs"
+            raise OnnxlrpError(f"no data path leads from {origin} to {self.target!r}")
         self.nodes = self.view.relevance_nodes(self.tensors)
         self.float32: dict[str, str] = {}
         self.layer_output: dict[str, str] = {}  # linear node -> its forward output (with the bias Add)
@@ -169,7 +176,10 @@ class RelevancePass:
 
     @property
     def explained_inputs(self) -> list[str]:
-        """The graph inputs that get relevance: the float data inputs and the token inputs."""
+        """The tensors that get relevance outputs: the ``node_inputs``, or the float data inputs and the token
+        inputs."""
+        if self.node_inputs:
+            return list(self.sources)
         return [v.name for v in data_inputs(self.graph)] + [t.name for t in self.token_inputs]
 
     # ------------------------------------------------------------ analysis
@@ -177,6 +187,33 @@ class RelevancePass:
     def unsupported_nodes(self) -> list[tuple[onnx.NodeProto, str]]:
         """Every node on the relevance path that cannot carry relevance, with the reason."""
         return [(node, reason) for node in self.nodes if (reason := unsupported_reason(self, node))]
+
+    def start_tensors(self) -> list[str]:
+        """The ``node_inputs``, checked: float tensors that a node writes (or graph inputs), outside the subgraphs
+        that patterns fuse into one node, none computed from another. They replace the float graph inputs as the
+        sources of the relevance path: the nodes before them need no rule."""
+        names = list(dict.fromkeys(self.node_inputs))
+        graph_inputs = {v.name for v in self.graph.input} - {t.name for t in self.graph.initializer}
+        written = {o for n in self.graph.node for o in n.output}
+        for name in names:
+            if name not in written and name not in graph_inputs:
+                raise OnnxlrpError(f"--node-input {name!r} is not written by any node" +
+                                   (" (it is a constant)" if name in self.constants else ""))
+            if name not in self.view.flow and name not in graph_inputs:
+                raise OnnxlrpError(f"--node-input {name!r} lies inside a subgraph fused into one node (an activation "
+                                   "pattern); name its input or output instead")
+            if self.elem_type(name) not in FLOAT_TYPES:
+                raise OnnxlrpError(f"--node-input {name!r} is not a float tensor")
+        for a in names:
+            for b in names:
+                if a != b and a in self.view.flow and b in self.view.flow and nx.has_path(self.view.flow, a, b):
+                    raise OnnxlrpError(f"--node-input {b!r} is computed from --node-input {a!r}; name one of them")
+        return names
+
+    def source_value_info(self, name: str) -> onnx.ValueInfoProto | None:
+        """The declared or inferred type and shape of a relevance source."""
+        return next((vi for vi in list(self.graph.input) + list(self.graph.value_info) + list(self.graph.output)
+                     if vi.name == name), None)
 
     def unsupported(self) -> list[str]:
         """Every node on the relevance path that cannot carry relevance, one line each (``inspect`` prints them)."""
@@ -186,6 +223,13 @@ class RelevancePass:
             problems.append(f"{node.name or node.output[0]} ({node.op_type}, domain {domain}, "
                             f"opset {self.opset_of(domain)}): {reason}")
         return problems
+
+    def pattern_lines(self) -> list[str]:
+        """One line per recognized pattern (:mod:`onnxlrp.passes.patterns`) and per gate on the relevance path."""
+        on_path = {n.name for n in self.nodes}
+        lines = [m.describe() for m in self.matches if m.node.name in on_path]
+        return lines + [describe_gate(self, n) for n in self.nodes
+                        if spec(n).kind == "gate" and len(path_inputs(self, n)) > 1]
 
     def request_input_shapes(self, needs_static: onnx.NodeProto) -> None:
         """``needs_static`` (a convolution, pooling, padding or slicing node) needs static sizes: ask for the open
@@ -220,10 +264,11 @@ class RelevancePass:
         return "?"
 
     def plan_nodes(self) -> list[PlanNode]:
-        """The rule-bearing nodes in topological order: linear layers, joins with several relevance inputs, offsets
-        (an Add/Sub whose other operand carries no relevance and is not a linear layer's bias), pools, softmax,
-        matrix products of two activations, gates with two relevance-carrying factors. An op with several kinds (a
-        fused ``Attention``: ``softmax`` and ``matmul``) has one entry per kind, named ``<node>/<kind>``.
+        """The rule-bearing nodes in topological order: linear layers, pools, resizes, joins (Add/Sum/Sub,
+        element-wise Max/Min) with several relevance inputs, offsets (an Add/Sub whose other operand carries no
+        relevance and is not a linear layer's bias), softmax, matrix products of two activations, gates with two
+        relevance-carrying factors, normalizations. An op with several kinds (a fused ``Attention``: ``softmax`` and
+        ``matmul``) has one entry per kind, named ``<node>/<kind>``.
         ``depth`` counts the linear layers on the longest path from an input up to and including the node (the first
         layer has depth 1); ``index`` is the position among the nodes of the same kind."""
         linear_out = set(self.layer_output.values())
@@ -238,7 +283,7 @@ class RelevancePass:
             if kind == "join" and len(path_inputs(self, node)) < 2:
                 kind = "offset" if node.op_type in ("Add", "Sub") and node.output[0] not in linear_out else None
             if kind is None or (kind == "linear" and node.name not in self.layers) or \
-                    (kind == "gate" and len(path_inputs(self, node)) < 2):
+                    (kind != "offset" and (spec(node).join or kind == "gate") and len(path_inputs(self, node)) < 2):
                 continue
             out = self.layer_output[node.name] if kind == "linear" else \
                 next(o for o in node.output if o in self.tensors)
@@ -456,8 +501,8 @@ class RelevancePass:
         return None
 
     def initial_relevance(self) -> tuple[str, str]:
-        """The family's seed on one-hot(target) and the explained tensor; the target defaults (when not fed, or -1)
-        to the arg-max. With a sequence axis (:meth:`sequence_position`) the target and the seed are taken at one
+        """The family's seed on one-hot(target) and the explained tensor; a target of -1 (any negative value) means
+        the arg-max. With a sequence axis (:meth:`sequence_position`) the target and the seed are taken at one
         position and the other positions start with 0. Returns the seed and the explained value per sample."""
         b = self.b
         b.scope = "init"
@@ -505,18 +550,21 @@ class RelevancePass:
         b = self.b
         b.scope = "outputs"
         relevance = self.family.finish(self, relevance)
-        floats = data_inputs(self.graph)
-        single = len(floats) == 1  # token inputs are always named: relevance.<ids>
+        lookups = {lookup for token in self.token_inputs for lookup in token.lookups}
+        named = [name for name in self.sources if name not in lookups]
+        single = len(named) == 1  # token inputs are always named: relevance.<ids>
         names = []
-        for vi in floats:
-            r = relevance.get(vi.name)
+        for name in named:
+            r = relevance.get(name)
             if r is None:
-                r = self.zeros_like(vi.name)
-            elif vi.type.tensor_type.elem_type != TensorProto.FLOAT:
+                r = self.zeros_like(name)
+            elif self.elem_type(name) != TensorProto.FLOAT:
                 r = b.op("Cast", [r], "R", to=TensorProto.FLOAT)
-            out = relevance_output(vi.name, single)
+            out = relevance_output(name, single)
             b.nodes.append(helper.make_node("Identity", [r], [out], name=b.fresh(out)))
-            shape = [d.dim_param or d.dim_value or None for d in vi.type.tensor_type.shape.dim]
+            vi = self.source_value_info(name)
+            shape = None if vi is None or not vi.type.tensor_type.HasField("shape") else \
+                [d.dim_param or d.dim_value or None for d in vi.type.tensor_type.shape.dim]
             self.graph.output.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, shape))
             names.append(out)
         for token in self.token_inputs:
@@ -524,9 +572,9 @@ class RelevancePass:
         b.nodes.append(helper.make_node("Identity", [self.class_tensor], [CLASS_OUTPUT], name=b.fresh(CLASS_OUTPUT)))
         batch = self.batch_dim()
         self.graph.output.append(helper.make_tensor_value_info(CLASS_OUTPUT, TensorProto.INT64, [batch]))
+        # a plain required input: every runtime lists and accepts it (an initializer-backed default is invisible to
+        # onnxruntime-web and -node, and onnxruntime warns about it); -1 means "the predicted class"
         self.graph.input.append(helper.make_tensor_value_info(TARGET_INPUT, TensorProto.INT64, [batch]))
-        default = np.full(batch if isinstance(batch, int) else 1, -1, dtype=np.int64)  # broadcasts over the batch
-        self.graph.initializer.append(numpy_helper.from_array(default, TARGET_INPUT))
         b.drop_unread({o.name for o in self.graph.output})
         b.nodes = activation_work_first(b.nodes, TARGET_INPUT)
         b.commit()
@@ -561,9 +609,9 @@ class RelevancePass:
         info = declared.get(self.target)
         if info is not None and info.type.tensor_type.shape.dim and info.type.tensor_type.shape.dim[0].dim_param:
             return info.type.tensor_type.shape.dim[0].dim_param
-        explained = data_inputs(self.graph) or [v for v in self.graph.input
-                                                if v.name in {t.name for t in self.token_inputs}]
-        dims = input_dims(explained[0])
+        inits = {t.name for t in self.graph.initializer}
+        first = (data_inputs(self.graph) or [v for v in self.graph.input if v.name not in inits])[0]
+        dims = input_dims(first)
         axis, _ = batch_axis(dims)
         return dims[axis] if axis is not None and dims[axis] != "?" else "batch"
 

@@ -3,8 +3,17 @@
 - Linear layers: Eq. 8 (dense) and Eq. 10-12 (convolution), :class:`onnxlrp.rules.RLRP`.
 - Pools (Prop. 13): average pooling is a convolution with the pool's weights, max pooling one whose mask is 1 at
   every arg-max of the window; both times ``Card(J_i) / (N P1 P2)`` and the layer input (:class:`RelativePool`).
+  An element-wise Max/Min of branches is a max pool over its operands, and a join for Eq. 13. A Resize is a linear
+  map with its interpolation weights (Eq. 6-7, ``Card(J)`` and the fan-in from their sparsity pattern).
 - Joins (Prop. 14): each branch of an Add/Sum/Sub gets the full relevance of the join (:class:`RelativeJoin`);
   Concat branches get their slices.
+- Gates ``y = g * v`` (:class:`RelativeGate`): the gate is a constant weight, so the product is a linear map of the
+  value with the diagonal weight ``g``, and Eq. 6-7 with one input per output (``M_j = 1``, ``Card(J_i) = 1``) give
+  ``z_v = g * v * z_y = y * z_y``. A product where neither or both factors is a gate is refused (R-LRP has no uniform
+  split: the fork where both factors meet would need Eq. 13 across a product).
+- Normalizations (:class:`RelativeNorm`): with ``sigma`` constant, a LayerNorm is the dense map ``A = diag(w / sigma)
+  (I - 1 1^T / n)``, and Eq. 8 gives ``z_x = x * (h - mean(h))``, ``h = w * z_y / sigma`` (up to the uniform
+  ``1 / n``); RMS norm, a diagonal map, gives ``z_x = y * z_y``.
 - Forks (Eq. 13): at the immediate dominator of a join (its fork), each branch's contribution ``c`` is rescaled per
   sample to ``c * S / stab(sum c)``, ``S`` the summed relevance that branch got at its join; nested joins innermost
   first (:meth:`RLRPFamily.combine`).
@@ -56,21 +65,58 @@ class RelativePool(Rule):
 
     name = "rlrp"
     summary = "R-LRP pooling (Prop. 13)"
-    kinds = ("average_pool", "max_pool")
+    kinds = ("average_pool", "max_pool", "elementwise_max", "resize")
 
     def average(self, ctx, view, r):
+        """Average pools (Prop. 13) and resizes (Eq. 6-7 with the interpolation weights): ``x`` times the view's
+        ``rlrp_spread``."""
         b = ctx.b
-        return times_relative(b, mul(b, view.x, view.spread(b, r, up_to_scale=True)), view.rlrp_factor())
+        return mul(b, view.x, view.rlrp_spread(b, r))
 
     def max_pool(self, ctx, view, r):
         b = ctx.b
         return times_relative(b, mul(b, view.x, view.route_all(b, r)), view.rlrp_factor())
+
+    def elementwise_max(self, ctx, view, r):
+        """Element-wise Max/Min of branches: the max-pool mask over the operands at each position, times the operand
+        (``Card(J_i) / (N M)`` is uniform: each input feeds one output, each output reads every operand)."""
+        b = ctx.b
+        return {i: mul(b, view.operands[i], routed) for i, routed in view.route_all(b, r).items()}
+
+
+@dataclass(frozen=True)
+class RelativeGate(Rule):
+    """The gate as a constant diagonal weight (Eq. 6-7 with ``M_j = 1``): ``z_v = y * z_y``."""
+
+    name = "rlrp"
+    summary = "R-LRP gate: the gate is a constant diagonal weight of the value (Eq. 6-7, M_j = 1)"
+    kinds = ("gate",)
+    multiplies_by_input = True
+
+    def gate(self, ctx, node, r, factors, gate):
+        value = next(i for i in factors if i != gate)
+        return {value: mul(ctx.b, ctx.value(node.output[0]), r)}
+
+
+@dataclass(frozen=True)
+class RelativeNorm(Rule):
+    """Eq. 8 on the linearized normalization: ``z_x = x * A^T z_y`` (``x * (h - mean(h))``, ``h = w * z_y /
+    sigma``)."""
+
+    name = "rlrp"
+    summary = "R-LRP normalization: Eq. 8 on the layer with its standard deviation held constant"
+    kinds = ("normalization",)
+    multiplies_by_input = True
+
+    def normalization(self, ctx, view, r):
+        return view.input_relevance(r)
 
 
 class RLRPFamily(Family):
     """R-LRP: see the module docstring."""
 
     name = "rlrp"
+    gates_need_a_side = True
 
     def __init__(self):
         self.range_steps: dict[str, int] = {}  # relevance tensor -> layers since its scale was last reset
@@ -80,10 +126,12 @@ class RLRPFamily(Family):
         self.join_reach: dict[tuple[str, str], list[int]] = {}
 
     def plan(self, nodes):
-        """Linear layers, joins and pools as above; an offset (an Add of a tensor that carries no relevance) passes
-        relevance unchanged, as a product with a constant does. Softmax, matrix products of two activations and gates
-        have no R-LRP rule in the paper: refused with the node's name."""
-        rules = {"linear": RLRP(), "join": RelativeJoin(), "average_pool": RelativePool(), "max_pool": RelativePool()}
+        """Linear layers, joins, pools, gates and normalizations as above; an offset (an Add of a tensor that carries
+        no relevance) passes relevance unchanged, as a product with a constant does. Softmax and matrix products of
+        two activations have no R-LRP rule in the paper: refused with the node's name."""
+        rules = {"linear": RLRP(), "join": RelativeJoin(), "average_pool": RelativePool(), "max_pool": RelativePool(),
+                 "elementwise_max": RelativePool(), "resize": RelativePool(), "gate": RelativeGate(),
+                 "normalization": RelativeNorm()}
         for node in nodes:
             if node.kind not in rules and node.kind != "offset":
                 raise OnnxlrpError(f"node {node.name!r} ({node.op_type}): R-LRP is defined for feed-forward layers "

@@ -6,10 +6,25 @@ import onnxruntime as ort
 from graph_reference import compiled_plan
 
 import onnxlrp
+from onnxlrp.runtime import with_target
+
+
+class Session:
+    """An onnxruntime session that, for a compiled model, feeds ``target = -1`` (explain the predicted class) when a
+    call leaves it out, as :class:`onnxlrp.Explainer` does; the tests that exercise ``target`` feed it themselves."""
+
+    def __init__(self, model, options=None):
+        self.inner = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+    def run(self, outputs, feeds, *args):
+        return self.inner.run(outputs, feeds if "target" in feeds else with_target(self.inner, feeds), *args)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
 
 
 def session(model):
-    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return Session(model)
 
 
 def run_source(model, x):
@@ -21,9 +36,7 @@ def explain(model, x, rule, target=None, **kwargs):
     """(original outputs, relevance, explained class) of ``model`` compiled with ``rule``."""
     compiled = onnxlrp.compile(model, rule, **kwargs)
     sess = session(compiled)
-    feeds = {sess.get_inputs()[0].name: x.astype(np.float32)}
-    if target is not None:
-        feeds["target"] = np.asarray(target, dtype=np.int64)
+    feeds = with_target(sess, {sess.get_inputs()[0].name: x.astype(np.float32)}, target)
     names = [o.name for o in sess.get_outputs()]
     results = dict(zip(names, sess.run(None, feeds), strict=True))
     originals = [results[o.name] for o in model.graph.output]

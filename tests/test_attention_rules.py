@@ -16,6 +16,7 @@ from onnx import numpy_helper
 
 import onnxlrp
 from onnxlrp.errors import OnnxlrpError
+from onnxlrp.runtime import with_target
 
 N, TOKENS, D, CLASSES = 2, 4, 6, 3
 LN_EPS = 1e-5
@@ -34,6 +35,7 @@ def run(proto, feeds):
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    feeds = feeds if "target" in feeds else with_target(session, feeds)
     return dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds), strict=True))
 
 

@@ -19,6 +19,7 @@ from spec_zoo import ZOO
 import onnxlrp
 from onnxlrp.cli import main
 from onnxlrp.errors import OnnxlrpError, UnsupportedOpError
+from onnxlrp.runtime import with_target
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "models" / "digits_cnn.onnx"
@@ -51,7 +52,7 @@ def test_dynamic_batch_default_target_and_unchanged_outputs(batch):
     x = digits(batch)
     compiled = onnxlrp.compile(str(DIGITS), "rlrp")
     sess = session(compiled)
-    probabilities, relevance, cls = sess.run(None, {"image": x})  # target not fed: the predicted class
+    probabilities, relevance, cls = sess.run(None, {"image": x, "target": np.full(batch, -1)})  # the predicted class
     expected = session(onnx.load(DIGITS)).run(None, {"image": x})[0]
     np.testing.assert_allclose(probabilities, expected, rtol=1e-5, atol=1e-7)
     np.testing.assert_array_equal(cls, expected.argmax(1))
@@ -78,16 +79,16 @@ def test_node_output_and_output_select_the_explained_tensor():
     x = rng.normal(size=shape)
     model = ns.to_onnx(layers, shape, softmax=True)
     sess = session(onnxlrp.compile(model, "epsilon", node_output="logits"))
-    relevance = sess.run(["relevance"], {"x": x.astype(np.float32)})[0]
+    relevance = sess.run(["relevance"], with_target(sess, {"x": x.astype(np.float32)}))[0]
     assert_close_relative(relevance, ref.lrp(layers, x, "epsilon"), 1e-5)
     with pytest.raises(OnnxlrpError, match="not a graph output"):
         onnxlrp.compile(model, "epsilon", output="nope")
 
 
 def unsupported_model():
-    """x -> Relu -> (Mul of two activations) -> Hardmax-free custom op on the path."""
+    """x -> Relu -> (Div of two activations) -> Hardmax-free custom op on the path."""
     nodes = [helper.make_node("Relu", ["x"], ["a"], name="relu"),
-             helper.make_node("Mul", ["a", "a"], ["sq"], name="square"),
+             helper.make_node("Div", ["a", "a"], ["sq"], name="square"),
              helper.make_node("Weird", ["sq"], ["w"], name="custom", domain="my.domain"),
              helper.make_node("MatMul", ["w", "W"], ["y"], name="dense")]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
@@ -101,7 +102,7 @@ def test_every_unsupported_node_is_listed():
         onnxlrp.compile(unsupported_model(), "epsilon")
     message = str(err.value)
     assert message.startswith("model: 2 node(s)")  # an in-memory model is named "model"
-    assert "Mul x1 (square: a product" in message and "my.domain.Weird x1 (custom: no relevance rule" in message
+    assert "Div x1 (square: a quotient" in message and "my.domain.Weird x1 (custom: no relevance rule" in message
     assert "\n" not in message
 
 
@@ -180,7 +181,7 @@ def test_float16_model_gives_float16_outputs_and_float32_relevance():
     # no stand-in for a float16 join's operand (half an ulp of the join's output would be 5e-4 of it)
     assert not any("z_stand_in" in n.name for n in compiled.graph.node)
     sess = session(compiled)
-    y, relevance, _ = sess.run(None, {"x": x.astype(np.float16)})
+    y, relevance, _ = sess.run(None, with_target(sess, {"x": x.astype(np.float16)}))
     assert y.dtype == np.float16 and relevance.dtype == np.float32
     # onnxruntime's CPU provider runs ops that lack float16 kernels in float32, placing those casts per graph, so
     # the two graphs may differ by an ulp (they are equal with the same placement)
@@ -191,16 +192,18 @@ def test_float16_model_gives_float16_outputs_and_float32_relevance():
     assert_close_relative(relevance, expected, 2e-2)  # float16 activations: ~1e-3 relative each
     fp16 = onnxlrp.compile(ns.to_onnx(layers, shape), "rlrp", precision="fp16")
     assert fp16.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT16
-    assert np.all(np.isfinite(session(fp16).run(["relevance"], {"x": x.astype(np.float16)})[0]))
+    fp16_session = session(fp16)
+    feeds = with_target(fp16_session, {"x": x.astype(np.float16)})
+    assert np.all(np.isfinite(fp16_session.run(["relevance"], feeds)[0]))
 
 
-def test_static_batch_model_keeps_an_optional_target():
+def test_static_batch_model_takes_a_target_of_its_batch():
     rng = np.random.default_rng(32)
     layers, shape = ZOO["cnn"](rng)
     x = rng.normal(size=shape)
     model = ns.to_onnx(layers, shape, dynamic_batch=False)
     sess = session(onnxlrp.compile(model, "epsilon"))
-    _, relevance, cls = sess.run(None, {"x": x.astype(np.float32)})
+    _, relevance, cls = sess.run(None, {"x": x.astype(np.float32), "target": np.array([-1, -1])})
     assert_close_relative(relevance, ref.lrp(layers, x, "epsilon"), 1e-5)
     _, _, cls = sess.run(None, {"x": x.astype(np.float32), "target": np.array([1, -1])})
     assert cls[0] == 1 and cls[1] == ref.forward(layers, x)[1].argmax()
@@ -220,7 +223,8 @@ def test_open_spatial_dims_ask_for_input_shape(tmp_path, capsys):
     assert "input 'x' has open dims" in err and "--input-shape x=-1,2,N,N" in err and not out.exists()
     assert main(["compile", str(path), "-o", str(out), "--input-shape", "x=-1,2,6,6"]) == 0
     x = rng.normal(size=shape)
-    relevance = session(onnx.load(out)).run(["relevance"], {"x": x.astype(np.float32)})[0]
+    sess = session(onnx.load(out))
+    relevance = sess.run(["relevance"], with_target(sess, {"x": x.astype(np.float32)}))[0]
     assert_close_relative(relevance, ref.rlrp(layers, x), 1e-4)
 
 

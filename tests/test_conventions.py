@@ -202,21 +202,19 @@ def test_batch_axis_by_name_and_position():
 
 # ---------------------------------------------------------------------------------------------- error lines
 
-def many_unsupported(n_products: int = 30, n_custom: int = 5) -> onnx.ModelProto:
-    """x -> Relu -> n_products Mods of two activations (a chain) -> n_custom custom ops -> a Div by an activation
-    -> MatMul: 1 + n_products + n_custom node(s) without a rule, with long names. (Mods: a product of two
-    activations is a gate, which has a rule.)"""
+def many_unsupported(n_quotients: int = 30, n_custom: int = 5) -> onnx.ModelProto:
+    """x -> Relu -> n_custom custom ops -> n_quotients Divs of two activations (a chain, each by the last custom
+    op's output) -> MatMul: n_custom + n_quotients node(s) without a rule, with long names."""
     nodes = [helper.make_node("Relu", ["x"], ["a0"], name="relu")]
     h = "a0"
-    for i in range(n_products):
-        nodes.append(helper.make_node("Mod", [h, "a0"], [f"p{i}"], name=f"block_{i}/squeeze_excite/gate_mul_{i}",
-                                      fmod=1))
-        h = f"p{i}"
     for i in range(n_custom):
         nodes.append(helper.make_node("Weird", [h], [f"w{i}"], name=f"custom_{i}", domain="my.domain"))
         h = f"w{i}"
-    nodes.append(helper.make_node("Div", ["a0", h], ["q"], name="normalize"))
-    nodes.append(helper.make_node("MatMul", ["q", "W"], ["y"], name="dense"))
+    divisor, h = h, "a0"
+    for i in range(n_quotients):
+        nodes.append(helper.make_node("Div", [h, divisor], [f"q{i}"], name=f"block_{i}/squeeze_excite/gate_div_{i}"))
+        h = f"q{i}"
+    nodes.append(helper.make_node("MatMul", [h, "W"], ["y"], name="dense"))
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2])],
                               [numpy_helper.from_array(np.ones((4, 2), np.float32), "W")])
@@ -229,18 +227,19 @@ def test_unsupported_error_line_is_capped_grouped_and_names_the_file(tmp_path):
     done = run_cli("compile", path)
     assert done.returncode == 2 and done.stdout == ""
     (line,) = done.stderr.splitlines()
-    prefix = f"error: {path}: 36 node(s) on the relevance path have no rule: "
+    prefix = f"error: {path}: 35 node(s) on the relevance path have no rule: "
     assert line.startswith(prefix)
     assert len(line) - len(prefix) <= MAX_SUMMARY_CHARS + len("; onnxlrp inspect lists every node")
     assert line.endswith("; onnxlrp inspect lists every node")
-    assert ("Mod x30 (block_0/squeeze_excite/gate_mul_0, block_1/squeeze_excite/gate_mul_1, "
-            "block_2/squeeze_excite/gate_mul_2, ...: no relevance rule for this op)" in line)
+    assert ("Div x30 (block_0/squeeze_excite/gate_div_0, block_1/squeeze_excite/gate_div_1, "
+            "block_2/squeeze_excite/gate_div_2, ...: a quotient of two relevance-carrying tensors has no LRP rule)"
+            in line)
     assert "my.domain.Weird x5 (custom_0, custom_1, custom_2, ...: no relevance rule for this op)" in line
-    assert "Div x1 (normalize: a division by a relevance-carrying tensor has no LRP rule)" in line
     done = run_cli("inspect", path)  # inspect keeps the full list, one line per node
     assert done.returncode == 2
     listed = [ln for ln in done.stdout.splitlines() if ln.startswith("  ") and "domain" in ln]
-    assert len(listed) == 36 and "  normalize (Div, domain ai.onnx, opset 17): a division by" in done.stdout
+    assert len(listed) == 35 and "  block_29/squeeze_excite/gate_div_29 (Div, domain ai.onnx, opset 17): a quotient" \
+        in done.stdout
 
 
 def test_unsupported_error_counts_what_does_not_fit():

@@ -206,8 +206,7 @@ def test_if_on_path_beside_a_supported_branch_is_reported():
 
 def test_inspect_lists_every_unsupported_node():
     """Three unsupported nodes on the path (a Loop, a custom op, a quotient of two relevance tensors): inspect
-    lists each once; compile raises one UnsupportedOpError naming all three. (A product of two relevance tensors is
-    a gate, with a rule of its own.)"""
+    lists each once; compile raises one UnsupportedOpError naming all three."""
     nodes = [*loop_nodes("looped"), *custom_nodes("twice"),
              h.make_node("Div", ["looped", "twice"], ["quotient"], name="the_quotient")]
     model = mlp(nodes, logits_from="quotient", functions=[twice_function(17)])

@@ -25,6 +25,7 @@ from test_loading import CANARY, _bomb_model, _tensor_model, canary_model, one_l
 import onnxlrp
 from onnxlrp.errors import OnnxlrpError
 from onnxlrp.io import digest, read_model, sigterm_guard, wire, write_atomic
+from onnxlrp.runtime import with_target
 from onnxlrp.scopes import implicit_inputs, outer_names
 
 # ----------------------------------------------------------------------------------------------
@@ -53,7 +54,8 @@ def test_unsorted_nodes_compile_from_memory_and_from_a_file_alike(tmp_path: Path
     # the same model: the same graph, and the same source digest (the file holds the model's serialization)
     assert from_memory.SerializeToString() == from_file.SerializeToString()
     x = rng.normal(size=shape)
-    relevance = session(from_memory).run(["relevance"], {"x": x.astype(np.float32)})[0]
+    sess = session(from_memory)
+    relevance = sess.run(["relevance"], with_target(sess, {"x": x.astype(np.float32)}))[0]
     assert_close_relative(relevance, ref.lrp(layers, x, "epsilon"), 1e-5)
     explained = onnxlrp.Explainer(model, rule="epsilon")(x.astype(np.float32))
     np.testing.assert_array_equal(explained.relevance, relevance)

@@ -23,3 +23,19 @@ def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
     assert f"    {ci}\n" in readme, "the last line of .ci/run must be the README's test command"
+
+
+def test_every_package_is_shipped():
+    """Every Python package folder of ``onnxlrp`` and ``passes`` (shipped as ``onnxlrp.passes``) is listed in
+    pyproject's ``packages``: an unlisted one (``onnxlrp.passes.ops`` until 78ed055) is missing from the wheel, and
+    the installed compiler cannot import its op registry."""
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(config["packages"])
+    found = set()
+    for top, name in (("onnxlrp", "onnxlrp"), ("passes", "onnxlrp.passes")):
+        for init in (ROOT / top).rglob("__init__.py"):
+            parts = init.parent.relative_to(ROOT / top).parts
+            found.add(".".join([name, *parts]))
+    assert found <= listed, f"not shipped: {sorted(found - listed)}"

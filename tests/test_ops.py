@@ -15,6 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 from spec_zoo import ZOO
 
 import onnxlrp
+from onnxlrp.runtime import with_target
 
 
 def spliced(model, after: str, nodes, new_inputs=()):
@@ -37,7 +38,7 @@ def first_output(model, op_type):
 
 def relevance_of(model, x, rule="epsilon", **params):
     sess = session(onnxlrp.compile(model, rule, **params))
-    return sess.run(["relevance"], {sess.get_inputs()[0].name: x.astype(np.float32)})[0]
+    return sess.run(["relevance"], with_target(sess, {sess.get_inputs()[0].name: x.astype(np.float32)}))[0]
 
 
 def i64(name, values):

@@ -11,6 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxlrp
 from onnxlrp.errors import OnnxlrpError
+from onnxlrp.runtime import with_target
 
 EPS = 0.01
 T, B, IN, H, K = 5, 3, 4, 3, 2  # steps, batch, input size, hidden size, classes
@@ -20,7 +21,7 @@ def run(model, feeds, rule="epsilon", **params):
     compiled = onnxlrp.compile(model, rule, epsilon=EPS, **params)
     session = ort.InferenceSession(compiled.SerializeToString(), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(None, feeds), strict=True))
+    return dict(zip(names, session.run(None, with_target(session, feeds, feeds.get("target"))), strict=True))
 
 
 def source_outputs(model, feeds):

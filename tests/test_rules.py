@@ -12,6 +12,7 @@ from spec_zoo import ZOO
 import onnxlrp
 from onnxlrp.builder import GraphBuilder
 from onnxlrp.rules import shrink, stabilize
+from onnxlrp.runtime import with_target
 
 # our rule name -> (reference rule name, our params, reference params)
 RULES = {
@@ -333,7 +334,7 @@ def test_activation_only_nodes_run_next_to_their_readers(tmp_path):
     options.enable_profiling = True
     options.profile_file_prefix = str(tmp_path / "order")
     sess = ort.InferenceSession(compiled.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    sess.run(None, {sess.get_inputs()[0].name: rng.normal(size=(1, 3, 6, 6)).astype(np.float32)})
+    sess.run(None, with_target(sess, {sess.get_inputs()[0].name: rng.normal(size=(1, 3, 6, 6)).astype(np.float32)}))
     events = json.loads(Path(sess.end_profiling()).read_text())
     order = [e["name"][: -len("_kernel_time")] for e in events
              if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]

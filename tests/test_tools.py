@@ -11,6 +11,7 @@ from helpers import session
 from netspec import Flatten, MaxPool, Relu
 
 import onnxlrp
+from onnxlrp.runtime import with_target
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
@@ -40,7 +41,7 @@ def test_gradient_probe_is_gradient_times_input(mask):
 
     compiled = onnxlrp.compile(ns.to_onnx(layers, x.shape), "epsilon", epsilon=eps)
     sess = session(compiled)
-    feed = {sess.get_inputs()[0].name: x.astype(np.float32)}
+    feed = with_target(sess, {sess.get_inputs()[0].name: x.astype(np.float32)})
     epsilon_relevance = sess.run(["relevance"], feed)[0]
     assert load_tool("gradient_probe").masks_for_ratios(compiled, mask) == 2  # one per Relu
     probe_relevance = session(compiled).run(["relevance"], feed)[0]

@@ -7,7 +7,7 @@ epsilon-gamma-box, cmp}. Each case checks that
 
 * the original outputs are unchanged (against the exported model in onnxruntime, rtol 1e-5 of the output scale),
 * the relevance has the input's shape, is finite and not all zero in any sample,
-* the default target (``target`` not fed) explains the arg-max,
+* the default target (``target`` = -1) explains the arg-max,
 * the relevance is the float64 graph reference's (tests/graph_reference.py; classic rules to 1e-5 of the map's peak,
   looser where ``helpers.ILL_CONDITIONED`` shows why; R-LRP with cosine >= 0.9999 per sample), and the rule plan in
   the metadata is the reference's,
@@ -101,7 +101,7 @@ def test_matrix(arch, export, rule):
     x = tm.sample_input(arch)
     reference = tm.run_source(proto, x)
     compiled = onnxlrp.compile(proto, rule)
-    out = tm.run_compiled(compiled, x)  # target not fed: the arg-max
+    out = tm.run_compiled(compiled, x)  # target -1: the arg-max
     check_outputs_unchanged(out, reference)
     np.testing.assert_array_equal(out["explained_class"], reference.argmax(1))
     check_relevance(arch, rule, x, out, compiled, graph_reference(arch, export))
@@ -111,16 +111,15 @@ def test_matrix(arch, export, rule):
 
 def test_static_batch_export_loads_in_onnxruntime():
     """A TorchScript export without dynamic_axes has a fixed batch dim (here 2). The compiled model declares the
-    optional input ``target`` as int64 [2] and must give it a default (its initializer) of that same shape, or
-    onnxruntime refuses the model ("Shape of initializer target does not match. {2} != {1}")."""
+    input ``target`` as int64 [2], a plain input (no initializer-backed default, which onnxruntime-web could not
+    feed)."""
     proto = tm.exported("mlp", "ts17")
     batch = proto.graph.input[0].type.tensor_type.shape.dim[0]
     assert batch.dim_value == tm.BATCH
     compiled = onnxlrp.compile(proto, "epsilon")
     declared = next(i for i in compiled.graph.input if i.name == "target")
-    default = next((t for t in compiled.graph.initializer if t.name == "target"), None)
-    if default is not None:
-        assert list(default.dims) == [d.dim_value for d in declared.type.tensor_type.shape.dim]
+    assert [d.dim_value for d in declared.type.tensor_type.shape.dim] == [tm.BATCH]
+    assert "target" not in {t.name for t in compiled.graph.initializer}
     x = tm.sample_input("mlp")
     reference = tm.run_source(proto, x)
     np.testing.assert_array_equal(tm.run_compiled(compiled, x)["explained_class"], reference.argmax(1))

@@ -29,6 +29,7 @@ import lxt_reference as lxt  # noqa: E402
 import transformer_models as tm  # noqa: E402
 
 import onnxlrp  # noqa: E402
+from onnxlrp.runtime import with_target  # noqa: E402
 
 TOLERANCE = 1e-3
 EXPORTS = [("ts", 17, "eager"), ("dynamo", 18, "sdpa")]
@@ -41,8 +42,9 @@ def run(proto: onnx.ModelProto, feeds: dict) -> dict[str, np.ndarray]:
     options.log_severity_level = 3
     session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
     wanted = {i.name for i in session.get_inputs()}
+    feeds = {k: v for k, v in feeds.items() if k in wanted}
     return dict(zip([o.name for o in session.get_outputs()],
-                    session.run(None, {k: v for k, v in feeds.items() if k in wanted}), strict=True))
+                    session.run(None, feeds if "target" in feeds else with_target(session, feeds)), strict=True))
 
 
 @functools.cache

@@ -31,6 +31,8 @@ import onnx
 import torch
 from torch import nn
 
+from onnxlrp.runtime import with_target
+
 MAX_IR_VERSION = 10  # onnxruntime 1.2x reads IR <= 10
 BATCH = 2
 SEED = 0
@@ -451,12 +453,15 @@ def op_types(proto: onnx.ModelProto) -> list[str]:
 # ---------------------------------------------------------------- onnxruntime
 
 def ort_session(proto: onnx.ModelProto):
+    """An onnxruntime session (2 threads) that feeds a compiled model's ``target`` as -1 when a call leaves it out
+    (:class:`helpers.Session`)."""
     import onnxruntime as ort
+    from helpers import Session
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = 2
-    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return Session(proto, options)
 
 
 def run_source(proto: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
@@ -466,11 +471,9 @@ def run_source(proto: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
 
 
 def run_compiled(compiled: onnx.ModelProto, x: np.ndarray, target=None) -> dict[str, np.ndarray]:
-    """All outputs of a compiled model by name; ``target`` None leaves the optional input unfed (arg-max)."""
+    """All outputs of a compiled model by name; ``target`` None feeds -1 (the arg-max)."""
     session = ort_session(compiled)
-    feeds = {INPUT_NAME: x}
-    if target is not None:
-        feeds["target"] = np.asarray(target, dtype=np.int64).reshape(len(x))
+    feeds = with_target(session, {INPUT_NAME: x}, target)
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(None, feeds), strict=True))
 

@@ -32,6 +32,8 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
+from onnxlrp.runtime import with_target
+
 CLASSES = 10
 
 
@@ -533,10 +535,7 @@ def run_source(model: onnx.ModelProto, feeds: dict, names: list[str]) -> list:
 
 
 def run_compiled(compiled: onnx.ModelProto, feeds: dict, target=None) -> dict:
-    """Every output of a compiled model, by name (``target`` None: the optional input is not fed)."""
+    """Every output of a compiled model, by name (``target`` None: -1, the arg-max)."""
     sess = session(compiled)
-    feeds = dict(feeds)
-    if target is not None:
-        batch = len(next(iter(feeds.values())))
-        feeds["target"] = np.broadcast_to(np.asarray(target, np.int64), (batch,)).copy()
+    feeds = with_target(sess, feeds, target)
     return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds), strict=True))

@@ -64,6 +64,7 @@ sys.path.insert(0, str(HERE))
 import archs  # noqa: E402
 
 from onnxlrp.contract import CLASS_OUTPUT, RELEVANCE_OUTPUT  # noqa: E402
+from onnxlrp.runtime import with_target  # noqa: E402
 
 DEFAULT_CACHE = Path(os.environ.get("ONNXLRP_BENCH_CACHE", Path(tempfile.gettempdir()) / "onnxlrp-bench"))
 SETTLE_S = 0.1  # Zennit and ours take turns on different thread pools: let the last one's spinning threads sleep
@@ -76,7 +77,7 @@ def inferred(model: onnx.ModelProto, batch: int) -> tuple[onnx.ModelProto, dict[
     """``model`` after ONNX shape inference with the batch fixed, and every tensor's shape."""
     fixed = onnx.ModelProto()
     fixed.CopyFrom(model)
-    defaults = {t.name for t in fixed.graph.initializer}  # optional inputs (the compiled model's target)
+    defaults = {t.name for t in fixed.graph.initializer}  # overridable initializers keep their shapes
     for vi in fixed.graph.input:
         dims = vi.type.tensor_type.shape.dim
         if vi.name in defaults:
@@ -242,6 +243,25 @@ def make_session(path: Path, threads: int, provider: str, spin: bool, profile_pr
     return sess
 
 
+def session_creation(paths: dict[str, Path], args) -> dict:
+    """Create a session on each model in turn, ``--session-repeats`` times (the order reversed every other round):
+    medians of the wall and the process CPU seconds. Creating a compiled session includes onnxruntime's constant
+    folding of the rules' weight ops (``onnxlrp/weights.py``); CPU seconds are the steadier figure on a shared
+    host."""
+    wall: dict[str, list] = {k: [] for k in paths}
+    cpu: dict[str, list] = {k: [] for k in paths}
+    keys = list(paths)
+    for i in range(args.session_repeats):
+        for key in keys if i % 2 == 0 else keys[::-1]:
+            t, c = time.perf_counter(), time.process_time()
+            sess = make_session(paths[key], args.threads, args.provider, args.spin == "on")
+            wall[key].append(time.perf_counter() - t)
+            cpu[key].append(time.process_time() - c)
+            del sess
+    return {k: {"median_s": median(wall[k]), "cpu_median_s": median(cpu[k]), "times_s": wall[k], "cpu_s": cpu[k]}
+            for k in paths}
+
+
 def make_input(model: onnx.ModelProto, batch: int, seed: int) -> tuple[str, np.ndarray]:
     """The first float data input, filled with uniform [0, 1) values at batch ``batch``."""
     inits = {t.name for t in model.graph.initializer}
@@ -266,6 +286,7 @@ class Runner:
     :meth:`outputs` copies the last run's outputs to the host afterwards."""
 
     def __init__(self, sess, feed: dict, provider: str, io_binding: bool):
+        feed = with_target(sess, feed)  # a compiled model's target: -1, the predicted class
         self.sess, self.feed, self.binding = sess, feed, None
         if io_binding:
             import onnxruntime as ort
@@ -365,6 +386,7 @@ def child_memory(args) -> dict:
     t = time.perf_counter()
     sess = make_session(Path(args.child_model), args.threads, args.provider, args.spin == "on")
     created = time.perf_counter() - t
+    feed = with_target(sess, feed)
     after_create = peak_rss_mib()
     for _ in range(args.child_runs):
         sess.run(None, feed)
@@ -397,7 +419,7 @@ def child_zennit(args) -> dict:
         p.requires_grad_(False)  # input gradients only, as an explanation needs
     x = torch.from_numpy(np.load(args.child_input)).to(device)
     ours = make_session(Path(args.child_compiled), args.threads, args.provider, args.spin == "on")
-    feed = {args.child_input_name: x.cpu().numpy()}
+    feed = with_target(ours, {args.child_input_name: x.cpu().numpy()})
 
     def timed(fn) -> float:
         sync()
@@ -530,6 +552,7 @@ def rule_part(hint: str, op: str) -> str:
 def profile(path: Path, feed: dict, args, runs: int, workdir: Path) -> dict:
     """Per-node times of ``runs`` runs (after one warm-up), totals per op type, per hint and per rule part."""
     sess = make_session(path, args.threads, args.provider, args.spin == "on", str(workdir / "ort_profile"))
+    feed = with_target(sess, feed)
     sess.run(None, feed)
     for _ in range(runs):
         sess.run(None, feed)
@@ -594,6 +617,8 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=10, help="timed runs of each session (and of Zennit)")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs of each before timing")
     p.add_argument("--compile-repeats", type=int, default=1, help="compile this many times, report the median")
+    p.add_argument("--session-repeats", type=int, default=0, metavar="N",
+                   help="also create the compiled session and each --variant's N times in turn (wall and CPU s)")
     p.add_argument("--memory-runs", type=int, default=2, help="runs in each memory child after session creation")
     p.add_argument("--spin", choices=("on", "off"), default="on",
                    help="onnxruntime intra-op thread spinning (its default: on)")
@@ -789,6 +814,12 @@ def main(argv=None) -> dict:
                 f"pairs {vr['ratio_to_compiled_pairs_median']:.3f}, mins {vr['ratio_to_compiled_min']:.3f}; "
                 f"relevance max |diff| / max |R| vs compiled {vr['relevance_max_abs_diff_vs_compiled']:.1e}")
         del source, explainer, sessions
+        if args.session_repeats:
+            created = session_creation({"compiled": cmp_path, **{f"variant:{k}": Path(p) for k, p in variants.items()}},
+                                       args)
+            result["session_create_repeated"] = created
+            say(f"session creation ({args.session_repeats} each, in turn): " + "; ".join(
+                f"{k} {v['median_s']:.2f} s wall, {v['cpu_median_s']:.2f} s CPU" for k, v in created.items()))
 
         if args.profile:
             result["profile"] = {"compiled": profile(cmp_path, feed, args, args.profile, work),

@@ -11,7 +11,13 @@ Sources (all under tests/):
   and tf2onnx import, a Keras CNN through tf2onnx;
 * ``torch_models`` (when it imports: it needs torch): its ``ARCHITECTURES`` exported with its ``EXPORTS`` (batch 2
   static, and ts17 with a dynamic batch). This is the hook for the PyTorch matrix; without the module the table says
-  so and covers the rest.
+  so and covers the rest;
+* graph features (:func:`graph_feature_cases`): Resize/Upsample (a PyTorch decoder, old Upsample files), element-wise
+  Max (maxout), a tf2onnx learning-phase If, and models explained at a ``node_input`` (an STFT front-end, a token
+  embedding); their relevance has the node input's shape;
+* ``gated_models`` (torch and torchvision; Keras rows need tensorflow and tf2onnx): EfficientNet-B0, MobileNetV3-Small,
+  ConvNeXt-T and a YOLO-like SiLU network by both torch exporters, Keras EfficientNetB0, MobileNetV3Small and a
+  LayerNorm/GroupNorm network through tf2onnx, and a paddle-style hand-built graph (``test_gated_models``).
 
 Each cell compiles the model *as given*. "pass" means: it compiles, runs in onnxruntime, the original outputs match
 the source model's, and the relevance is sane (right shape, finite, not all zero; for R-LRP also
@@ -141,6 +147,85 @@ def torch_cases(exports: list[str] | None) -> tuple[list[Case], str]:
     return cases, ""
 
 
+def graph_feature_cases() -> tuple[list[Case], str]:
+    """The models of tests/test_resize.py, test_extremum.py, test_control_flow.py and test_node_input.py."""
+    import test_node_input as tni
+    import test_resize as trs
+
+    rng = np.random.default_rng(5)
+    cases = [
+        Case("Upsample (linear, opset 9)", "hand-built, old-converter style (opset 9, IR 5)",
+             lambda: trs.legacy_upsample_model("Upsample", 9, "linear"),
+             lambda: {"x": rng.random((2, 2, 3, 3), dtype=np.float32)}),
+        Case("audio: STFT front-end, node_input=spec", "hand-built (opset 18)", tni.audio_model,
+             lambda: {"wave": tni.waves()}, kwargs={"node_input": "spec"}),
+        Case("tokens: embedding lookup, node_input=emb", "hand-built (opset 18)", tni.token_model,
+             lambda: {"ids": np.array([[1, 2, 3, 4, 5], [0, 0, 7, 10, 2]], np.int64)}, kwargs={"node_input": "emb"}),
+    ]
+    notes = []
+    try:
+        import test_extremum as tex
+        import torch
+        import torch_models as tm
+
+        version = torch.__version__.split("+")[0]
+        for export, dynamic in (("ts17", False), ("ts17", True), ("dynamo18", False)):
+            exporter, opset = tm.EXPORTS[export]
+            label = f"torch {version} {exporter} (opset {opset}" + (", dynamic batch)" if dynamic else ", batch 2)")
+            cases.append(Case("decoder: nn.Upsample nearest, F.interpolate bilinear (size) and bicubic", label,
+                              lambda exporter=exporter, opset=opset, dynamic=dynamic: tm.export(
+                                  trs.torch_upsampling_net(), torch.rand(2, 3, 8, 8), exporter=exporter,
+                                  opset=opset, dynamic_batch=dynamic),
+                              lambda: {tm.INPUT_NAME: rng.random((2, 3, 8, 8), dtype=np.float32)}))
+            if not dynamic:
+                cases.append(Case("maxout (torch.maximum of two branches)", label,
+                                  lambda exporter=exporter, opset=opset: tm.export(
+                                      tex.maxout_module(), torch.rand(2, 5), exporter=exporter, opset=opset),
+                                  lambda: {tm.INPUT_NAME: rng.normal(size=(2, 5)).astype(np.float32)}))
+    except Exception as err:  # noqa: BLE001
+        notes.append(f"PyTorch graph-feature rows left out: {err}")
+    try:
+        import tensorflow as tf
+        import test_control_flow as tcf
+        import tf2onnx
+
+        tcf.tf2onnx_learning_phase_model()
+        cases.append(Case("BatchNorm under a learning-phase tf.cond (If)",
+                          f"tf2onnx {tf2onnx.__version__} (TF {tf.__version__}, TF1-style graph, opset 13)",
+                          tcf.tf2onnx_learning_phase_model, lambda: {"x:0": tcf.sample()}))
+    except Exception as err:  # noqa: BLE001
+        notes.append(f"tf2onnx If row left out: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+    return cases, "; ".join(notes)
+def gated_cases(with_tf: bool) -> tuple[list[Case], str]:
+    """Networks with gated activations, gates and normalizations (tests/gated_models.py)."""
+    try:
+        import gated_models as gm
+        import test_gated_models as tgm
+        import torch
+    except Exception as err:  # noqa: BLE001
+        return [], f"tests/gated_models.py not importable ({type(err).__name__}: {err}); those rows left out"
+    version = torch.__version__.split("+")[0]
+    cases = [Case(f"{name} ({gm.TORCH_MODELS[name]}x{gm.TORCH_MODELS[name]})",
+                  f"torch {version} {exporter} (opset {opset}, batch 2)",
+                  lambda case=(name, exporter, opset): gm.torch_export(*case),
+                  lambda name=name: {"input": gm.sample(name)}) for name, exporter, opset in tgm.TORCH_CASES]
+    if with_tf:
+        try:
+            import tf2onnx
+
+            for name in tgm.KERAS_PATTERNS:
+                size = "6x6x8" if name == "norms" else f"{gm.KERAS_SIZE}x{gm.KERAS_SIZE}"
+                cases.append(Case(f"Keras {name} ({size}, NHWC)", f"tf2onnx {tf2onnx.__version__} (opset 13)",
+                                  lambda name=name: gm.keras_export(name),
+                                  lambda name=name: {"image": gm.keras_sample(name)}))
+        except Exception:  # noqa: BLE001
+            pass
+    cases.append(Case("paddle-style HardSwish, SE gate, LayerNorm", "hand-built, paddle2onnx style (opset 11, IR 7)",
+                      lambda: tgm.paddle_style()[0],
+                      lambda: {"x": np.random.default_rng(6).normal(size=(2, 6)).astype(np.float32)}))
+    return cases, ""
+
+
 # ---------------------------------------------------------------- known compiler bugs
 
 # Bugs these matrices found (fixed since: B1, B2 in d486035, B3 in 75ceaa0). A cell that meets one again is marked
@@ -265,10 +350,16 @@ def run_cell(case: Case, rule: str) -> Cell:
     dev = max(deviation(got[name], want[name]) for name in outputs)
     problems = []
     relevance = {k: v for k, v in got.items() if is_relevance_output(k)}
+    node_inputs = case.kwargs.get("node_input")
     for name, r in relevance.items():
-        source = name.split(".", 1)[1] if "." in name else next(k for k, v in feeds.items()
-                                                                  if np.issubdtype(v.dtype, np.floating))
-        if r.shape != feeds[source].shape:
+        if "." in name:
+            source = name.split(".", 1)[1]
+        elif node_inputs:
+            source = node_inputs if isinstance(node_inputs, str) else node_inputs[0]
+        else:
+            source = next(k for k, v in feeds.items() if np.issubdtype(v.dtype, np.floating))
+        shape = feeds[source].shape if source in feeds else zm.run_source(model, feeds, [source])[0].shape
+        if r.shape != shape:
             problems.append("shape")
         if not np.isfinite(r).all():
             problems.append("non-finite")
@@ -355,7 +446,8 @@ def write_doc(path: Path, argv: list[str], rules: list[str], rows: list[tuple[Ca
         "Each cell compiles the source model **as given** and runs it in onnxruntime (CPU). `pass (d, sanity)`: "
         "compiled and ran; `d` is the largest absolute difference between the compiled model's original outputs "
         "and the source model's (onnxruntime; ZipMap values compared per class); `sanity` is `ok` when every "
-        "relevance output has the input's shape, is finite and not all zero for any sample, and, for R-LRP, "
+        "relevance output has the shape of its input (or node input), is finite and not all zero for any sample, "
+        "and, for R-LRP, "
         "`sum|R| == |logit|` per sample (rtol 1e-4). `xfail [B#]`: the compile fails, or its result does not load, "
         "because of a known compiler bug (below); the bracket gives the same checks on a work-around. "
         "`FAIL`: anything else.",
@@ -399,6 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rules", default=",".join(DEFAULT_RULES))
     parser.add_argument("--no-torch", action="store_true", help="leave out tests/torch_models.py")
     parser.add_argument("--no-tf", action="store_true", help="leave out the tf2onnx export")
+    parser.add_argument("--no-gated", action="store_true", help="leave out tests/gated_models.py")
     parser.add_argument("--torch-exports", default=None,
                         help="comma-separated keys of torch_models.EXPORTS, '+dynamic' for a dynamic batch dim")
     argv = sys.argv[1:] if argv is None else argv
@@ -407,9 +500,10 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     notes: list[str] = []
     cases = zoo_cases()
-    for source in (sklearn_cases, None if args.no_tf else tf_cases,
+    for source in (sklearn_cases, graph_feature_cases, None if args.no_tf else tf_cases,
                    None if args.no_torch else lambda: torch_cases(
-                       args.torch_exports.split(",") if args.torch_exports else None)):
+                       args.torch_exports.split(",") if args.torch_exports else None),
+                   None if args.no_gated else lambda: gated_cases(not args.no_tf)):
         if source is None:
             continue
         more, note = source()
@@ -420,6 +514,8 @@ def main(argv: list[str] | None = None) -> int:
         notes.append("tf2onnx rows left out (--no-tf)")
     if args.no_torch:
         notes.append("PyTorch rows left out (--no-torch)")
+    if args.no_gated:
+        notes.append("gated-activation and normalization rows left out (--no-gated)")
     rows, conserve = [], []
     for case in cases:
         cells = {}

@@ -71,9 +71,11 @@ def _png(relevance: np.ndarray, image: np.ndarray | None, scale: int) -> Callabl
 
 def run_explain(model, images, *, out_dir, target="predicted", preprocess="none", overlay=True, batch_size=32,
                 rule="rlrp", composite=None, flat_layers=1, opset=None, output=None, node_output=None,
-                input_shapes=None, **params) -> list[dict]:
+                node_input=None, input_shapes=None, **params) -> list[dict]:
     """Explain every image; write ``<out_dir>/<stem>.png`` (heatmap) and ``<stem>.npy`` (the relevance of the
     model's input: ``[C, H, W]``, or ``[H, W, C]`` for an NHWC model, :mod:`.layout`).
+    With one ``node_input`` the relevance has that tensor's shape: the heatmap is drawn over the image when its last
+    two axes are the image's, alone when it is 2-D or 3-D, and left out otherwise (the ``.npy`` is always written).
 
     Every image is decoded once before anything is written, so a bad image stops the run with one error line and
     no output at all.  Returns one dict per image (file, class, score, png, npy).
@@ -105,8 +107,11 @@ def run_explain(model, images, *, out_dir, target="predicted", preprocess="none"
             cache[i] = arr
             cached_bytes += arr.nbytes
 
+    if node_input and len(node_input) > 1 and not isinstance(node_input, str):
+        raise OnnxlrpError("explain writes one relevance map per image: give one --node-input")
     prepared = prepare(source, shown_as=model, rule=rule, composite=composite, flat_layers=flat_layers, opset=opset,
-                       output=output, node_output=node_output, input_shapes=input_shapes, **params)
+                       output=output, node_output=node_output, node_input=node_input, input_shapes=input_shapes,
+                       **params)
     if prepared.chw != chw:
         raise OnnxlrpError(f"{show(model)}: the compiled model takes {list(prepared.chw)}, not {list(chw)}")
     explainer = Explainer(prepared.model)
@@ -140,11 +145,16 @@ def run_explain(model, images, *, out_dir, target="predicted", preprocess="none"
                 k = int(classes[j])
                 score = float(scores[j, k])
                 png, npy = out / f"{stems[i]}.png", out / f"{stems[i]}.npy"
-                write_atomic(png, _png(layout.to_chw(relevance[j]), raw[j] if overlay else None, scale))
+                shown = layout.to_chw(relevance[j]) if not node_input else relevance[j]
+                drawn = shown.ndim in (2, 3)
+                if drawn:
+                    like_image = shown.shape[-2:] == (height, width)
+                    write_atomic(png, _png(shown, raw[j] if overlay and like_image else None,
+                                           scale if like_image else _upscale(*shown.shape[-2:])))
                 write_npy(npy, relevance[j])
-                results.append({"file": str(paths[i]), "class": k, "score": score, "png": str(png),
+                results.append({"file": str(paths[i]), "class": k, "score": score, "png": str(png) if drawn else None,
                                 "npy": str(npy)})
-                click.echo(f"{show(paths[i])}: class {k} (score {score:.4g}) -> {show(png)}")
+                click.echo(f"{show(paths[i])}: class {k} (score {score:.4g}) -> {show(png if drawn else npy)}")
             if bar is not None:
                 bar.update(len(idx))
     return results

@@ -79,7 +79,7 @@ def input_shape(model: onnx.ModelProto, shown_as=None, input_shapes=None) -> tup
 
 
 def prepare(model, *, shown_as=None, rule: str = "rlrp", composite=None, flat_layers: int = 1, opset=None,
-            output=None, node_output=None, input_shapes=None, **params) -> Prepared:
+            output=None, node_output=None, node_input=None, input_shapes=None, **params) -> Prepared:
     """Load ``model`` (a file or ModelProto) and compile it with the rule unless it was compiled by onnxlrp."""
     from onnxlrp.compiler import compile as compile_model
     from onnxlrp.compiler import is_compiled
@@ -93,7 +93,8 @@ def prepare(model, *, shown_as=None, rule: str = "rlrp", composite=None, flat_la
         # from the file when there is one: its errors name it, and the metadata records its sha256
         given = shown_as if isinstance(shown_as, PATH_TYPES) else source
         compiled = compile_model(given, rule, composite=composite, flat_layers=flat_layers, opset=opset,
-                                 output=output, node_output=node_output, input_shapes=input_shapes, **params)
+                                 output=output, node_output=node_output, node_input=node_input,
+                                 input_shapes=input_shapes, **params)
     meta = metadata(compiled)
     graph = compiled.graph
     explained = meta.get("onnxlrp.explained", "")

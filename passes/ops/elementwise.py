@@ -11,15 +11,25 @@ from .registry import backward, declare
 declare("Shape", "Size", "ArgMax", "ArgMin", "Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Not", "And",
         "Or", "Xor", "NonZero", "IsNaN", "IsInf", "TopK", "ConstantOfShape", "Constant", "EyeLike", data_inputs=())
 declare("RandomNormalLike", "RandomUniformLike", data_inputs=(), foldable=False)
-declare("RandomNormal", "RandomUniform", "Multinomial", "If", "Loop", "Scan", foldable=False)
+declare("RandomNormal", "RandomUniform", "Multinomial", foldable=False)
+
+
+def control_flow_reason(ctx, node):
+    if node.op_type == "If":
+        return "an If whose condition is not a constant has no relevance rule (one with a constant condition is " \
+               "replaced by its branch)"
+    return f"control flow ({node.op_type}) has no relevance rule"
+
+
+declare("If", "Loop", "Scan", foldable=False, check=control_flow_reason)
+declare("Reciprocal", check=lambda ctx, node: "the reciprocal of a relevance-carrying tensor has no LRP rule (on "
+        "constants it is folded; inside x * f(x) activations it is part of the activation)")
 declare("Exp", nonnegative="always")
-declare("Max", "Min", nonnegative="all")
 declare("LpPool", nonnegative="first")
 declare("ReduceMax", "ReduceMin", data_inputs=(0,), nonnegative="first")
 declare("ReduceSum", data_inputs=(0,))
 declare("Tile", data_inputs=(0,), nonnegative="first")
-declare("Resize", "Upsample", "ConvTranspose", data_inputs=(0,))
-declare("InstanceNormalization", data_inputs=(0,))
+declare("Upsample", "ConvTranspose", data_inputs=(0,))  # Upsample: Resize after canonicalization
 
 
 # ---------------------------------------------------------------- pass-through ops
@@ -65,16 +75,11 @@ backward("Pow", data_inputs=(0,), check=check_power)(pass_through)
 
 def check_arith(ctx, node):
     on_path = path_inputs(ctx, node)
-    if node.op_type == "Mul" and len(on_path) > 1:
-        return "a product of two relevance-carrying tensors has no LRP rule"
-    if node.op_type == "Div" and 1 in on_path:
+    if node.op_type == "Div" and len(on_path) > 1:
+        return "a quotient of two relevance-carrying tensors has no LRP rule"
+    if node.op_type == "Div" and on_path == [1]:
         return "a division by a relevance-carrying tensor has no LRP rule"
     return None
-
-
-def scaled_preserves_zero(ctx, node, index) -> bool:
-    """A product with a constant, or a division of the data input by one, maps 0 to 0."""
-    return node.op_type == "Mul" or index == 0
 
 
 def add(ctx, node, r_out):
@@ -100,8 +105,14 @@ backward("Add", "Sum", join=True, kind="join", nonnegative="all", check=check_ar
 backward("Sub", join=True, kind="join", check=check_arith)(add)
 
 
-@backward("Mul", "Div", nonnegative="all", zero_preserving=scaled_preserves_zero, check=check_arith)
+def divides_data_input(ctx, node, index) -> bool:
+    """A division of the data input by a constant maps 0 to 0."""
+    return index == 0
+
+
+@backward("Div", nonnegative="all", zero_preserving=divides_data_input, check=check_arith)
 def scale(ctx, node, r_out):
-    """A product with (or a division by) a constant: relevance maps back unchanged (Zennit's Pass rule)."""
+    """A division by a constant: relevance maps back unchanged (Zennit's Pass rule); products are in
+    :mod:`onnxlrp.passes.ops.gates`."""
     (i,) = path_inputs(ctx, node)
     return {i: unbroadcast(ctx, r_out[0], node.input[i], node.output[0])}

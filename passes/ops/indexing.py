@@ -16,12 +16,23 @@ from onnx import TensorProto
 from .helpers import attr, path_inputs, unbroadcast
 from .registry import backward
 
+MAX_GATHER_MATRIX = 1 << 22  # entries of the one-hot map of constant indices (16 MiB in float32)
+
 
 def check_gather(ctx, node):
     shape = ctx.shapes.get(node.input[0])
     if shape is None or ctx.shapes.get(node.input[1]) is None:
         return "needs known ranks of data and indices"
+    idx, n = ctx.constants.get(node.input[1]), shape[attr(node, "axis", 0) % len(shape)] if shape else None
+    if idx is not None and n is not None and not is_permutation(idx, n) and n * idx.size > MAX_GATHER_MATRIX:
+        return f"gathers {idx.size} of {n} elements with repeats or gaps: too large to map back"
     return None
+
+
+def is_permutation(idx: np.ndarray, n: int) -> bool:
+    """Whether the constant indices ``idx`` read each of the ``n`` elements once (negative ones count from the end)."""
+    flat = idx.reshape(-1).astype(np.int64) % n
+    return flat.size == n and bool(np.all(np.sort(flat) == np.arange(n)))
 
 
 def shape_slice(b, tensor: str, start: int, end: int) -> str:
@@ -34,7 +45,8 @@ def shape_slice(b, tensor: str, start: int, end: int) -> str:
 def gather(ctx, node, r_out):
     """``out[pre, I, post] = data[pre, idx[I], post]`` along ``axis``: with ``K`` the number of indices and ``n`` the
     data's size along the axis, ``R_data[pre, j, post] = sum_k R_out[pre, k, post] * [idx[k] = j]``, one MatMul of
-    the relevance (axis moved last) with the ``[K, n]`` one-hot map (negative indices count from the end)."""
+    the relevance (axis moved last) with the ``[K, n]`` one-hot map (negative indices count from the end). Constant
+    indices that permute the axis are undone by a Gather with the inverse permutation."""
     b = ctx.b
     data, indices = node.input[0], node.input[1]
     shape = ctx.shapes[data]
@@ -42,6 +54,10 @@ def gather(ctx, node, r_out):
     axis = attr(node, "axis", 0) % rank
     n = shape[axis]
     idx = ctx.constants.get(indices)
+    if idx is not None and n is not None and idx.ndim == 1 and is_permutation(idx, n):
+        # a permutation is undone by gathering with the inverse permutation
+        inverse = np.argsort(idx.astype(np.int64) % n)
+        return {0: b.op("Gather", [r_out[0], b.const(inverse, "inverse", np.int64)], "R", axis=axis)}
     if idx is not None and n is not None:
         flat = idx.reshape(-1).astype(np.int64)
         one_hot = b.const((np.where(flat < 0, flat + n, flat)[:, None] == np.arange(n)[None]).astype(np.float32),

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from onnxlrp.layers import Window
-from onnxlrp.rules import factors_of, mul
+from onnxlrp.rules import factors_of, mul, times_relative
 
 from .helpers import attr, explicit_pads, float_mask, reshape_like
 from .registry import backward
@@ -75,21 +75,62 @@ def first_max_taps(b, windows: str, axis: int, k: int, after: int) -> str:
     return b.op("Equal", [winner, b.const(index, "tap_index", np.int64)], "winner")
 
 
-def window_patches(b, x: str, wd: Window, channels: int) -> tuple[str, str]:
-    """The windows of ``x`` as ``[N, C, K, *out]`` (zero at padded taps), and the one-hot kernel that made them."""
-    k = int(np.prod(wd.kernel))
-    taps = np.eye(k, dtype=np.float32).reshape(k, 1, *wd.kernel)
-    kernel = b.const(np.tile(taps, (channels,) + (1,) * (taps.ndim - 1)), "onehot_kernel")
-    patches = b.op("Conv", [x, kernel], "patches", strides=wd.strides, pads=wd.pads, dilations=wd.dilations,
-                   group=channels)
-    return b.op("Reshape", [patches, b.const([0, channels, k, *wd.out_spatial], "shape", np.int64)], "patches"), kernel
+def tiles(wd: Window) -> bool:
+    """Whether the windows tile the input: stride = kernel, no dilation, no padding (trailing positions that no
+    window reaches are allowed)."""
+    return wd.strides == wd.kernel and all(d == 1 for d in wd.dilations) and not any(wd.pads)
 
 
-def scatter_windows(b, routed: str, wd: Window, channels: int, kernel: str) -> str:
-    """``[N, C, K, *out]`` window values added back at their input positions (the one-hot kernel transposed)."""
+def tile_order(rank: int) -> list[int]:
+    """The permutation of ``[N, C, o1, k1, o2, k2, ...]`` into ``[N, C, k1, k2, ..., o1, o2, ...]``."""
+    return [0, 1] + [3 + 2 * a for a in range(rank)] + [2 + 2 * a for a in range(rank)]
+
+
+def window_patches(b, x: str, wd: Window, channels: int) -> tuple[str, str | None]:
+    """The windows of ``x`` as ``[N, C, K, *out]`` (zero at padded taps), and the one-hot kernel that made them:
+    a Conv over the channels as a batch (``[N C, 1, *in]``: one input and ``K`` output channels, ungrouped), or, for
+    windows that tile the input, a Reshape and a Transpose (no kernel). A grouped Conv with ``K`` outputs per group
+    would be shorter, but onnxruntime-web's WebGPU kernels get it wrong for ``K`` = 9 (3x3 windows) among others
+    (docs/onnxruntime-web-webgpu.md)."""
     k = int(np.prod(wd.kernel))
-    routed = b.op("Reshape", [routed, b.const([0, channels * k, *wd.out_spatial], "shape", np.int64)], "R")
-    return wd.conv_transpose(b, routed, kernel, channels, "R")
+    shape = b.const([0, channels, k, *wd.out_spatial], "shape", np.int64)
+    if tiles(wd):
+        covered = [o * s for o, s in zip(wd.out_spatial, wd.kernel, strict=True)]
+        if covered != list(wd.in_spatial):
+            axes = list(range(2, 2 + wd.rank))
+            x = b.op("Slice", [x, b.const([0] * wd.rank, "starts", np.int64), b.const(covered, "ends", np.int64),
+                               b.const(axes, "axes", np.int64)], "x")
+        split = [d for o, s in zip(wd.out_spatial, wd.kernel, strict=True) for d in (o, s)]
+        x = b.op("Reshape", [x, b.const([0, channels, *split], "shape", np.int64)], "tiles")
+        x = b.op("Transpose", [x], "tiles", perm=tile_order(wd.rank))
+        return b.op("Reshape", [x, shape], "patches"), None
+    kernel = b.const(np.eye(k, dtype=np.float32).reshape(k, 1, *wd.kernel), "onehot_kernel")
+    planes = b.op("Reshape", [x, b.const([-1, 1, *wd.in_spatial], "shape", np.int64)], "planes")
+    patches = b.op("Conv", [planes, kernel], "patches", strides=wd.strides, pads=wd.pads, dilations=wd.dilations,
+                   group=1)
+    return b.op("Reshape", [patches, b.const([-1, channels, k, *wd.out_spatial], "shape", np.int64)],
+                "patches"), kernel
+
+
+def scatter_windows(b, routed: str, wd: Window, channels: int, kernel: str | None) -> str:
+    """``[N, C, K, *out]`` window values added back at their input positions: the one-hot kernel transposed over the
+    channels as a batch, or, for windows that tile the input, the inverse Transpose and Reshape (zeros where no
+    window reaches)."""
+    k = int(np.prod(wd.kernel))
+    if kernel is None:
+        routed = b.op("Reshape", [routed, b.const([0, channels, *wd.kernel, *wd.out_spatial], "shape", np.int64)],
+                      "R")
+        routed = b.op("Transpose", [routed], "R", perm=[int(p) for p in np.argsort(tile_order(wd.rank))])
+        covered = [o * s for o, s in zip(wd.out_spatial, wd.kernel, strict=True)]
+        routed = b.op("Reshape", [routed, b.const([0, channels, *covered], "shape", np.int64)], "R")
+        if covered == list(wd.in_spatial):
+            return routed
+        rest = [i - c for i, c in zip(wd.in_spatial, covered, strict=True)]
+        return b.op("Pad", [routed, b.const([0] * (2 + wd.rank) + [0, 0] + rest, "pads", np.int64)], "R",
+                    mode="constant")
+    routed = b.op("Reshape", [routed, b.const([-1, k, *wd.out_spatial], "shape", np.int64)], "R")
+    planes = wd.conv_transpose(b, routed, kernel, 1, "R", (k, 1))
+    return b.op("Reshape", [planes, b.const([-1, channels, *wd.in_spatial], "shape", np.int64)], "R")
 
 
 # ---------------------------------------------------------------- average pools
@@ -110,6 +151,10 @@ class AveragingView:
     def rlrp_factor(self) -> np.ndarray | None:
         return None
 
+    def rlrp_spread(self, b, g: str) -> str:
+        """R-LRP's ``Card(J_i) / (N M) W^T g`` (Prop. 13 with Eq. 12), up to a positive factor."""
+        return times_relative(b, self.spread(b, g, up_to_scale=True), self.rlrp_factor())
+
 
 class WindowAverage(AveragingView):
     """AveragePool: a depthwise convolution with weights ``1/divisor`` (the count of the window's taps inside the
@@ -125,7 +170,7 @@ class WindowAverage(AveragingView):
     def spread(self, b, g, up_to_scale=False):  # the divisor may vary near borders: it always stays
         g = mul(b, g, b.const((1.0 / self.divisor)[None], "inv_divisor"))
         ones = np.ones([self.channels, 1, *self.window.kernel], dtype=np.float32)
-        return self.window.conv_transpose(b, g, b.const(ones, "ones_kernel"), self.channels, "WTg")
+        return self.window.conv_transpose(b, g, b.const(ones, "ones_kernel"), self.channels, "WTg", ones.shape[:2])
 
     def rlrp_factor(self):
         return rlrp_pool_factor(self.window, self.channels)

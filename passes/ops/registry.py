@@ -11,17 +11,18 @@ An :class:`OpSpec` says what the engine needs to know about an op type:
 - ``zero_preserving``: ``f(0) = 0`` element-wise or by re-indexing, so the relevance it sends back vanishes where its
   input vanishes if the relevance it received vanishes where its output vanishes (a function ``(ctx, node, index)``
   may refine it, e.g. a Clip whose bounds exclude 0).
-- ``join``: with several relevance-carrying inputs, the node joins branches (Add, Sum, Sub, Concat): R-LRP normalizes
-  them at their fork (Eq. 13).
+- ``join``: with several relevance-carrying inputs, the node joins branches (Add, Sum, Sub, Concat, Max, Min): R-LRP
+  normalizes them at their fork (Eq. 13). A join with one relevance-carrying input has no rule of its kind.
 - ``kind``: the node kind whose rule a composite chooses (``"linear"``, ``"join"``, ``"average_pool"``,
-  ``"max_pool"``, ``"softmax"``, ``"matmul"``, ``"gate"``; a tuple for an op that has a rule of each, like the fused
-  ``Attention``), or ``None`` for ops whose treatment is fixed.
+  ``"max_pool"``, ``"resize"``, ``"elementwise_max"``, ``"softmax"``, ``"matmul"``, ``"gate"``, ``"normalization"``;
+  a tuple for an op that has a rule of each, like the fused ``Attention``), or ``None`` for ops whose treatment is
+  fixed.
 - ``fusable_producer``: its output may be replaced by a stand-in ``y - others`` when it is an operand of a join behind
   a Relu (Conv, BatchNormalization: onnxruntime then keeps Conv + Add + Relu in one kernel).
 - ``foldable``: canonicalization may evaluate the node when all its inputs are constant (not random or control flow).
 - ``emit`` ``(ctx, node, r_out) -> {input index: relevance}`` and ``check`` ``(ctx, node) -> reason | None``: the
-  backward emitter, and why a given node cannot be handled (before anything is emitted). Ops with facts but no emitter
-  (Shape, ConstantOfShape, ...) carry no relevance.
+  backward emitter, and why a given node cannot be handled (before anything is emitted; for an op without an emitter,
+  why it has none). Ops with facts but no emitter (Shape, ConstantOfShape, ...) carry no relevance.
 
 An op type that is not registered has the default facts (every input carries data, nothing else known) and no
 emitter: :func:`lookup` fails with the node's name and op type.
@@ -94,9 +95,10 @@ def data_input_indices(node: onnx.NodeProto) -> tuple[int, ...]:
 def unsupported_reason(ctx, node: onnx.NodeProto) -> str | None:
     """Why ``node`` cannot carry relevance, or None when it can."""
     entry = spec(node)
+    reason = entry.check(ctx, node) if entry.check else None
     if entry.emit is None:
-        return "no relevance rule for this op"
-    return entry.check(ctx, node) if entry.check else None
+        return reason or "no relevance rule for this op"
+    return reason
 
 
 def lookup(ctx, node: onnx.NodeProto) -> Callable:

@@ -63,6 +63,9 @@ def rule_options(fn):
         click.option("--node-input", multiple=True,
                      help="Intermediate tensor to give relevance to instead of the graph inputs (e.g. a spectrogram "
                           "or an embedding behind a front-end without a rule); repeatable."),
+        click.option("--position", type=int,
+                     help="Position explained along the sequence axis of a [batch, tokens, classes] output "
+                          "(a decoder's logits; negative counts from the end; default: the last)."),
         click.option("--input-shape", multiple=True, help="NAME=D1,D2,... fixes open input dims (repeatable)."),
         click.option("--precision", type=click.Choice(["fp32", "fp16"]),
                      help="fp16: a float16 forward pass (for GPUs); relevance is always float32."),
@@ -80,7 +83,8 @@ def compile_kwargs(kw: dict) -> dict:
     return dict(rule=kw.pop("rule"), composite=kw.pop("composite"), flat_layers=kw.pop("flat_layers"),
                 opset=kw.pop("opset"), output=kw.pop("output_name"), node_output=kw.pop("node_output"),
                 node_input=list(kw.pop("node_input")) or None, relevance_at=list(kw.pop("relevance_at")),
-                input_shapes=parse_input_shapes(kw.pop("input_shape")), precision=kw.pop("precision"), **params)
+                input_shapes=parse_input_shapes(kw.pop("input_shape")), precision=kw.pop("precision"),
+                position=kw.pop("position"), **params)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -166,7 +170,7 @@ def rules_command():
 
 @cli.command("explain")
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.argument("data", nargs=-1, required=True)
+@click.argument("data", nargs=-1)
 @rule_options
 @click.option("--target", default="predicted", show_default=True, help="Class index, or 'predicted'.")
 @click.option("--preprocess", default="none", show_default=True, help=PREPROCESS_HELP)
@@ -188,10 +192,28 @@ def rules_command():
 @click.option("--threads", type=int, help="Data set: onnxruntime threads (per actor with Ray; default: one per core, "
               "or the CPUs shared among the actors).")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors (no progress).")
+@click.option("--text", "texts", multiple=True,
+              help="Explain this text instead of images (repeatable; a model with a token input; rule default "
+                   "attnlrp): token relevance as JSON, HTML and PNG.")
+@click.option("--tokenizer", type=click.Path(dir_okay=False), help="The tokenizer.json that --text is tokenized with.")
 def explain_command(model, data, target, preprocess, out_dir, overlay, batch_size, heatmaps, resume, shard_size,
-                    column, engine, address, num_workers, threads, quiet, **kw):
-    """Explain image files (a heatmap PNG and the relevance .npy each) or one data set: an image folder
-    (recursive), a .npy/.npz array or Parquet, streamed into relevance shards and an index (resumable)."""
+                    column, engine, address, num_workers, threads, quiet, texts, tokenizer, **kw):
+    """Explain image files (a heatmap PNG and the relevance .npy each), one data set (an image folder (recursive),
+    a .npy/.npz array or Parquet, streamed into relevance shards and an index, resumable), or the token relevance
+    of each --text."""
+    if texts:
+        from .apps.text import run_explain_text
+
+        if data:
+            raise OnnxlrpError("explain: give images or --text, not both")
+        if not tokenizer:
+            raise OnnxlrpError("explain --text needs --tokenizer tokenizer.json")
+        if click.get_current_context().get_parameter_source("rule") == click.core.ParameterSource.DEFAULT:
+            kw["rule"] = "attnlrp"
+        run_explain_text(model, texts, tokenizer, out_dir=out_dir, target=target, **compile_kwargs(kw))
+        return
+    if not data:
+        raise OnnxlrpError("explain: give at least one image, a folder or a data set (or --text with --tokenizer)")
     from .apps import run_explain
 
     run_explain(model, data, out_dir=out_dir, target=target, preprocess=preprocess, overlay=overlay,

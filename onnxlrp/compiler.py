@@ -75,7 +75,7 @@ def family_of(composite: Composite, params: dict, flat_layers: int) -> Family:
 
 
 def _pass(model: onnx.ModelProto, composite: Composite, *, params: dict, flat_layers: int, output, node_output,
-          opset, input_shapes, precision=None, source=None, node_input=None, relevance_at=()
+          opset, input_shapes, precision=None, source=None, node_input=None, relevance_at=(), position=None
           ) -> tuple[RelevancePass, FoldedConstants]:
     unknown = set(params) - set(PARAMETER_NAMES)
     if unknown:
@@ -89,19 +89,21 @@ def _pass(model: onnx.ModelProto, composite: Composite, *, params: dict, flat_la
     with naming_the_model(source):
         canonical, shapes, folded = canonicalize(model, opset=opset, input_shapes=input_shapes, precision=precision)
         return RelevancePass(canonical, shapes, family, output=output, node_output=node_output,
-                             node_inputs=node_inputs, relevance_at=tuple(relevance_at or ()), folded=folded), folded
+                             node_inputs=node_inputs, relevance_at=tuple(relevance_at or ()), folded=folded,
+                             position=position), folded
 
 
 def compile(model_or_path, rule: str = "epsilon", *, composite: str | Path | None = None, output: str | None = None,
             node_output: str | None = None, node_input: str | list[str] | None = None, opset: int | None = None,
             input_shapes: dict[str, list[int]] | None = None, flat_layers: int = 1, precision: str | None = None,
-            relevance_at: list[str] | tuple[str, ...] = (), **params) -> onnx.ModelProto:
+            relevance_at: list[str] | tuple[str, ...] = (), position: int | None = None, **params) -> onnx.ModelProto:
     """Compile ``model_or_path`` (a ModelProto or a file) with ``rule`` (a rule, composite or semiring name, see
     ``onnxlrp rules``) or a TOML ``composite``. Parameters: epsilon, gamma, alpha, beta, low, high, stabilizer,
     threshold (semirings). ``precision="fp16"`` makes the forward pass float16 (relevance is always computed in
     float32). ``node_input``: one intermediate tensor (or several) explained instead of the float graph inputs, e.g.
     a spectrogram behind an STFT or an embedding behind a token lookup; the nodes before it need no rule.
-    ``relevance_at``: inner tensors whose relevance is output too (``relevance@TENSOR``).
+    ``relevance_at``: inner tensors whose relevance is output too (``relevance@TENSOR``). ``position``: the position
+    explained along the sequence axis of a ``[batch, tokens, classes]`` output (default: the last).
 
     The result keeps every original input and output and adds the input ``target`` (int64 [batch], -1: explain
     the predicted class) and the outputs ``relevance`` (``relevance.<name>`` per input or node input when there
@@ -111,7 +113,7 @@ def compile(model_or_path, rule: str = "epsilon", *, composite: str | Path | Non
     comp = choose_composite(rule, composite)
     rp, folded = _pass(model, comp, params=params, flat_layers=flat_layers, output=output, node_output=node_output,
                        opset=opset, input_shapes=input_shapes, precision=precision, source=model_or_path,
-                       node_input=node_input, relevance_at=relevance_at)
+                       node_input=node_input, relevance_at=relevance_at, position=position)
     with naming_the_model(model_or_path):
         relevance = rp.run()
         outputs = rp.finish(relevance)
@@ -125,7 +127,7 @@ def compile(model_or_path, rule: str = "epsilon", *, composite: str | Path | Non
         "onnxlrp.plan": json.dumps(rule_table(rp.plan)),
         "onnxlrp.explained": rp.target,
         "onnxlrp.explained_why": rp.explained_why,
-        "onnxlrp.relevance_of": json.dumps(dict(zip(outputs, rp.sources, strict=True))),
+        "onnxlrp.relevance_of": json.dumps(dict(zip(outputs, rp.explained_inputs, strict=True))),
         "onnxlrp.source_sha256": digest,
     }
     if comp.semiring is not None:
@@ -141,18 +143,19 @@ def compile(model_or_path, rule: str = "epsilon", *, composite: str | Path | Non
 
 
 def inspect(model_or_path, rule: str = "epsilon", *, composite=None, output=None, node_output=None, node_input=None,
-            opset=None, input_shapes=None, flat_layers: int = 1, precision=None, relevance_at=(), **params) -> Plan:
+            opset=None, input_shapes=None, flat_layers: int = 1, precision=None, relevance_at=(), position=None,
+            **params) -> Plan:
     """The rule plan and the unsupported nodes on the relevance path, without emitting anything."""
     model, _ = read_model(model_or_path)
     rp, _ = _pass(model, choose_composite(rule, composite), params=params, flat_layers=flat_layers, output=output,
                   node_output=node_output, opset=opset, input_shapes=input_shapes, precision=precision,
-                  source=model_or_path, node_input=node_input, relevance_at=relevance_at)
+                  source=model_or_path, node_input=node_input, relevance_at=relevance_at, position=position)
     with naming_the_model(model_or_path):
         problems = rp.unsupported()
         plan = {} if problems else rp.family.plan(rp.plan_nodes())
         patterns = rp.pattern_lines()
-    return Plan(rule_table(plan), problems, rp.target, rp.sources, rp.family.name, rp.family.parameters_unused(plan),
-                rp.explained_why, patterns)
+    return Plan(rule_table(plan), problems, rp.target, rp.explained_inputs, rp.family.name,
+                rp.family.parameters_unused(plan), rp.explained_why, patterns)
 
 
 def is_compiled(model: onnx.ModelProto) -> bool:

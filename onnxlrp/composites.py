@@ -2,8 +2,9 @@
 
 Rule-bearing nodes are linear layers (Conv, Gemm, MatMul with a constant weight), joins (Add/Sum/Sub of several
 relevance-carrying tensors), pools (average and max), resizes, element-wise Max/Min of several relevance-carrying
-tensors, gates (a Mul of two relevance-carrying tensors) and normalizations (LayerNormalization, GroupNormalization,
-InstanceNormalization, RMSNormalization and their decomposed forms). An entry applies to a node when its selectors
+tensors, gates (a Mul of two relevance-carrying tensors), normalizations (LayerNormalization, GroupNormalization,
+InstanceNormalization, RMSNormalization and their decomposed forms), and for transformers offsets, softmax and
+matrix products of two activations (:mod:`onnxlrp.attention_rules`). An entry applies to a node when its selectors
 match and its rule is one for the node's kind (:attr:`onnxlrp.rules.Rule.kinds`). A linear layer that no entry
 selects is an error; any other node gets its kind's default (:data:`onnxlrp.node_rules.DEFAULTS`: Norm,
 winner-take-all, value, linearized, recurrent-epsilon) with the composite's parameters (``--stabilizer`` reaches
@@ -22,14 +23,19 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .attention_rules import ATTENTION_DEFAULTS, ATTENTION_RULES
 from .errors import OnnxlrpError
-from .node_rules import DEFAULTS, NODE_RULES
+from .node_rules import DEFAULTS as NODE_DEFAULTS
+from .node_rules import NODE_RULES
 from .rules import RULES, Rule, make_rule
 from .semirings import BUILTIN, Semiring, check_threshold, semiring_from_table
 
-ALL_RULES: dict[str, type[Rule]] = {**RULES, **NODE_RULES}
+ALL_RULES: dict[str, type[Rule]] = {**RULES, **NODE_RULES, **ATTENTION_RULES}
+# the rule of a node kind that no entry selects (an ``offset`` has none: relevance passes it unchanged)
+DEFAULTS: dict[str, type[Rule]] = {**NODE_DEFAULTS, **ATTENTION_DEFAULTS}
 
-KINDS = ("linear", "join", "average_pool", "max_pool", "gate", "normalization")
+KINDS = ("linear", "join", "offset", "average_pool", "max_pool", "resize", "elementwise_max", "gate", "normalization",
+         "softmax", "matmul", "recurrent")
 CONV = ("Conv",)
 DENSE = ("Gemm", "MatMul")
 
@@ -116,6 +122,8 @@ class Composite:
             entry = next((e for e in self.entries if e.matches(node, per_kind[node.kind], flat_layers)), None)
             if entry is None and node.kind == "linear":
                 raise OnnxlrpError(f"composite {self.name!r} has no entry for node {node.name!r} ({node.op_type})")
+            if entry is None and node.kind not in DEFAULTS:
+                continue
             name, fixed = (entry.rule, entry.params) if entry else (DEFAULTS[node.kind].name, {})
             fields = ALL_RULES[name].__dataclass_fields__
             given = {PARAMETERS[k]: v for k, v in params.items() if PARAMETERS[k] in fields}
@@ -148,6 +156,18 @@ COMPOSITES.update({
         [Entry("flat", first=True), Entry("alpha-beta", {"alpha": 2.0, "beta": 1.0}, ops=CONV),
          Entry("epsilon", ops=DENSE)],
         "flat on the first linear layer, alpha2-beta1 on convolutions, epsilon on dense layers"),
+    "attnlrp": Composite(
+        "attnlrp",
+        [Entry("lxt-epsilon"), Entry("softmax-taylor"), Entry("uniform-epsilon"), Entry("uniform"), Entry("lxt-norm")],
+        "AttnLRP (Achtibat et al. 2024, LXT's explicit rules): epsilon with z + eps (1e-8) on linear layers, joins "
+        "and offsets, Prop. 3.1 on softmax, Prop. 3.3 on matrix products, uniform gates, LayerNorm's sigma constant, "
+        "RMS norm identity"),
+    "cp-lrp": Composite(
+        "cp-lrp",
+        [Entry("lxt-epsilon"), Entry("constant"), Entry("uniform-epsilon"), Entry("activation-gate"),
+         Entry("lxt-norm")],
+        "CP-LRP (Ali et al. 2022, as LXT computes it): AttnLRP with the attention probabilities, LayerNorm's sigma "
+        "and the gates held constant"),
     "cmp": Composite(
         "cmp",
         [Entry("flat", first=True), Entry("alpha-beta", {"alpha": 2.0, "beta": 1.0}, ops=CONV),

@@ -174,9 +174,15 @@ class Linear:
 
     def _transpose(self, b: GraphBuilder, g: str, weight: Weight, tag: str) -> str:
         if self.kind == "dense":
-            if weight.is_initializer and (self.x_shape is None or len(self.x_shape) == 2):
+            if weight.is_initializer:
                 # the model's own [in, out] weight: Gemm reads it transposed, no copy (Gemm takes matrices only)
-                return b.op("Gemm", [g, weight.emit(b, tag)], "WTg", transB=1)
+                if self.x_shape is None or len(self.x_shape) == 2:
+                    return b.op("Gemm", [g, weight.emit(b, tag)], "WTg", transB=1)
+                # [batch, tokens, out]: g goes through Gemm as [batch * tokens, out] (a MatMul with the Transpose
+                # of the weight would keep a transposed copy of every weight)
+                flat = b.op("Reshape", [g, b.const([-1, weight.shape[1]], "flat", np.int64)], "g_2d")
+                out = b.op("Gemm", [flat, weight.emit(b, tag)], "WTg", transB=1)
+                return b.op("Reshape", [out, b.op("Shape", [self.x])], "WTg")
             return b.op("MatMul", [g, weight.T.emit(b, tag + "_T")], "WTg")  # [out, in] (a stored one as it is)
         wd = self.window
         strided = any(s != 1 for s in wd.strides)

@@ -545,7 +545,7 @@ def fold_static_shapes(graph: onnx.GraphProto, shapes: dict[str, list]) -> bool:
             index = numpy_helper.to_array(next(t for t in graph.initializer if t.name == node.input[1]))
             picked = np.asarray(dims, dtype=object)[index.astype(np.int64) % len(dims)]
             if not any(d is None for d in np.atleast_1d(picked)):
-                folded[node.output[0]] = np.asarray(picked, dtype=np.int64)
+                folded[node.output[0]] = np.asarray(picked, dtype=np.int64)  # a scalar index picks an int
     if not folded:
         return False
     kept = [n for n in graph.node if not (n.output and n.output[0] in folded)]

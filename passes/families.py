@@ -60,8 +60,8 @@ class PlanNode:
 
     name: str
     op_type: str
-    kind: str  # "linear", "join", "average_pool", "max_pool", "resize", "elementwise_max", "gate", "normalization",
-    # or "recurrent"
+    kind: str  # "linear", "join", "offset", "average_pool", "max_pool", "resize", "elementwise_max", "gate",
+    # "normalization", "recurrent", "softmax" or "matmul"
     index: int  # position among the nodes of its kind, topological order
     depth: int  # linear layers on the longest input path up to and including this node (first layer: 1)
 

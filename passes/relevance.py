@@ -23,7 +23,7 @@ from onnxlrp.graph import GraphView
 from onnxlrp.messages import quote
 from onnxlrp.rules import Rule
 
-from . import signal_patterns  # noqa: F401  (registers its recognizers)
+from . import attention_patterns, signal_patterns  # noqa: F401  (register their recognizers)
 from .diagnostics import batch_axis, input_dims, unsupported_summary
 from .families import Family, PlanNode
 from .forward_reads import ForwardReads
@@ -33,6 +33,7 @@ from .ops.gates import describe_gate
 from .ops.helpers import path_inputs
 from .patterns import find_matches, fused_node_list
 from .quantized import standard_form
+from .tokens import token_inputs
 
 FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
 
@@ -126,6 +127,7 @@ class RelevancePass:
     node_inputs: list[str] | None = None  # intermediate tensors explained instead of the float graph inputs
     relevance_at: tuple[str, ...] = ()  # inner tensors whose relevance is output too (``relevance@TENSOR``)
     folded: object = None  # the constant subgraphs canonicalization folded (FoldedConstants), for QDQ weights
+    position: int | None = None  # the explained position of a [batch, tokens, classes] output
     graph: onnx.GraphProto = field(init=False)
     view: GraphView = field(init=False)
     b: GraphBuilder = field(init=False)
@@ -148,10 +150,14 @@ class RelevancePass:
         self.forward = ForwardReads(self, self.quantized)
         self.algebra = self.family.algebra
         self.opset = next(i.version for i in self.model.opset_import if i.domain in ("", "ai.onnx"))
-        self.sources = self.start_tensors() if self.node_inputs else [v.name for v in data_inputs(self.graph)]
+        self.token_inputs = [] if self.node_inputs else token_inputs(self.graph, self.view.consumers,
+                                                                     self.constants)
+        self.sources = self.start_tensors() if self.node_inputs else [v.name for v in data_inputs(self.graph)] + \
+            [lookup for token in self.token_inputs for lookup in token.lookups]
         if not self.sources:
-            raise OnnxlrpError("the model has no float data input to explain (--node-input names a float tensor "
-                               "to explain instead, e.g. an embedding)")
+            raise OnnxlrpError("the model has no float data input and no token input (integer ids looked up in an "
+                               "embedding table) to explain (--node-input names a float tensor to explain instead, "
+                               "e.g. an embedding)")
         self.target, self.explained_why = explained_tensor(self.graph, self.view, self.output, self.node_output,
                                                            self.shapes)
         self.tensors = self.view.relevance_tensors(self.sources, self.target)
@@ -180,6 +186,14 @@ class RelevancePass:
                     layer.x = self.b.op("Transpose", [layer.x], "x_T", perm=[1, 0])
                 self.layers[node.name] = layer
         self.join_shares: dict[tuple[str, int], str] = {}  # (join, input index) -> the relevance it routed there
+
+    @property
+    def explained_inputs(self) -> list[str]:
+        """The tensors that get relevance outputs: the ``node_inputs``, or the float data inputs and the token
+        inputs."""
+        if self.node_inputs:
+            return list(self.sources)
+        return [v.name for v in data_inputs(self.graph)] + [t.name for t in self.token_inputs]
 
     # ------------------------------------------------------------ analysis
 
@@ -263,8 +277,11 @@ class RelevancePass:
         return "?"
 
     def plan_nodes(self) -> list[PlanNode]:
-        """The rule-bearing nodes in topological order: linear layers, pools, resizes, and joins (Add/Sum/Sub,
-        element-wise Max/Min) with several relevance inputs.
+        """The rule-bearing nodes in topological order: linear layers, pools, resizes, joins (Add/Sum/Sub,
+        element-wise Max/Min) with several relevance inputs, offsets (an Add/Sub whose other operand carries no
+        relevance and is not a linear layer's bias), softmax, matrix products of two activations, gates with two
+        relevance-carrying factors, normalizations. An op with several kinds (a fused ``Attention``: ``softmax`` and
+        ``matmul``) has one entry per kind, named ``<node>/<kind>``.
         ``depth`` counts the linear layers on the longest path from an input up to and including the node (the first
         layer has depth 1); ``index`` is the position among the nodes of the same kind."""
         linear_out = set(self.layer_output.values())
@@ -276,18 +293,23 @@ class RelevancePass:
         planned = []
         for node in self.nodes:
             kind = spec(node).kind
+            if kind == "join" and len(path_inputs(self, node)) < 2:
+                kind = "offset" if node.op_type in ("Add", "Sub") and node.output[0] not in linear_out else None
             if kind is None or (kind == "linear" and node.name not in self.layers) or \
-                    ((spec(node).join or kind == "gate") and len(path_inputs(self, node)) < 2):
+                    (kind != "offset" and (spec(node).join or kind == "gate") and len(path_inputs(self, node)) < 2):
                 continue
             out = self.layer_output[node.name] if kind == "linear" else \
                 next(o for o in node.output if o in self.tensors)
-            planned.append(PlanNode(node.name, node.op_type, kind, counts.get(kind, 0), depth_at[out]))
-            counts[kind] = counts.get(kind, 0) + 1
+            kinds = kind if isinstance(kind, tuple) else (kind,)
+            for k in kinds:
+                name = node.name if len(kinds) == 1 else f"{node.name}/{k}"
+                planned.append(PlanNode(name, node.op_type, k, counts.get(k, 0), depth_at[out]))
+                counts[k] = counts.get(k, 0) + 1
         return planned
 
-    def rule(self, node: onnx.NodeProto) -> Rule:
-        """The rule the family planned for ``node``."""
-        return self.plan[node.name]
+    def rule(self, node: onnx.NodeProto, kind: str | None = None) -> Rule:
+        """The rule the family planned for ``node`` (for one of its ``kind`` when it has several)."""
+        return self.plan[node.name if kind is None else f"{node.name}/{kind}"]
 
     def nonnegative(self, tensor: str) -> bool:
         """Whether ``tensor`` is >= 0 for every input: by the facts of its producer (:attr:`OpSpec.nonnegative`), or
@@ -492,13 +514,35 @@ class RelevancePass:
         self.inner_relevance = {name: relevance.get(name, result.get(name)) for name in self.relevance_at}
         return result
 
+    def sequence_position(self) -> int | None:
+        """The position explained along the sequence axis (axis 1) of a ``[batch, tokens, classes]`` output (a
+        decoder's logits): ``position`` (negative: from the end), by default the last; None for other outputs."""
+        rank = len(self.shapes.get(self.target) or [])
+        if rank == 3:
+            return -1 if self.position is None else self.position
+        if self.position is not None:
+            raise OnnxlrpError(f"--position needs an explained output shaped [batch, tokens, classes]; "
+                               f"{self.target!r} has rank {rank}")
+        return None
+
     def initial_relevance(self) -> tuple[str, str]:
         """The family's seed on one-hot(target) and the explained tensor; a target of -1 (any negative value) means
-        the arg-max. Returns the seed and the explained value per sample."""
+        the arg-max. With a sequence axis (:meth:`sequence_position`) the target and the seed are taken at one
+        position and the other positions start with 0. Returns the seed and the explained value per sample."""
         b = self.b
         b.scope = "init"
         y = self.value(self.target)
         b.scope = "init"
+        position = self.sequence_position()
+        at_position = None
+        if position is not None:
+            tokens = b.op("Gather", [b.op("Shape", [y]), b.const(1, "one_i", np.int64)], "tokens")
+            index = b.const(position, "position", np.int64)
+            if position < 0:
+                index = b.op("Add", [index, tokens], "position")
+            at_position = b.op("Equal", [b.op("Range", [b.const(0, "zero_i", np.int64), tokens,
+                                                         b.const(1, "one_i", np.int64)], "positions"), index])
+            y = b.op("Gather", [y, index], "logits", axis=1)
         flat = b.op("Flatten", [y], "logits", axis=1)
         predicted = b.op("ArgMax", [flat], "predicted", axis=1, keepdims=0)
         target = b.op("Where", [b.op("Less", [TARGET_INPUT, b.const(0, "zero_i", np.int64)]), predicted,
@@ -512,7 +556,12 @@ class RelevancePass:
                    "one_hot", to=TensorProto.FLOAT)
         selected = b.op("Mul", [hit, flat], "selected")
         value = self.reduce("ReduceSum", selected, [1], keepdims=0)
-        return b.op("Reshape", [self.family.seed(self, hit, selected), b.op("Shape", [y])], "R0"), value
+        seed = b.op("Reshape", [self.family.seed(self, hit, selected), b.op("Shape", [y])], "R0")
+        if at_position is not None:  # [batch, classes] -> [batch, tokens, classes], zero off the position
+            mask = b.op("Cast", [b.op("Reshape", [at_position, b.const([1, -1, 1], "shape", np.int64)])], "at_position",
+                        to=TensorProto.FLOAT)
+            seed = b.op("Mul", [b.op("Unsqueeze", [seed, b.const([1], "axes", np.int64)]), mask], "R0")
+        return seed, value
 
     def elem_type(self, name: str) -> int:
         if not hasattr(self, "_types"):
@@ -530,9 +579,11 @@ class RelevancePass:
         b.scope = "outputs"
         raw = {name: relevance.get(name) or self.zeros_like(name) for name in self.sources}
         relevance = self.family.finish(self, dict(raw))
-        single = len(self.sources) == 1
+        lookups = {lookup for token in self.token_inputs for lookup in token.lookups}
+        named = [name for name in self.sources if name not in lookups]
+        single = len(named) == 1  # token inputs are always named: relevance.<ids>
         names = []
-        for name in self.sources:
+        for name in named:
             r = relevance[name]
             if self.elem_type(name) != TensorProto.FLOAT:
                 r = b.op("Cast", [r], "R", to=TensorProto.FLOAT)
@@ -544,6 +595,8 @@ class RelevancePass:
             exact = self.family.exact(self, raw[name])
             if exact is not None:
                 self.declare_output(exact_output(out), exact, shape, self.algebra.dtype)
+        for token in self.token_inputs:
+            names.append(self.token_relevance(token, relevance))
         batch_name = self.batch_dim()
         for name in self.relevance_at:
             r = self.inner_relevance.get(name) or self.zeros_like(self.value(name))
@@ -570,11 +623,25 @@ class RelevancePass:
         self.graph.output.append(helper.make_tensor_value_info(name, elem_type, shape))
         return name
 
+    def token_relevance(self, token, relevance: dict[str, str | None]) -> str:
+        """``relevance.<input>``: the relevance of the token input's lookups summed over the hidden axis, shaped like
+        the ids (:mod:`onnxlrp.passes.tokens`)."""
+        b = self.b
+        vi = next(v for v in self.graph.input if v.name == token.name)
+        parts = [self.reduce("ReduceSum", relevance[t], [-1], keepdims=0, hint="R_tokens")
+                 for t in token.lookups if relevance.get(t) is not None]
+        if parts:
+            r = b.op("Reshape", [self.add_relevance(parts), b.op("Shape", [token.name])], "R")
+        else:
+            r = b.op("ConstantOfShape", [b.op("Shape", [token.name])], "zeros")
+        shape = [d.dim_param or d.dim_value or None for d in vi.type.tensor_type.shape.dim]
+        return self.declare_output(relevance_output(token.name, False), r, shape)
+
     def batch_dim(self):
         """The batch of ``target`` and ``explained_class``: axis 0 of the explained tensor (the seed takes one row
         per sample, and a time-major sequence model reads ``[T, B, ...]``), its size when static, else its symbolic
-        name; else the name of the first data input's batch axis (:func:`batch_axis`: ``[2, 'batch', 128]`` has it
-        on axis 1), or "batch"."""
+        name; else the name of the first data (or token) input's batch axis (:func:`batch_axis`: ``[2, 'batch',
+        128]`` has it on axis 1), or "batch"."""
         shape = self.shapes.get(self.target)
         if shape and isinstance(shape[0], int):
             return shape[0]

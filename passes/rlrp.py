@@ -140,15 +140,18 @@ class RLRPFamily(Family):
         self.pending: tuple[str, int] | None = None  # the bound of what the layer being emitted sends back
 
     def plan(self, nodes):
+        """Linear layers, joins, pools, gates and normalizations as above; an offset (an Add of a tensor that carries
+        no relevance) passes relevance unchanged, as a product with a constant does. Softmax and matrix products of
+        two activations have no R-LRP rule in the paper: refused with the node's name."""
         rules = {"linear": RLRP(), "join": RelativeJoin(), "average_pool": RelativePool(), "max_pool": RelativePool(),
                  "elementwise_max": RelativePool(), "resize": RelativePool(), "gate": RelativeGate(),
                  "normalization": RelativeNorm()}
         for node in nodes:
-            if node.kind not in rules:
+            if node.kind not in rules and node.kind != "offset":
                 raise OnnxlrpError(f"node {node.name!r} ({node.op_type}): R-LRP is defined for feed-forward layers "
                                    f"(Eq. 8-14) and has no rule for a {node.kind} layer; use a classic rule, e.g. "
-                                   "--rule epsilon or epsilon-plus-flat")
-        return {node.name: rules[node.kind] for node in nodes}
+                                   "--rule epsilon or epsilon-plus-flat (transformers: --rule attnlrp or cp-lrp)")
+        return {node.name: rules[node.kind] for node in nodes if node.kind in rules}
 
     # ------------------------------------------------------------ range
 

@@ -208,17 +208,17 @@ def test_inspect_lists_every_unsupported_node():
     """Three unsupported nodes on the path (a Loop, a custom op, a quotient of two relevance tensors): inspect
     lists each once; compile raises one UnsupportedOpError naming all three."""
     nodes = [*loop_nodes("looped"), *custom_nodes("twice"),
-             h.make_node("Div", ["looped", "twice"], ["product"], name="the_product")]
-    model = mlp(nodes, logits_from="product", functions=[twice_function(17)])
+             h.make_node("Div", ["looped", "twice"], ["quotient"], name="the_quotient")]
+    model = mlp(nodes, logits_from="quotient", functions=[twice_function(17)])
     plan = onnxlrp.inspect(model, "epsilon")
     assert plan.rules == {}
     assert len(plan.unsupported) == 3
     for expected in ("the_loop (Loop, domain ai.onnx", f"the_custom (Twice, domain {CUSTOM_DOMAIN}",
-                     "the_product (Div, domain ai.onnx"):
+                     "the_quotient (Div, domain ai.onnx"):
         assert sum(expected in line for line in plan.unsupported) == 1, expected
     with pytest.raises(UnsupportedOpError) as info:
         onnxlrp.compile(model, "epsilon")
-    for grouped in ("Loop x1 (the_loop: ", f"{CUSTOM_DOMAIN}.Twice x1 (the_custom: ", "Div x1 (the_product: "):
+    for grouped in ("Loop x1 (the_loop: ", f"{CUSTOM_DOMAIN}.Twice x1 (the_custom: ", "Div x1 (the_quotient: "):
         assert grouped in str(info.value)
     assert isinstance(info.value, OnnxlrpError) and info.value.exit_code == 2
 
@@ -374,19 +374,26 @@ def int_input_model(seed: int = 0) -> onnx.ModelProto:
     return h.make_model(graph, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
 
 
-def test_integer_inputs_carry_no_relevance():
+def test_integer_inputs_token_lookup_gets_relevance_count_none():
+    """``idx`` indexes an embedding table: it is a token input, whose relevance is its row's relevance summed over the
+    row (``relevance.idx``, shaped like ``idx``); ``count`` is cast and added: it carries none. The sum of both
+    relevances is the explained logit (epsilon rule, no biases; the added count passes relevance unchanged)."""
     model = int_input_model()
     feeds = {"x": sample(), "idx": np.array([0, 3, 4], np.int64), "count": np.array([[1], [0], [2]], np.int64)}
     compiled = onnxlrp.compile(model, "epsilon")
     assert [i.name for i in compiled.graph.input] == ["x", "idx", "count", "target"]
-    assert [o.name for o in compiled.graph.output] == ["logits", "relevance", "explained_class"]
+    assert [o.name for o in compiled.graph.output] == ["logits", "relevance", "relevance.idx", "explained_class"]
     out = zm.run_compiled(compiled, feeds)
-    np.testing.assert_allclose(out["logits"], zm.run_source(model, feeds, ["logits"])[0], rtol=1e-6)
+    logits = zm.run_source(model, feeds, ["logits"])[0]
+    np.testing.assert_allclose(out["logits"], logits, rtol=1e-6)
     assert out["relevance"].shape == feeds["x"].shape and np.isfinite(out["relevance"]).all()
+    assert out["relevance.idx"].shape == feeds["idx"].shape and np.isfinite(out["relevance.idx"]).all()
+    explained = logits[np.arange(len(logits)), out["explained_class"]]
+    np.testing.assert_allclose(out["relevance"].sum(1) + out["relevance.idx"], explained, rtol=1e-4)
     plan = onnxlrp.inspect(model, "epsilon")
-    assert plan.inputs == ["x"]
+    assert plan.inputs == ["x", "idx"]
     result = onnxlrp.Explainer(compiled, providers=["CPUExecutionProvider"])(**feeds)
-    assert isinstance(result.relevance, np.ndarray)
+    assert set(result.relevance) == {"relevance", "relevance.idx"}
 
 
 # ================================================================ float16 / float64 models

@@ -126,11 +126,10 @@ def token_model() -> onnx.ModelProto:
 
 
 def test_embedding_behind_a_token_lookup():
-    """No float input at all: refused without ``node_input``; with it, the relevance has the embedding's shape and,
-    for the Norm rule at the mean and epsilon at the dense layer, equals the float64 reference."""
+    """No float input at all: with ``node_input`` the relevance has the embedding's shape and, for the Norm rule at
+    the mean and epsilon at the dense layer, equals the float64 reference; without it, ``ids`` is a token input and
+    ``relevance.ids`` is that relevance summed over the hidden axis."""
     model = token_model()
-    with pytest.raises(OnnxlrpError, match="no float data input"):
-        onnxlrp.compile(model, "epsilon")
     ids = np.array([[1, 2, 3, 4, 5], [0, 0, 7, 10, 2]], np.int64)
     emb, logits = zm.run_source(model, {"ids": ids}, ["emb", "logits"])
     out = zm.run_compiled(onnxlrp.compile(model, "epsilon", node_input="emb"), {"ids": ids})
@@ -144,6 +143,9 @@ def test_embedding_behind_a_token_lookup():
     r_pooled = pooled * ((r / stab(z)) @ w)
     expected = e * (r_pooled / stab(pooled))[:, None, :] / 5  # Norm at the mean: x * W^T (R / stab(z))
     np.testing.assert_allclose(out["relevance"], expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+    tokens = zm.run_compiled(onnxlrp.compile(model, "epsilon"), {"ids": ids})
+    np.testing.assert_allclose(tokens["relevance.ids"], expected.sum(-1), rtol=0,
+                               atol=1e-5 * np.abs(expected).max())
 
 
 def two_branch_model() -> onnx.ModelProto:

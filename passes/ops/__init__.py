@@ -1,9 +1,11 @@
 """The op registry, filled: importing this package registers every op's facts and backward emitter."""
 
 from . import (  # noqa: F401  (each module registers its ops)
+    attention,
     elementwise,
     extremum,
     gates,
+    indexing,
     linear,
     magnitude,
     normalization,

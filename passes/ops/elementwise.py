@@ -24,12 +24,11 @@ def control_flow_reason(ctx, node):
 declare("If", "Loop", "Scan", foldable=False, check=control_flow_reason)
 declare("Reciprocal", check=lambda ctx, node: "the reciprocal of a relevance-carrying tensor has no LRP rule (on "
         "constants it is folded; inside x * f(x) activations it is part of the activation)")
-declare("Softmax", nonnegative="always")
 declare("Exp", nonnegative="always")
 declare("LpPool", nonnegative="first")
 declare("ReduceMax", "ReduceMin", data_inputs=(0,), nonnegative="first")
 declare("ReduceSum", data_inputs=(0,))
-declare("Expand", "Tile", data_inputs=(0,), nonnegative="first")
+declare("Tile", data_inputs=(0,), nonnegative="first")
 declare("Upsample", "ConvTranspose", data_inputs=(0,))  # Upsample: Resize after canonicalization
 
 
@@ -84,13 +83,17 @@ def check_arith(ctx, node):
 
 
 def add(ctx, node, r_out):
-    """With one relevance input (the others constant) relevance maps back unchanged. With several, the node joins
+    """With one relevance input (the others constant) relevance maps back unchanged, or, when the composite has a
+    rule for the kind ``offset`` (AttnLRP), the constant keeps its share. With several, the node joins
     branches and the rule the family planned for it splits ``R`` (classic: Zennit's Norm rule; R-LRP: Prop. 14).
     A Sub's second operand enters negated."""
     r = r_out[0]
     on_path = path_inputs(ctx, node)
     if len(on_path) == 1:
         i = on_path[0]
+        rule = ctx.plan.get(node.name)  # an offset (the other operand carries no relevance) under an offset rule
+        if rule is not None:
+            r = rule.offset(ctx, node, r, i)
         return {i: unbroadcast(ctx, r, node.input[i], node.output[0])}
     shares = ctx.rule(node).join(ctx, node, r, on_path)
     out = {i: unbroadcast(ctx, v, node.input[i], node.output[0]) for i, v in shares.items()}

@@ -16,7 +16,9 @@ An :class:`OpSpec` says what the engine needs to know about an op type:
 - ``join``: with several relevance-carrying inputs, the node joins branches (Add, Sum, Sub, Concat, Max, Min): R-LRP
   normalizes them at their fork (Eq. 13). A join with one relevance-carrying input has no rule of its kind.
 - ``kind``: the node kind whose rule a composite chooses (``"linear"``, ``"join"``, ``"average_pool"``,
-  ``"max_pool"``, ``"resize"``, ``"elementwise_max"``), or ``None`` for ops whose treatment is fixed.
+  ``"max_pool"``, ``"resize"``, ``"elementwise_max"``, ``"softmax"``, ``"matmul"``, ``"gate"``, ``"normalization"``;
+  a tuple for an op that has a rule of each, like the fused ``Attention``), or ``None`` for ops whose treatment is
+  fixed.
 - ``fusable_producer``: its output may be replaced by a stand-in ``y - others`` when it is an operand of a join behind
   a Relu (Conv, BatchNormalization: onnxruntime then keeps Conv + Add + Relu in one kernel).
 - ``foldable``: canonicalization may evaluate the node when all its inputs are constant (not random or control flow).
@@ -48,7 +50,7 @@ class OpSpec:
     nonnegative: str | Callable | None = None
     zero_preserving: bool | Callable = False
     join: bool = False
-    kind: str | None = None
+    kind: str | tuple[str, ...] | None = None
     fusable_producer: bool = False
     foldable: bool = True
     emit: Callable | None = None

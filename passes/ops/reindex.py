@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 
 from .helpers import attr, path_inputs, reshape_like
 from .registry import backward
@@ -11,7 +12,13 @@ from .registry import backward
 @backward("Flatten", "Reshape", "Squeeze", "Unsqueeze", data_inputs=(0,), shape_only=True, nonnegative="first",
           zero_preserving=True)
 def reshape(ctx, node, r_out):
-    return {0: reshape_like(ctx, r_out[0], node.input[0])}
+    """The relevance in the input's shape: a Squeeze undoes an Unsqueeze and the reverse (constant axes, opset 13),
+    anything else is a Reshape like the input (:func:`reshape_like`)."""
+    axes = ctx.constants.get(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+    inverse = {"Unsqueeze": "Squeeze", "Squeeze": "Unsqueeze"}.get(node.op_type)
+    if inverse and axes is not None:
+        return {0: ctx.b.op(inverse, [r_out[0], ctx.b.const(axes, "axes", np.int64)], "R")}
+    return {0: reshape_like(ctx, r_out[0], node.input[0], node.output[0])}
 
 
 def check_transpose(ctx, node):
@@ -25,29 +32,39 @@ def transpose(ctx, node, r_out):
 
 
 def check_concat(ctx, node):
-    axis = attr(node, "axis")
     for name in node.input:
-        shape = ctx.shapes.get(name)
-        if not shape or shape[axis] is None:
-            return f"input {name!r} needs a static size along axis {axis}"
+        if not ctx.shapes.get(name):
+            return f"input {name!r} needs a known rank"
     return None
+
+
+def run_time_size(ctx, name: str, axis: int) -> str:
+    """``Shape(name)[axis]`` as a one-element int64 tensor."""
+    b = ctx.b
+    return b.op("Gather", [b.op("Shape", [name]), b.const([axis], "axis", np.int64)], "size")
 
 
 @backward("Concat", join=True, nonnegative="all", zero_preserving=True, check=check_concat)
 def concat(ctx, node, r_out):
-    """Each input gets its slice of the relevance (for R-LRP, a join of branches normalized at the fork)."""
+    """Each input gets its slice of the relevance (for R-LRP, a join of branches normalized at the fork). The slice
+    bounds are constants when every input's size along the axis is static, else read from the inputs' shapes at run
+    time (TorchScript exports that compute sizes with Shape ops)."""
     b = ctx.b
     axis = attr(node, "axis")
     on_path = path_inputs(ctx, node)
-    out, start = {}, 0
+    sizes = [ctx.shapes[name][axis] for name in node.input]
+    static = None not in sizes
+    out = {}
+    start = 0 if static else b.const([0], "start", np.int64)
     for i, name in enumerate(node.input):
-        size = ctx.shapes[name][axis]
+        if static:
+            begin, end = b.const([start], "start", np.int64), b.const([start + sizes[i]], "end", np.int64)
+        else:
+            begin, end = start, b.op("Add", [start, run_time_size(ctx, name, axis)], "end")
         if i in on_path:
-            out[i] = b.op("Slice", [r_out[0], b.const([start], "start", np.int64),
-                                    b.const([start + size], "end", np.int64), b.const([axis], "axis", np.int64)],
-                          "R")
+            out[i] = b.op("Slice", [r_out[0], begin, end, b.const([axis], "axis", np.int64)], "R")
             ctx.join_shares[(node.name, i)] = out[i]
-        start += size
+        start = start + sizes[i] if static else end
     return out
 
 
@@ -72,10 +89,18 @@ def slice_params(ctx, node):
 
 def check_slice(ctx, node):
     shape, params = ctx.shapes.get(node.input[0]), slice_params(ctx, node)
-    if shape is None or params is None:
-        return "needs constant starts/ends/axes/steps and a known input shape"
-    if any(shape[int(a)] is None for a in params[2]):
-        return "needs static sizes along the sliced axes"
+    if shape is None:
+        return "needs a known input rank"
+    if params is None:
+        names = list(node.input[3:5]) + ["", ""]
+        axes, steps = (ctx.constants.get(n) if n else None for n in names[:2])
+        if (names[0] and axes is None) or (names[1] and (steps is None or np.any(steps != 1))):
+            return "needs constant axes and steps of 1 (starts and ends may be computed at run time)"
+        if not names[0] and not (ctx.shapes.get(node.input[1]) or [None])[0]:
+            return "needs constant axes or a starts input of known length"
+        return None
+    if np.any(params[3] != 1) and any(shape[int(a) % len(shape)] is None for a in params[2]):
+        return "slices with steps other than 1 need static sizes along the sliced axes"
     return None
 
 
@@ -118,11 +143,15 @@ def normalized_slice(start: int, end: int, step: int, dim: int) -> tuple[int, in
 
 @backward("Slice", data_inputs=(0,), nonnegative="first", zero_preserving=True, check=check_slice)
 def slice_(ctx, node, r_out):
-    """Step 1: pad the relevance back with the algebra's zero to the input's extent. Other steps (negative too):
-    each input element read gets the relevance of its output element, the others 0 (:func:`copy_back`)."""
+    """Step 1: pad the relevance back with the algebra's zero to the input's extent (the pads computed at run time
+    when the bounds or the sliced sizes are known only then). Other steps (negative too): each input element read
+    gets the relevance of its output element, the others 0 (:func:`copy_back`)."""
     shape = ctx.shapes[node.input[0]]
     rank = len(shape)
-    starts, ends, axes, steps = slice_params(ctx, node)
+    params = slice_params(ctx, node)
+    if params is None or (np.all(params[3] == 1) and any(shape[int(a) % rank] is None for a in params[2])):
+        return {0: slice_at_run_time(ctx, node, r_out[0])}
+    starts, ends, axes, steps = params
     if np.any(steps != 1):
         maps = {int(a) % rank: copy_matrix(slice_sources(s, e, t, shape[int(a) % rank]), shape[int(a) % rank])
                 for s, e, a, t in zip(starts, ends, axes, steps, strict=True)}
@@ -135,6 +164,35 @@ def slice_(ctx, node, r_out):
         e = int(np.clip(e + dim if e < 0 else e, 0, dim))
         pads[a], pads[a + rank] = s, dim - max(e, s)
     return {0: ctx.pad_with_zero(r_out[0], pads)}
+
+
+def slice_at_run_time(ctx, node, r: str) -> str:
+    """Pad by ``[start, dim - end]`` along each sliced axis, with ``start`` and ``end`` clamped to ``[0, dim]`` as
+    Slice clamps them (negative bounds count from the end), all computed from the run-time shape and bounds."""
+    b = ctx.b
+    x = node.input[0]
+    rank = len(ctx.shapes[x])
+    axes = ctx.constants.get(node.input[3]) if len(node.input) > 3 and node.input[3] else \
+        np.arange(ctx.shapes[node.input[1]][0])
+    shape = b.op("Shape", [x])
+    zero = b.const([0], "zero_i", np.int64)
+    starts, ends = (b.op("Cast", [node.input[k]], "bound", to=onnx.TensorProto.INT64) for k in (1, 2))
+    before, after = [zero] * rank, [zero] * rank
+
+    def clamp(bound, dim):
+        wrapped = b.op("Where", [b.op("Less", [bound, zero]), b.op("Add", [bound, dim]), bound], "bound")
+        return b.op("Min", [b.op("Max", [wrapped, zero]), dim], "bound")
+
+    for k, a in enumerate(int(a) % rank for a in axes):
+        index = b.const([k], "k", np.int64)
+        dim = b.op("Gather", [shape, b.const([a], "axis", np.int64)], "dim")
+        start = clamp(b.op("Gather", [starts, index], "start"), dim)
+        end = b.op("Max", [clamp(b.op("Gather", [ends, index], "end"), dim), start], "end")
+        before[a], after[a] = start, b.op("Sub", [dim, end], "pad_end")
+    inputs = [r, b.op("Concat", before + after, "pads", axis=0)]
+    if ctx.algebra.zero != 0:
+        inputs.append(b.const(ctx.algebra.zero, "zero"))
+    return b.op("Pad", inputs, "R")
 
 
 def pad_amounts(ctx, node) -> list[int] | None:
@@ -213,50 +271,3 @@ def pad(ctx, node, r_out):
     ends = [-int(p) if p > 0 else np.iinfo(np.int64).max for p in pads[rank:]]
     return {0: b.op("Slice", [r_out[0], b.const(pads[:rank], "start", np.int64), b.const(ends, "end", np.int64),
                               b.const(list(range(rank)), "axes", np.int64)], "R")}
-
-
-MAX_GATHER_MATRIX = 1 << 22  # entries of the 0/1 matrix that maps a general gather back (16 MiB in float32)
-
-
-def gather_geometry(ctx, node):
-    """``(axis, flat indices in [0, n), n)`` of a Gather with constant indices."""
-    shape = ctx.shapes[node.input[0]]
-    axis = attr(node, "axis", 0) % len(shape)
-    n = shape[axis]
-    return axis, ctx.constants[node.input[1]].astype(np.int64).reshape(-1) % n, n
-
-
-def check_gather(ctx, node):
-    shape = ctx.shapes.get(node.input[0])
-    if node.input[1] not in ctx.constants or not shape:
-        return "needs constant indices and a known input rank"
-    axis = attr(node, "axis", 0) % len(shape)
-    if any(d is None for d in shape[axis:]):
-        return "needs static sizes from the gathered axis on"
-    _, indices, n = gather_geometry(ctx, node)
-    if not is_permutation(indices, n) and n * indices.size > MAX_GATHER_MATRIX:
-        return f"gathers {indices.size} of {n} elements with repeats or gaps: too large to map back"
-    return None
-
-
-def is_permutation(indices: np.ndarray, n: int) -> bool:
-    return indices.size == n and bool(np.all(np.sort(indices) == np.arange(n)))
-
-
-@backward("Gather", data_inputs=(0,), nonnegative="first", zero_preserving=True, check=check_gather)
-def gather(ctx, node, r_out):
-    """Constant indices: each output element's relevance goes back to the element it was read from. A permutation
-    is undone by gathering with the inverse permutation; otherwise ``R_x = M^T R`` along the axis, with the 0/1
-    matrix ``M[j, i] = [indices_j == i]`` (repeated indices add up, elements never read get 0)."""
-    b = ctx.b
-    shape = ctx.shapes[node.input[0]]
-    axis, indices, n = gather_geometry(ctx, node)
-    r = b.op("Reshape", [r_out[0], b.const([0] * axis + [indices.size] + shape[axis + 1:], "shape", np.int64)], "R")
-    if is_permutation(indices, n):
-        return {0: b.op("Gather", [r, b.const(np.argsort(indices), "inverse", np.int64)], "R", axis=axis)}
-    post = int(np.prod(shape[axis + 1:]))
-    flat = b.op("Reshape", [r, b.const([-1, indices.size, post], "shape", np.int64)], "R")
-    matrix = np.zeros((n, indices.size), dtype=np.float32)
-    matrix[indices, np.arange(indices.size)] = 1.0
-    back = b.op("MatMul", [b.const(matrix, "gather_T"), flat], "R")
-    return {0: b.op("Reshape", [back, ctx.shape_of(node.input[0])], "R")}

@@ -15,6 +15,7 @@ from onnxlrp.passes.canonicalize import FoldedConstants, canonicalize, restore_f
 from onnxlrp.passes.families import ClassicFamily, Family
 from onnxlrp.passes.relevance import RelevancePass, rule_table
 from onnxlrp.passes.rlrp import RLRPFamily
+from onnxlrp.passes.taylor import ROOT, TaylorFamily, baselines, with_root_copy
 
 from . import __version__
 from .attributes import make_explicit
@@ -69,7 +70,7 @@ def family_of(composite: Composite, params: dict, flat_layers: int) -> Family:
 
 
 def _pass(model: onnx.ModelProto, composite: Composite, *, params: dict, flat_layers: int, output, node_output,
-          opset, input_shapes, precision=None, source=None, node_input=None
+          opset, input_shapes, precision=None, source=None, node_input=None, baseline=None, baseline_data=None
           ) -> tuple[RelevancePass, FoldedConstants]:
     unknown = set(params) - set(PARAMETER_NAMES)
     if unknown:
@@ -77,6 +78,13 @@ def _pass(model: onnx.ModelProto, composite: Composite, *, params: dict, flat_la
     params = {k: float(v) for k, v in params.items() if v is not None}
     if flat_layers < 1:
         raise OnnxlrpError("--flat-layers must be at least 1")
+    if composite.family == "taylor":
+        composite.check_parameters(params)
+        return _taylor_pass(model, output=output, node_output=node_output, opset=opset, input_shapes=input_shapes,
+                            precision=precision, source=source, node_input=node_input,
+                            baseline="zeros" if baseline is None else baseline, baseline_data=baseline_data)
+    if baseline is not None or baseline_data is not None:
+        raise OnnxlrpError("--baseline and --baseline-data are for --rule taylor")
     family = family_of(composite, params, flat_layers)
     composite.check_parameters(params)
     node_inputs = [node_input] if isinstance(node_input, str) else list(node_input) if node_input else None
@@ -86,15 +94,36 @@ def _pass(model: onnx.ModelProto, composite: Composite, *, params: dict, flat_la
                              node_inputs=node_inputs), folded
 
 
+def _taylor_pass(model, *, output, node_output, opset, input_shapes, precision, source, node_input, baseline,
+                 baseline_data) -> tuple[RelevancePass, FoldedConstants]:
+    """The Taylor family's pass (:mod:`onnxlrp.passes.taylor`): the canonical graph with its forward pass at the
+    baseline appended, swept from the baseline's copy of the explained tensor."""
+    if node_input:
+        raise OnnxlrpError("--rule taylor explains the graph inputs; --node-input is not supported with it")
+    with naming_the_model(source):
+        canonical, shapes, folded = canonicalize(model, opset=opset, input_shapes=input_shapes, precision=precision)
+        probe = RelevancePass(canonical, shapes, TaylorFamily({}), output=output, node_output=node_output)
+        points = baselines(baseline, baseline_data, probe.sources, shapes)
+        shapes, roots = with_root_copy(canonical, shapes, probe.sources, probe.target, points)
+        rp = RelevancePass(canonical, shapes, TaylorFamily(roots), node_output=ROOT + probe.target,
+                           node_inputs=list(roots), predicted_from=probe.target,
+                           labels=roots | {ROOT + probe.target: probe.target})
+        rp.explained_why = probe.explained_why
+        return rp, folded
+
+
 def compile(model_or_path, rule: str = "epsilon", *, composite: str | Path | None = None, output: str | None = None,
             node_output: str | None = None, node_input: str | list[str] | None = None, opset: int | None = None,
             input_shapes: dict[str, list[int]] | None = None, flat_layers: int = 1, precision: str | None = None,
-            **params) -> onnx.ModelProto:
+            baseline: str | Path | None = None, baseline_data: str | Path | None = None, **params) -> onnx.ModelProto:
     """Compile ``model_or_path`` (a ModelProto or a file) with ``rule`` (a rule or composite name, see
     ``onnxlrp rules``) or a TOML ``composite``. Parameters: epsilon, gamma, alpha, beta, low, high, stabilizer.
     ``precision="fp16"`` makes the forward pass float16 (relevance is always computed in float32).
     ``node_input``: one intermediate tensor (or several) explained instead of the float graph inputs, e.g. a
     spectrogram behind an STFT or an embedding behind a token lookup; the nodes before it need no rule.
+    ``baseline`` (rule ``taylor`` only): the root point ``x0``, ``"zeros"`` (default), ``"mean"`` (the mean sample of
+    ``baseline_data``, an .npy/.npz of samples) or an .npy file holding ``x0``; the model then also outputs
+    ``taylor_root_value`` (``f(x0)``) and ``taylor_residual`` (``f(x) - f(x0) - sum R``).
 
     The result keeps every original input and output and adds the input ``target`` (int64 [batch], -1: explain
     the predicted class) and the outputs ``relevance`` (``relevance.<name>`` per input or node input when there
@@ -104,7 +133,7 @@ def compile(model_or_path, rule: str = "epsilon", *, composite: str | Path | Non
     comp = choose_composite(rule, composite)
     rp, folded = _pass(model, comp, params=params, flat_layers=flat_layers, output=output, node_output=node_output,
                        opset=opset, input_shapes=input_shapes, precision=precision, source=model_or_path,
-                       node_input=node_input)
+                       node_input=node_input, baseline=baseline, baseline_data=baseline_data)
     with naming_the_model(model_or_path):
         relevance = rp.run()
         outputs = rp.finish(relevance)
@@ -116,9 +145,9 @@ def compile(model_or_path, rule: str = "epsilon", *, composite: str | Path | Non
         "onnxlrp.version": __version__,
         "onnxlrp.rule": comp.name,
         "onnxlrp.plan": json.dumps(rule_table(rp.plan)),
-        "onnxlrp.explained": rp.target,
+        "onnxlrp.explained": rp.label(rp.target),
         "onnxlrp.explained_why": rp.explained_why,
-        "onnxlrp.relevance_of": json.dumps(dict(zip(outputs, rp.sources, strict=True))),
+        "onnxlrp.relevance_of": json.dumps(dict(zip(outputs, map(rp.label, rp.sources), strict=True))),
         "onnxlrp.source_sha256": digest,
     }
     kept = [p for p in compiled.metadata_props if not p.key.startswith("onnxlrp.")]
@@ -132,17 +161,19 @@ def compile(model_or_path, rule: str = "epsilon", *, composite: str | Path | Non
 
 
 def inspect(model_or_path, rule: str = "epsilon", *, composite=None, output=None, node_output=None, node_input=None,
-            opset=None, input_shapes=None, flat_layers: int = 1, precision=None, **params) -> Plan:
+            opset=None, input_shapes=None, flat_layers: int = 1, precision=None, baseline=None, baseline_data=None,
+            **params) -> Plan:
     """The rule plan and the unsupported nodes on the relevance path, without emitting anything."""
     model, _ = read_model(model_or_path)
     rp, _ = _pass(model, choose_composite(rule, composite), params=params, flat_layers=flat_layers, output=output,
                   node_output=node_output, opset=opset, input_shapes=input_shapes, precision=precision,
-                  source=model_or_path, node_input=node_input)
+                  source=model_or_path, node_input=node_input, baseline=baseline, baseline_data=baseline_data)
     with naming_the_model(model_or_path):
         problems = rp.unsupported()
         plan = {} if problems else rp.family.plan(rp.plan_nodes())
         patterns = rp.pattern_lines()
-    return Plan(rule_table(plan), problems, rp.target, rp.sources, rp.family.name, rp.family.parameters_unused(plan),
+    return Plan(rule_table(plan), problems, rp.label(rp.target), [rp.label(s) for s in rp.sources], rp.family.name,
+                rp.family.parameters_unused(plan),
                 rp.explained_why, patterns)
 
 

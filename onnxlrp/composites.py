@@ -74,7 +74,7 @@ class Composite:
     name: str
     entries: list[Entry]
     description: str = ""
-    family: str = "classic"  # or "rlrp": see the module docstring
+    family: str = "classic"  # or "rlrp", or "taylor" (no rules: gradients, onnxlrp.passes.taylor)
 
     def rule_classes(self) -> list[type[Rule]]:
         """The rules this composite can give: its entries' and, for the classic family, the kinds' defaults."""
@@ -85,7 +85,7 @@ class Composite:
         """Refuse parameters that none of the composite's rules has (``--gamma`` with ``epsilon``), whatever the
         model: a parameter used only on some models (``--low``/``--high`` of a first-convolution z-box, on an MLP)
         is accepted (``inspect`` says which parameters a model leaves unused)."""
-        if self.family == "rlrp":
+        if self.family in ("rlrp", "taylor"):
             unused = sorted(params)
         else:
             fields = {f for cls in self.rule_classes() for f in cls.__dataclass_fields__}
@@ -140,6 +140,9 @@ COMPOSITES.update({
         [Entry("flat", first=True), Entry("alpha-beta", {"alpha": 2.0, "beta": 1.0}, ops=CONV),
          Entry("epsilon", ops=DENSE)],
         "flat on the first linear layer, alpha2-beta1 on convolutions, epsilon on dense layers"),
+    "taylor": Composite(
+        "taylor", [], "first-order Taylor decomposition at a baseline (--baseline): R = df/dx(x0) * (x - x0), "
+        "with f(x0) and the residual f(x) - f(x0) - sum R as outputs (Bach et al.)", family="taylor"),
     "cmp": Composite(
         "cmp",
         [Entry("flat", first=True), Entry("alpha-beta", {"alpha": 2.0, "beta": 1.0}, ops=CONV),

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 from onnxlrp.rules import Rule, product
 
+from .ops import lookup, unsupported_reason
+
 
 @dataclass(frozen=True)
 class Algebra:
@@ -65,6 +67,15 @@ class Family:
     algebra = REAL
     divides_by_outputs = False  # its rules divide by layer outputs (a Relu behind them may stand in, see relu_behind)
     gates_need_a_side = False  # its gate rule needs to know which factor is the gate (products without one are refused)
+    fuses_patterns = True  # the sweep sees recognized patterns (passes/patterns.py) as one virtual node each
+
+    def emitter(self, ctx, node):
+        """The backward emitter of ``node``: the op registry's (:mod:`onnxlrp.passes.ops`) for the LRP families."""
+        return lookup(ctx, node)
+
+    def unsupported_reason(self, ctx, node) -> str | None:
+        """Why ``node`` cannot carry this family's relevance, or None."""
+        return unsupported_reason(ctx, node)
 
     def plan(self, nodes: list[PlanNode]) -> dict[str, Rule]:
         """The rule of every rule-bearing node, by node name."""

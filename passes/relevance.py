@@ -27,7 +27,7 @@ from . import signal_patterns  # noqa: F401  (registers its recognizers)
 from .diagnostics import batch_axis, input_dims, unsupported_summary
 from .families import Family, PlanNode
 from .linear import linear_layer
-from .ops import data_input_indices, lookup, spec, unsupported_reason
+from .ops import data_input_indices, spec
 from .ops.gates import describe_gate
 from .ops.helpers import path_inputs
 from .patterns import find_matches, fused_node_list
@@ -122,6 +122,8 @@ class RelevancePass:
     output: str | None = None
     node_output: str | None = None
     node_inputs: list[str] | None = None  # intermediate tensors explained instead of the float graph inputs
+    predicted_from: str | None = None  # the tensor whose arg-max a target of -1 means (default: the explained one)
+    labels: dict[str, str] | None = None  # source -> the name its relevance output and value info go by
     graph: onnx.GraphProto = field(init=False)
     view: GraphView = field(init=False)
     b: GraphBuilder = field(init=False)
@@ -134,7 +136,7 @@ class RelevancePass:
     def __post_init__(self):
         self.graph = self.model.graph
         self.constants = {t.name: numpy_helper.to_array(t) for t in self.graph.initializer}
-        self.matches = find_matches(self.graph, self.constants, self.shapes)
+        self.matches = find_matches(self.graph, self.constants, self.shapes) if self.family.fuses_patterns else []
         for found in self.matches:
             self.constants.update(found.constants)
         self.view = GraphView.of(self.graph, fused_node_list(self.graph, self.matches))
@@ -172,7 +174,7 @@ class RelevancePass:
 
     def unsupported_nodes(self) -> list[tuple[onnx.NodeProto, str]]:
         """Every node on the relevance path that cannot carry relevance, with the reason."""
-        return [(node, reason) for node in self.nodes if (reason := unsupported_reason(self, node))]
+        return [(node, reason) for node in self.nodes if (reason := self.family.unsupported_reason(self, node))]
 
     def start_tensors(self) -> list[str]:
         """The ``node_inputs``, checked: float tensors that a node writes (or graph inputs), outside the subgraphs
@@ -271,6 +273,10 @@ class RelevancePass:
             planned.append(PlanNode(node.name, node.op_type, kind, counts.get(kind, 0), depth_at[out]))
             counts[kind] = counts.get(kind, 0) + 1
         return planned
+
+    def label(self, name: str) -> str:
+        """The name ``name`` goes by for the user (the Taylor family's root copies go by their originals)."""
+        return (self.labels or {}).get(name, name)
 
     def rule(self, node: onnx.NodeProto) -> Rule:
         """The rule the family planned for ``node``."""
@@ -456,7 +462,7 @@ class RelevancePass:
             if all(r is None for r in r_out):
                 continue
             self.b.scope = node.name or node.output[0]
-            emitted = lookup(self, node)(self, node, r_out)
+            emitted = self.family.emitter(self, node)(self, node, r_out)
             self.family.propagated(self, r_out, list(emitted.values()))
             for idx, r in emitted.items():
                 received.setdefault(node.input[idx], []).append((node.name, idx, r))
@@ -475,7 +481,9 @@ class RelevancePass:
         y = self.value(self.target)
         b.scope = "init"
         flat = b.op("Flatten", [y], "logits", axis=1)
-        predicted = b.op("ArgMax", [flat], "predicted", axis=1, keepdims=0)
+        scores = flat if self.predicted_from is None else \
+            b.op("Flatten", [self.value(self.predicted_from)], "scores", axis=1)
+        predicted = b.op("ArgMax", [scores], "predicted", axis=1, keepdims=0)
         target = b.op("Where", [b.op("Less", [TARGET_INPUT, b.const(0, "zero_i", np.int64)]), predicted,
                                 TARGET_INPUT], "target")
         b.op("Identity", [target], "class")
@@ -485,6 +493,7 @@ class RelevancePass:
                                  b.const(1, "one_i", np.int64)], "classes")
         hit = b.op("Cast", [b.op("Equal", [b.op("Unsqueeze", [target, b.const([1], "axes", np.int64)]), classes])],
                    "one_hot", to=TensorProto.FLOAT)
+        self.one_hot = hit
         selected = b.op("Mul", [hit, flat], "selected")
         value = self.reduce("ReduceSum", selected, [1], keepdims=0)
         return b.op("Reshape", [self.family.seed(self, hit, selected), b.op("Shape", [y])], "R0"), value
@@ -509,9 +518,10 @@ class RelevancePass:
                 r = self.zeros_like(name)
             elif self.elem_type(name) != TensorProto.FLOAT:
                 r = b.op("Cast", [r], "R", to=TensorProto.FLOAT)
-            out = relevance_output(name, single)
+            label = self.label(name)
+            out = relevance_output(label, single)
             b.nodes.append(helper.make_node("Identity", [r], [out], name=b.fresh(out)))
-            vi = self.source_value_info(name)
+            vi = self.source_value_info(label)
             shape = None if vi is None or not vi.type.tensor_type.HasField("shape") else \
                 [d.dim_param or d.dim_value or None for d in vi.type.tensor_type.shape.dim]
             self.graph.output.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, shape))

@@ -61,6 +61,11 @@ def rule_options(fn):
         click.option("--input-shape", multiple=True, help="NAME=D1,D2,... fixes open input dims (repeatable)."),
         click.option("--precision", type=click.Choice(["fp32", "fp16"]),
                      help="fp16: a float16 forward pass (for GPUs); relevance is always float32."),
+        click.option("--baseline",
+                     help="--rule taylor: the root point x0: zeros (default), mean (the mean sample of "
+                          "--baseline-data) or an .npy file holding x0."),
+        click.option("--baseline-data", type=click.Path(dir_okay=False),
+                     help="--baseline mean: an .npy/.npz of samples [N, ...] whose mean is the baseline."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -75,7 +80,8 @@ def compile_kwargs(kw: dict) -> dict:
     return dict(rule=kw.pop("rule"), composite=kw.pop("composite"), flat_layers=kw.pop("flat_layers"),
                 opset=kw.pop("opset"), output=kw.pop("output_name"), node_output=kw.pop("node_output"),
                 node_input=list(kw.pop("node_input")) or None,
-                input_shapes=parse_input_shapes(kw.pop("input_shape")), precision=kw.pop("precision"), **params)
+                input_shapes=parse_input_shapes(kw.pop("input_shape")), precision=kw.pop("precision"),
+                baseline=kw.pop("baseline"), baseline_data=kw.pop("baseline_data"), **params)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

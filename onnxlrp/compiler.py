@@ -104,10 +104,11 @@ def _taylor_pass(model, *, output, node_output, opset, input_shapes, precision, 
         canonical, shapes, folded = canonicalize(model, opset=opset, input_shapes=input_shapes, precision=precision)
         probe = RelevancePass(canonical, shapes, TaylorFamily({}), output=output, node_output=node_output)
         points = baselines(baseline, baseline_data, probe.sources, shapes)
+        node_names = {ROOT + n.name: n.name for n in canonical.graph.node}
         shapes, roots = with_root_copy(canonical, shapes, probe.sources, probe.target, points)
         rp = RelevancePass(canonical, shapes, TaylorFamily(roots), node_output=ROOT + probe.target,
                            node_inputs=list(roots), predicted_from=probe.target,
-                           labels=roots | {ROOT + probe.target: probe.target})
+                           labels=roots | node_names | {ROOT + probe.target: probe.target})
         rp.explained_why = probe.explained_why
         return rp, folded
 
@@ -144,7 +145,7 @@ def compile(model_or_path, rule: str = "epsilon", *, composite: str | Path | Non
     meta = {
         "onnxlrp.version": __version__,
         "onnxlrp.rule": comp.name,
-        "onnxlrp.plan": json.dumps(rule_table(rp.plan)),
+        "onnxlrp.plan": json.dumps(_table(rp, rp.plan)),
         "onnxlrp.explained": rp.label(rp.target),
         "onnxlrp.explained_why": rp.explained_why,
         "onnxlrp.relevance_of": json.dumps(dict(zip(outputs, map(rp.label, rp.sources), strict=True))),
@@ -172,9 +173,14 @@ def inspect(model_or_path, rule: str = "epsilon", *, composite=None, output=None
         problems = rp.unsupported()
         plan = {} if problems else rp.family.plan(rp.plan_nodes())
         patterns = rp.pattern_lines()
-    return Plan(rule_table(plan), problems, rp.label(rp.target), [rp.label(s) for s in rp.sources], rp.family.name,
+    return Plan(_table(rp, plan), problems, rp.label(rp.target), [rp.label(s) for s in rp.sources], rp.family.name,
                 rp.family.parameters_unused(plan),
                 rp.explained_why, patterns)
+
+
+def _table(rp: RelevancePass, plan: dict) -> dict[str, str]:
+    """The rule per node under the names the user knows (:meth:`RelevancePass.label`)."""
+    return {rp.label(name): rule for name, rule in rule_table(plan).items()}
 
 
 def is_compiled(model: onnx.ModelProto) -> bool:

@@ -1,0 +1,257 @@
+"""--rule taylor (issue 22): R_d = df/dx_d(x0) * (x_d - x0_d) against float64 references: the matrix of linear models
+read off their float64 forward pass, central finite differences at x0, and f(x) = f(x0) + sum R inside one linear
+region of a piecewise-linear net."""
+
+import netspec as ns
+import numpy as np
+import onnx
+import pytest
+import reference as ref
+from helpers import session
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxlrp
+from onnxlrp.cli import main
+from onnxlrp.errors import OnnxlrpError, UnsupportedOpError
+
+
+def run(model, x, **kwargs):
+    compiled = onnxlrp.compile(model, "taylor", **kwargs)
+    sess = session(compiled)
+    names = [o.name for o in sess.get_outputs()]
+    out = dict(zip(names, sess.run(None, {sess.get_inputs()[0].name: x.astype(np.float32)}), strict=True))
+    for name in ("relevance", "taylor_residual", "taylor_root_value"):
+        assert np.all(np.isfinite(out[name])), name
+    return out
+
+
+def gradient_fd(f, x0, cls, h=1e-6):
+    """Central finite differences of the ``cls`` score of ``f`` (float64) at ``x0`` [B, ...]."""
+    g = np.zeros(x0.shape)
+    rows = np.arange(len(x0))
+    for idx in np.ndindex(x0.shape[1:]):
+        e = np.zeros(x0.shape)
+        e[(slice(None), *idx)] = h
+        g[(slice(None), *idx)] = (f(x0 + e)[rows, cls] - f(x0 - e)[rows, cls]) / (2 * h)
+    return g
+
+
+def check_against(out, f, x, x0, g, tol=1e-4):
+    """Relevance, f(x0) and the residual of the compiled model against ``g`` and ``f`` (float64)."""
+    rows = np.arange(len(x))
+    cls = out["explained_class"]
+    expected = g * (x - x0)
+    scale = np.abs(expected).max()
+    assert scale > 0
+    assert np.abs(out["relevance"] - expected).max() <= tol * scale
+    np.testing.assert_allclose(out["taylor_root_value"], f(x0)[rows, cls], rtol=1e-5, atol=1e-5)
+    residual = f(x)[rows, cls] - f(x0)[rows, cls] - expected.reshape(len(x), -1).sum(1)
+    np.testing.assert_allclose(out["taylor_residual"], residual, rtol=1e-4, atol=tol * scale * x[0].size ** 0.5)
+
+
+def save(tmp_path, name, array):
+    path = tmp_path / name
+    np.save(path, array)
+    return str(path)
+
+
+# ------------------------------------------------------------------ linear models: R = w * (x - x0)
+
+LINEAR_NETS = {
+    "gemm": lambda rng: ([ns.dense(rng, 7, 5), ns.dense(rng, 5, 3)], (1, 7), {}),
+    "matmul": lambda rng: ([ns.dense(rng, 7, 5), ns.dense(rng, 5, 3)], (1, 7), {"dense_as": "matmul"}),
+    "conv_avgpool": lambda rng: ([ns.conv(rng, 2, 3, 3, pad=1), ns.batchnorm(rng, 3), ns.AvgPool((2, 2), (2, 2)),
+                                  ns.Flatten(), ns.dense(rng, 27, 4)], (1, 2, 6, 6), {}),
+}
+
+
+@pytest.mark.parametrize("net", sorted(LINEAR_NETS))
+@pytest.mark.parametrize("baseline", ["zeros", "mean", "file"])
+def test_linear_models_give_weights_times_step(net, baseline, tmp_path):
+    rng = np.random.default_rng(1)
+    layers, shape, options = LINEAR_NETS[net](rng)
+    model = ns.to_onnx(layers, shape, **options)
+    x = rng.normal(size=(4, *shape[1:]))
+    data = rng.normal(size=(20, *shape[1:])) + 0.5
+    kwargs, x0 = {}, np.zeros((1, *shape[1:]))
+    if baseline == "mean":
+        kwargs = {"baseline": "mean", "baseline_data": save(tmp_path, "data.npy", data)}
+        x0 = data.mean(0, keepdims=True)
+    elif baseline == "file":
+        x0 = rng.normal(size=(1, *shape[1:]))
+        kwargs = {"baseline": save(tmp_path, "x0.npy", x0[0])}  # one sample's shape, without the batch axis
+    out = run(model, x, **kwargs)
+
+    def f(z):
+        return ref.forward(layers, z)
+
+    n = int(np.prod(shape[1:]))
+    basis = np.eye(n).reshape(n, *shape[1:])
+    matrix = (f(basis) - f(np.zeros((1, *shape[1:])))).T  # [classes, inputs]: f(x) = A x + c
+    g = matrix[out["explained_class"]].reshape(x.shape)
+    check_against(out, f, x, np.broadcast_to(x0, x.shape), g)
+    assert np.abs(out["taylor_residual"]).max() < 1e-4 * np.abs(f(x)).max()  # a linear model has no higher orders
+
+
+# ------------------------------------------------------------------ ReLU nets: the gradient at x0
+
+RELU_NETS = {
+    "conv_bn_maxpool": lambda rng: [ns.conv(rng, 2, 3, 3, pad=1), ns.batchnorm(rng, 3), ns.Relu(),
+                                    ns.MaxPool((2, 2), (2, 2)), ns.Flatten(), ns.dense(rng, 27, 5), ns.Relu(),
+                                    ns.dense(rng, 5, 4)],
+    "residual_concat_gap": lambda rng: [ns.conv(rng, 2, 4, 3, pad=1), ns.Relu(),
+                                        ns.Residual([ns.conv(rng, 4, 4, 3, pad=1), ns.Relu()]),
+                                        ns.Concat([[ns.conv(rng, 4, 2, 1)], []]), ns.Relu(), ns.GlobalAvgPool(),
+                                        ns.Flatten(), ns.dense(rng, 6, 3)],
+    "strided_globalmax": lambda rng: [ns.conv(rng, 2, 4, 3, stride=2, pad=1), ns.Relu(), ns.GlobalMaxPool(),
+                                      ns.Flatten(), ns.dense(rng, 4, 3)],
+}
+
+
+@pytest.mark.parametrize("net", sorted(RELU_NETS))
+def test_relu_nets_match_finite_differences_at_the_baseline(net, tmp_path):
+    rng = np.random.default_rng(2)
+    layers = RELU_NETS[net](rng)
+    model = ns.to_onnx(layers, (1, 2, 6, 6), softmax=True)
+    x = rng.normal(size=(3, 2, 6, 6))
+    x0 = rng.normal(size=(1, 2, 6, 6))  # random: no ties in the max pools, no ReLU input at exactly 0
+    out = run(model, x, baseline=save(tmp_path, "x0.npy", x0))
+
+    def f(z):
+        return ref.forward(layers, z)
+
+    x0 = np.broadcast_to(x0, x.shape)
+    check_against(out, f, x, x0, gradient_fd(f, x0, out["explained_class"]))
+    predicted = f(x).argmax(1)  # target -1: the class predicted at x, not at x0
+    np.testing.assert_array_equal(out["explained_class"], predicted)
+
+
+def test_target_class_is_explained(tmp_path):
+    rng = np.random.default_rng(3)
+    layers = RELU_NETS["conv_bn_maxpool"](rng)
+    model = ns.to_onnx(layers, (1, 2, 6, 6))
+    x, x0 = rng.normal(size=(2, 2, 6, 6)), rng.normal(size=(1, 2, 6, 6))
+    sess = session(onnxlrp.compile(model, "taylor", baseline=save(tmp_path, "x0.npy", x0)))
+    relevance, cls = sess.run(["relevance", "explained_class"],
+                              {"x": x.astype(np.float32), "target": np.array([1, 2], np.int64)})
+    np.testing.assert_array_equal(cls, [1, 2])
+    x0 = np.broadcast_to(x0, x.shape)
+    expected = gradient_fd(lambda z: ref.forward(layers, z), x0, cls) * (x - x0)
+    assert np.abs(relevance - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+def test_piecewise_linear_net_is_conserved_inside_one_linear_region(tmp_path):
+    """x near x0: no ReLU or max-pool switches between them (checked on the float64 forward pass: f is affine on the
+    segment), so f(x) = f(x0) + sum R exactly, up to float32 rounding."""
+    rng = np.random.default_rng(4)
+    layers = RELU_NETS["conv_bn_maxpool"](rng)
+    model = ns.to_onnx(layers, (1, 2, 6, 6))
+    x0 = rng.normal(size=(1, 2, 6, 6))
+    x = x0 + 1e-3 * rng.normal(size=(3, 2, 6, 6))
+
+    def f(z):
+        return ref.forward(layers, z)
+
+    mid = f((np.broadcast_to(x0, x.shape) + x) / 2)
+    assert np.abs(mid - (f(np.broadcast_to(x0, x.shape)) + f(x)) / 2).max() < 1e-12, "the case left its region"
+    out = run(model, x, baseline=save(tmp_path, "x0.npy", x0))
+    rows, cls = np.arange(3), out["explained_class"]
+    change = f(x)[rows, cls] - f(np.broadcast_to(x0, x.shape))[rows, cls]
+    total = out["relevance"].reshape(3, -1).astype(np.float64).sum(1)
+    assert np.abs(change).min() > 1e-4
+    np.testing.assert_allclose(out["taylor_root_value"] + total, f(x)[rows, cls], rtol=0, atol=2e-5)
+    np.testing.assert_allclose(total, change, rtol=2e-3)
+    assert np.abs(out["taylor_residual"]).max() < 2e-5
+
+
+# ------------------------------------------------------------------ smooth activations and products
+
+def smooth_model():
+    """x [B, 4] -> Gemm -> Tanh -> Mul(h, Sigmoid(h)) -> Softplus -> Div(., 2) -> Sub(., Sqrt(Pow(u, 2) + 1))
+    -> Exp(-.) ... -> Gemm -> logits, and its float64 forward."""
+    rng = np.random.default_rng(5)
+    w1, b1, w2 = rng.normal(size=(5, 4)), rng.normal(size=5), rng.normal(size=(3, 5))
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for a, n in
+             ((w1, "w1"), (b1, "b1"), (w2, "w2"), (np.array(2.0), "two"), (np.array(1.0), "one"))]
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], transB=1),
+             helper.make_node("Tanh", ["h"], ["t"]),
+             helper.make_node("Sigmoid", ["t"], ["s"]),
+             helper.make_node("Mul", ["t", "s"], ["silu"]),
+             helper.make_node("Softplus", ["silu"], ["sp"]),
+             helper.make_node("Div", ["sp", "two"], ["u"]),
+             helper.make_node("Pow", ["u", "two"], ["u2"]),
+             helper.make_node("Add", ["u2", "one"], ["u21"]),
+             helper.make_node("Sqrt", ["u21"], ["r"]),
+             helper.make_node("Sub", ["u", "r"], ["d"]),
+             helper.make_node("Div", ["d", "r"], ["q"]),
+             helper.make_node("LeakyRelu", ["q"], ["lr"], alpha=0.2),
+             helper.make_node("Gemm", ["lr", "w2"], ["y"], transB=1)]
+    graph = helper.make_graph(nodes, "smooth", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+
+    def f(x):
+        t = np.tanh(x @ w1.T + b1)
+        u = np.log1p(np.exp(t / (1 + np.exp(-t)))) / 2
+        r = np.sqrt(u ** 2 + 1)
+        q = (u - r) / r
+        return np.where(q > 0, q, 0.2 * q) @ w2.T
+
+    return model, f
+
+
+def test_smooth_activations_products_and_quotients_match_finite_differences(tmp_path):
+    model, f = smooth_model()
+    rng = np.random.default_rng(6)
+    x, x0 = rng.normal(size=(5, 4)), rng.normal(size=(1, 4))
+    out = run(model, x, baseline=save(tmp_path, "x0.npy", x0))
+    x0 = np.broadcast_to(x0, x.shape)
+    check_against(out, f, x, x0, gradient_fd(f, x0, out["explained_class"]))
+    assert np.abs(out["taylor_residual"]).max() > 1e-3  # a curved model: the first order leaves a residual
+
+
+# ------------------------------------------------------------------ errors and the command line
+
+def test_errors_are_one_line(tmp_path):
+    rng = np.random.default_rng(7)
+    model = ns.to_onnx([ns.dense(rng, 4, 3)], (1, 4))
+    with pytest.raises(OnnxlrpError, match="--baseline mean needs --baseline-data"):
+        onnxlrp.compile(model, "taylor", baseline="mean")
+    with pytest.raises(OnnxlrpError, match=r"a baseline of shape \[1, 5\] does not fit input 'x'"):
+        onnxlrp.compile(model, "taylor", baseline=save(tmp_path, "bad.npy", np.zeros(5)))
+    with pytest.raises(OnnxlrpError, match="valid: zeros, mean or a .npy file"):
+        onnxlrp.compile(model, "taylor", baseline="ones")
+    with pytest.raises(OnnxlrpError, match="finite numbers"):
+        onnxlrp.compile(model, "taylor", baseline=save(tmp_path, "nan.npy", np.full(4, np.nan)))
+    with pytest.raises(OnnxlrpError, match="are for --rule taylor"):
+        onnxlrp.compile(model, "epsilon", baseline="zeros")
+    with pytest.raises(OnnxlrpError, match="'taylor' does not use --epsilon"):
+        onnxlrp.compile(model, "taylor", epsilon=0.1)
+    erf = helper.make_model(helper.make_graph(
+        [helper.make_node("Erf", ["x"], ["y"])], "erf", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])]), opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(UnsupportedOpError, match="the taylor rule has no gradient for Erf"):
+        onnxlrp.compile(erf, "taylor")
+
+
+def test_cli_compile_with_a_mean_baseline(tmp_path, capsys):
+    rng = np.random.default_rng(8)
+    layers = [ns.dense(rng, 4, 6), ns.Relu(), ns.dense(rng, 6, 3)]
+    path = tmp_path / "m.onnx"
+    onnx.save(ns.to_onnx(layers, (1, 4)), path)
+    data = rng.normal(size=(30, 4))
+    assert main(["compile", str(path), "--rule", "taylor", "--baseline", "mean", "--baseline-data",
+                 save(tmp_path, "data.npy", data), "-o", str(tmp_path / "t.onnx")]) == 0
+    x = rng.normal(size=(2, 4))
+    out = run(onnx.load(tmp_path / "m.onnx"), x, baseline="mean", baseline_data=str(tmp_path / "data.npy"))
+    sess = session(onnx.load(tmp_path / "t.onnx"))
+    np.testing.assert_allclose(sess.run(["relevance"], {"x": x.astype(np.float32)})[0], out["relevance"])
+    x0 = np.broadcast_to(data.mean(0, keepdims=True), x.shape)
+    f = lambda z: ref.forward(layers, z)  # noqa: E731
+    check_against(out, f, x, x0, gradient_fd(f, x0, out["explained_class"]))
+    capsys.readouterr()
+    assert main(["compile", str(path), "--rule", "taylor", "--baseline", "mean", "-o", str(tmp_path / "u.onnx")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "m.onnx: --baseline mean needs --baseline-data" in err
+    assert not (tmp_path / "u.onnx").exists()

@@ -166,7 +166,8 @@ def rules_command():
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.argument("images", nargs=-1, required=True)
 @rule_options
-@click.option("--target", default="predicted", show_default=True, help="Class index, or 'predicted'.")
+@click.option("--target", default="predicted", show_default=True,
+              help="Class index, 'predicted', or 'all' (a heatmap per class in one figure, the .npy [classes, ...]).")
 @click.option("--preprocess", default="none", show_default=True, help=PREPROCESS_HELP)
 @click.option("-o", "--out-dir", default="onnxlrp-explain", show_default=True)
 @click.option("--overlay/--no-overlay", default=True, show_default=True, help="Blend the heatmap over the image.")

@@ -32,13 +32,18 @@ PROGRESS_MIN_IMAGES = 20
 _IMAGE_CACHE_BYTES = 512 * 2**20
 
 
-def _parse_target(target) -> int | None:
+ALL_CLASSES = "all"
+
+
+def _parse_target(target) -> int | str | None:
     if target is None or (isinstance(target, str) and target.strip().lower() == "predicted"):
         return None
+    if isinstance(target, str) and target.strip().lower() == ALL_CLASSES:
+        return ALL_CLASSES
     try:
         value = int(target)
     except (TypeError, ValueError):
-        raise OnnxlrpError(f"--target {target!r}: expected a class index or 'predicted'") from None
+        raise OnnxlrpError(f"--target {target!r}: expected a class index, 'predicted' or 'all'") from None
     if value < 0:
         raise OnnxlrpError(f"--target {value}: a class index is >= 0")
     return value
@@ -69,11 +74,30 @@ def _png(relevance: np.ndarray, image: np.ndarray | None, scale: int) -> Callabl
     return lambda tmp: save_heatmap(tmp, relevance, image=image, scale=scale)
 
 
+def _grid(maps: np.ndarray, image: np.ndarray | None, scores: np.ndarray, predicted: int,
+          overlay: bool) -> Callable[[Path], object]:
+    from onnxlrp.heatmap import save_class_grid
+
+    titles = [f"class {k}: {s:.3g}" + (" (pred.)" if k == predicted else "") for k, s in enumerate(scores)]
+    return lambda tmp: save_class_grid(tmp, maps, titles=titles, image=image, overlay=overlay)
+
+
+def _explain_all(explainer, x: np.ndarray, score: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The predicted classes, the scores and the relevance of every class, ``[batch, classes, ...]``: one run per
+    class with that class as the target."""
+    first = explainer(x, target=None)
+    scores = np.asarray(first.outputs[score]).reshape(len(x), -1)
+    maps = [np.asarray(explainer(x, target=k).relevance, dtype=np.float32) for k in range(scores.shape[1])]
+    return np.asarray(first.explained_class).reshape(-1), scores, np.stack(maps, axis=1)
+
+
 def run_explain(model, images, *, out_dir, target="predicted", preprocess="none", overlay=True, batch_size=32,
                 rule="rlrp", composite=None, flat_layers=1, opset=None, output=None, node_output=None,
                 node_input=None, input_shapes=None, **params) -> list[dict]:
     """Explain every image; write ``<out_dir>/<stem>.png`` (heatmap) and ``<stem>.npy`` (the relevance of the
     model's input: ``[C, H, W]``, or ``[H, W, C]`` for an NHWC model, :mod:`.layout`).
+    ``target="all"``: every class is explained; the ``.npy`` holds ``[classes, ...]`` and the PNG is one figure
+    with the image and a heatmap per class on one colour scale (the thesis's Fig. 10 grid).
     With one ``node_input`` the relevance has that tensor's shape: the heatmap is drawn over the image when its last
     two axes are the image's, alone when it is 2-D or 3-D, and left out otherwise (the ``.npy`` is always written).
 
@@ -132,11 +156,14 @@ def run_explain(model, images, *, out_dir, target="predicted", preprocess="none"
             idx = list(range(start, min(start + batch_size, len(paths))))
             raw = np.stack([cache[i] if i in cache else load_image(paths[i], channels=channels, size=(height, width))
                             for i in idx])
-            result = explainer(layout.to_model(pre(raw)), target=wanted)
-            classes = np.asarray(result.explained_class).reshape(-1)
-            scores = np.asarray(result.outputs[prepared.score]).reshape(len(idx), -1)
-            relevance = np.asarray(result.relevance, dtype=np.float32)
-            if wanted is not None and wanted >= scores.shape[1]:
+            if wanted == ALL_CLASSES:
+                classes, scores, relevance = _explain_all(explainer, layout.to_model(pre(raw)), prepared.score)
+            else:
+                result = explainer(layout.to_model(pre(raw)), target=wanted)
+                classes = np.asarray(result.explained_class).reshape(-1)
+                scores = np.asarray(result.outputs[prepared.score]).reshape(len(idx), -1)
+                relevance = np.asarray(result.relevance, dtype=np.float32)
+            if isinstance(wanted, int) and wanted >= scores.shape[1]:
                 raise OnnxlrpError(f"--target {wanted}: the explained output has only {scores.shape[1]} classes "
                                    f"(0..{scores.shape[1] - 1})")
             if start == 0:
@@ -145,16 +172,21 @@ def run_explain(model, images, *, out_dir, target="predicted", preprocess="none"
                 k = int(classes[j])
                 score = float(scores[j, k])
                 png, npy = out / f"{stems[i]}.png", out / f"{stems[i]}.npy"
-                shown = layout.to_chw(relevance[j]) if not node_input else relevance[j]
-                drawn = shown.ndim in (2, 3)
+                maps = relevance[j] if wanted == ALL_CLASSES else relevance[j][None]
+                shown = np.stack([layout.to_chw(m) if not node_input else m for m in maps])
+                drawn = shown.ndim - 1 in (2, 3)
                 if drawn:
                     like_image = shown.shape[-2:] == (height, width)
-                    write_atomic(png, _png(shown, raw[j] if overlay and like_image else None,
-                                           scale if like_image else _upscale(*shown.shape[-2:])))
+                    if wanted == ALL_CLASSES:
+                        write_atomic(png, _grid(shown, raw[j] if like_image else None, scores[j], k, overlay))
+                    else:
+                        write_atomic(png, _png(shown[0], raw[j] if overlay and like_image else None,
+                                               scale if like_image else _upscale(*shown.shape[-2:])))
                 write_npy(npy, relevance[j])
                 results.append({"file": str(paths[i]), "class": k, "score": score, "png": str(png) if drawn else None,
                                 "npy": str(npy)})
-                click.echo(f"{show(paths[i])}: class {k} (score {score:.4g}) -> {show(png if drawn else npy)}")
+                every = f", all {scores.shape[1]} classes" if wanted == ALL_CLASSES else ""
+                click.echo(f"{show(paths[i])}: class {k} (score {score:.4g}{every}) -> {show(png if drawn else npy)}")
             if bar is not None:
                 bar.update(len(idx))
     return results

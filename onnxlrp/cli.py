@@ -194,12 +194,22 @@ def explain_command(model, images, target, preprocess, out_dir, overlay, batch_s
 @click.option("--batch-size", type=int, default=128, show_default=True)
 @click.option("--masks", help="A .npz with object 'masks' [N,H,W] or 'boxes' [N,4] (x0,y0,x1,y1): adds the "
               "pointing game and the relevance mass ratios mu, mu_w.")
-def evaluate_command(model, **kw):
+@click.option("--flip", type=int, help="Instead: the flip test (Keras LRP thesis, Sec. 5.1): flip the K least and, "
+              "separately, the K most relevant inputs and report the change of the explained class's score.")
+@click.option("--flip-mode", type=click.Choice(["auto", "invert", "negate"]), default="auto", show_default=True,
+              help="--flip: invert is x -> 1 - x, negate is x -> -x; auto inverts when the data lie in [0, 1].")
+def evaluate_command(model, flip, flip_mode, **kw):
     """Masked-input accuracy (the R-LRP paper's study), pixel-flipping AOPC, localization with --masks; CSV, JSON
-    and plots."""
-    from .apps import run_evaluate
+    and plots. With --flip K: the flip test instead."""
+    from .apps import run_evaluate, run_flip
 
-    run_evaluate(model, **kw)
+    if flip is None:
+        run_evaluate(model, **kw)
+        return
+    if kw["absolute"] or kw["masks"]:
+        raise OnnxlrpError("--flip ranks by signed relevance and takes no --abs or --masks")
+    run_flip(model, k=flip, mode=flip_mode, data=kw["data"], rules=kw["rules"], pixel=kw["pixel"],
+             limit=kw["limit"], preprocess=kw["preprocess"], out_dir=kw["out_dir"], batch_size=kw["batch_size"])
 
 
 @cli.command("web")

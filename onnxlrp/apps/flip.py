@@ -130,27 +130,30 @@ def samples_csv(changes: dict, classes: dict) -> str:
     return buf.getvalue()
 
 
-def save_flip_plot(path: Path, changes: dict, output: str, k: int) -> None:
-    """Histograms of the score change per rule: the K least relevant flipped (left), the K most (right)."""
+def save_flip_plot(path: Path, changes: dict, k: int) -> None:
+    """Histograms of the change per rule, one row per output (the score, the explained tensor): the K least
+    relevant inputs flipped (left), the K most (right)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(10, 4), dpi=100)
+    outputs = list(next(iter(changes.values())))
+    fig = Figure(figsize=(10, 3.6 * len(outputs)), dpi=100)
     FigureCanvasAgg(fig)
-    for i, which in enumerate(("least", "most")):
-        ax = fig.add_subplot(1, 2, i + 1)
-        values = [per_output[output][which] for per_output in changes.values()]
-        low, high = min(v.min() for v in values), max(v.max() for v in values)
-        bins = np.linspace(low, high, 41) if high > low else 10
-        for label, per_output in changes.items():
-            change = per_output[output][which]
-            ax.hist(change, bins=bins, histtype="step", linewidth=1.5,
-                    label=f"{label}: {(change > 0).mean():.0%} up, {(change < 0).mean():.0%} down")
-        ax.axvline(0.0, color="grey", linewidth=0.8)
-        ax.set_title(f"{k} {which} relevant inputs flipped")
-        ax.set_xlabel(f"change of {output} at the explained class")
-        ax.set_ylabel("samples")
-        ax.legend(fontsize=8)
+    for row, output in enumerate(outputs):
+        for col, which in enumerate(("least", "most")):
+            ax = fig.add_subplot(len(outputs), 2, 2 * row + col + 1)
+            values = [per_output[output][which] for per_output in changes.values()]
+            low, high = min(v.min() for v in values), max(v.max() for v in values)
+            bins = np.linspace(low, high, 41) if high > low else 10
+            for label, per_output in changes.items():
+                change = per_output[output][which]
+                ax.hist(change, bins=bins, histtype="step", linewidth=1.5,
+                        label=f"{label}: {(change > 0).mean():.0%} up, {(change < 0).mean():.0%} down")
+            ax.axvline(0.0, color="grey", linewidth=0.8)
+            ax.set_title(f"{k} {which} relevant inputs flipped", fontsize=10)
+            ax.set_xlabel(f"change of {output} at the explained class", fontsize=9)
+            ax.set_ylabel("samples")
+            ax.legend(fontsize=7)
     fig.tight_layout()
     write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
 
@@ -206,7 +209,7 @@ def run_flip(model, *, k: int, data="builtin:digits", rules="rlrp,lrp0,epsilon",
         write_bytes(out / "flip.json", (json.dumps(results, indent=1) + "\n").encode())
         write_bytes(out / "flip.csv", summary_csv(results).encode())
         write_bytes(out / "flip_samples.csv", samples_csv(changes, classes).encode())
-        save_flip_plot(out / "flip.png", changes, scores.names[0], k)
+        save_flip_plot(out / "flip.png", changes, k)
     click.echo(f"{len(x)} samples, flips {results['flip']} ({chosen_mode}); the score is {scores.names[0]!r}; wrote "
                f"{show(out / 'flip.csv')}, flip_samples.csv, flip.json, flip.png")
     return results

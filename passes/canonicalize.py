@@ -28,6 +28,7 @@ from onnxlrp.errors import OnnxlrpError
 from onnxlrp.graph import implicit_inputs
 
 from .control_flow import every_name, inline_if
+from .onnx_ml import ML, lower_ml_ops
 from .ops import spec
 
 MIN_OPSET = 13
@@ -471,6 +472,8 @@ def canonicalize(model: onnx.ModelProto, *, opset: int | None = None, input_shap
     model = upgrade_opset(model, opset)
     graph = model.graph
     name_nodes(graph)
+    if any(node.domain == ML for node in graph.node):
+        lower_ml_ops(graph, default_opset(model), declared_shapes(model))
     constants_to_initializers(graph, ir_version)
     folded = fold_constants(graph, model.opset_import)
     drop_identities(graph)
@@ -487,6 +490,19 @@ def canonicalize(model: onnx.ModelProto, *, opset: int | None = None, input_shap
         folded.leaves.update({k: v for k, v in more.leaves.items() if k not in folded.leaves})
         model, shapes = infer_shapes(model)
     return model, shapes, folded
+
+
+def declared_shapes(model: onnx.ModelProto) -> dict[str, list]:
+    """The shapes onnx's (lenient) shape inference finds, unknown dims as None: what the ML lowering needs before
+    the strict inference of the lowered graph."""
+    try:
+        inferred = shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - the strict inference after the lowering reports real problems
+        inferred = model
+    graph = inferred.graph
+    return {vi.name: [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+            for vi in list(graph.input) + list(graph.value_info) + list(graph.output)
+            if vi.type.tensor_type.HasField("shape")}
 
 
 def fold_static_shapes(graph: onnx.GraphProto, shapes: dict[str, list]) -> bool:

@@ -233,6 +233,21 @@ def reduce_mean(ctx, node, g_out):
     return {0: view.spread(ctx.b, g_out[0])}
 
 
+def check_reduce_sum(ctx, node):
+    if not ctx.shapes.get(node.input[0]):
+        return "needs a known rank"
+    return "needs constant axes" if reduce_axes(ctx, node) is None else None
+
+
+@gradient("ReduceSum", check=check_reduce_sum)
+def reduce_sum(ctx, node, g_out):
+    """``g`` broadcast back over the summed axes."""
+    b, g = ctx.b, g_out[0]
+    if not attr(node, "keepdims", 1):
+        g = b.op("Unsqueeze", [g, b.const(reduce_axes(ctx, node), "axes", np.int64)], "g")
+    return {0: b.op("Expand", [g, b.op("Shape", [node.input[0]])], "g")}
+
+
 @gradient("MaxPool", check=check_pool)
 def max_pool(ctx, node, g_out):
     """To the first maximum of each window (as the autograd of PyTorch and TensorFlow route it)."""

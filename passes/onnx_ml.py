@@ -214,9 +214,7 @@ def lower_svm_classifier(e: Emitter, node, features: int) -> None:
 
 
 def lower_feature_extractor(e: Emitter, node) -> None:
-    indices = e.constants.get(node.input[1])
-    if indices is None:
-        raise refuse(node, "ArrayFeatureExtractor with computed indices has no lowering")
+    indices = e.constants[node.input[1]]
     e.op("Gather", [node.input[0], e.const(indices.reshape(-1), "indices", np.int64)], "gather",
          output=node.output[0], axis=-1)
 
@@ -275,8 +273,8 @@ def lower_ml_ops(graph: onnx.GraphProto, opset: int, shapes: dict[str, list]) ->
         if node.op_type in ("Scaler", "Normalizer"):
             shapes[node.output[0]] = shape  # the strict inference comes after the lowering
             (lower_scaler(e, node) if node.op_type == "Scaler" else lower_normalizer(e, node, features, stochastic))
-        elif node.op_type == "ArrayFeatureExtractor":
-            lower_feature_extractor(e, node)
+        elif node.op_type == "ArrayFeatureExtractor" and node.input[1] in constants:
+            lower_feature_extractor(e, node)  # computed indices (a label lookup) stay as they are
         elif node.op_type in ("LinearClassifier", "LinearRegressor", "SVMClassifier", "SVMRegressor"):
             if features is None:
                 raise refuse(node, "needs a known feature count (give --input-shape)")

@@ -248,6 +248,20 @@ def reduce_sum(ctx, node, g_out):
     return {0: b.op("Expand", [g, b.op("Shape", [node.input[0]])], "g")}
 
 
+@gradient("ReduceMax", check=check_reduce_sum)
+def reduce_max(ctx, node, g_out):
+    """``g`` to the maxima of each reduced slice, shared equally among ties (the mean of the one-sided
+    derivatives)."""
+    b, g, y = ctx.b, g_out[0], ctx.value(node.output[0])
+    axes = reduce_axes(ctx, node)
+    if not attr(node, "keepdims", 1):
+        g = b.op("Unsqueeze", [g, b.const(axes, "axes", np.int64)], "g")
+        y = b.op("Unsqueeze", [y, b.const(axes, "axes", np.int64)], "y")
+    hit = float_mask(b, b.op("Equal", [ctx.value(node.input[0]), y]))
+    share = b.op("Div", [hit, ctx.reduce("ReduceSum", hit, axes)], "share")
+    return {0: b.op("Mul", [share, g], "g")}
+
+
 @gradient("MaxPool", check=check_pool)
 def max_pool(ctx, node, g_out):
     """To the first maximum of each window (as the autograd of PyTorch and TensorFlow route it)."""

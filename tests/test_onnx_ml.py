@@ -37,6 +37,8 @@ def fitted(name):
     models = {
         "logistic_scaler": (make_pipeline(StandardScaler(), LogisticRegression()), BINARY),
         "logistic3_normalizer": (make_pipeline(Normalizer(), LogisticRegression()), THREE),
+        "logistic3_l1": (make_pipeline(Normalizer(norm="l1"), LogisticRegression()), THREE),
+        "logistic3_max": (make_pipeline(Normalizer(norm="max"), LogisticRegression()), THREE),
         "linear_regression_minmax": (make_pipeline(MinMaxScaler(), LinearRegression()), TARGET),
         "linear_svc": (LinearSVC(), BINARY),
         "linear_svc3": (LinearSVC(), THREE),
@@ -71,14 +73,15 @@ def outputs(model: onnx.ModelProto, x, target=None, **kwargs):
     return dict(zip(names, sess.run(None, feeds), strict=True))
 
 
-@pytest.mark.parametrize("name", ["logistic_scaler", "logistic3_normalizer", "linear_regression_minmax", "linear_svc",
-                                  "linear_svc3", "svc_linear", "svc_rbf", "svc_poly", "svc_sigmoid", "svr_rbf",
-                                  "svr_linear"])
+@pytest.mark.parametrize("name", ["logistic_scaler", "logistic3_normalizer", "logistic3_l1", "logistic3_max",
+                                  "linear_regression_minmax", "linear_svc", "linear_svc3", "svc_linear", "svc_rbf",
+                                  "svc_poly", "svc_sigmoid", "svr_rbf", "svr_linear"])
 def test_lowering_keeps_every_output(name):
     _, data = exported(name)
     model = onnx.load_from_string(data)
     expected = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, {"X": X[:20]})
-    rule = "taylor" if name in ("svc_rbf", "svr_rbf") else "epsilon"  # the LRP rules refuse x * x and Exp
+    # the LRP rules refuse x * x, Exp and the quotients of the L1 and MAX normalizers
+    rule = "taylor" if name in ("svc_rbf", "svr_rbf", "logistic3_l1", "logistic3_max") else "epsilon"
     got = outputs(model, X[:20], rule=rule)
     for info, value in zip(model.graph.output, expected, strict=True):
         if value.dtype.kind in "iub":
@@ -136,12 +139,17 @@ def decision(model, name, column):
     d = -decision_function."""
     if name.startswith("svr"):
         return lambda v: model.predict(v)
+    if name == "logistic3_max":  # ONNX-ML's MAX norm divides by max(x); scikit-learn's by max(|x|)
+        return lambda v: model[-1].decision_function(v / v.max(1, keepdims=True))[:, column]
+    if name.startswith("logistic3"):
+        return lambda v: model.decision_function(v)[:, column]
     sign = 1.0 if column == 0 else -1.0
     return lambda v: sign * model.decision_function(v)
 
 
-@pytest.mark.parametrize("name", ["svc_rbf", "svc_poly", "svc_sigmoid", "svr_rbf"])
-def test_kernel_svms_through_taylor_match_finite_differences(name, tmp_path):
+@pytest.mark.parametrize("name", ["svc_rbf", "svc_poly", "svc_sigmoid", "svr_rbf", "logistic3_l1", "logistic3_max",
+                                  "logistic3_normalizer"])
+def test_kernel_svms_and_normalizers_through_taylor_match_finite_differences(name, tmp_path):
     model, data = exported(name)
     x0 = X.mean(0, keepdims=True).astype(np.float64)
     np.save(tmp_path / "data.npy", X)

@@ -1,4 +1,4 @@
-"""``onnxlrp explain --target all`` (issue 22): a heatmap per class in one figure, the raw maps as ``[classes, ...]``."""
+"""``onnxlrp explain --target all`` (issue 22): a heatmap per class in one figure, the maps as ``[classes, ...]``."""
 
 import netspec as ns
 import numpy as np

@@ -20,7 +20,10 @@ differ:
 - **the final scaling** (:meth:`Family.finish`) of the input relevance.
 
 :class:`ClassicFamily` is the classic rules and composites (Zennit's conventions); :class:`onnxlrp.passes.rlrp.
-RLRPFamily` is R-LRP (Nyiri & Gibaru). A new family subclasses :class:`Family` and overrides what differs.
+RLRPFamily` is R-LRP (Nyiri & Gibaru); :class:`onnxlrp.passes.taylor.TaylorFamily` is the first-order Taylor
+decomposition (Bach et al.), which propagates gradients with its own per-op emitters (:meth:`Family.emitter`,
+:meth:`Family.unsupported_reason`) and sees patterns as their ops (:attr:`Family.fuses_patterns`). A new family
+subclasses :class:`Family` and overrides what differs.
 """
 
 from __future__ import annotations

@@ -255,3 +255,35 @@ def test_cli_compile_with_a_mean_baseline(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "m.onnx: --baseline mean needs --baseline-data" in err
     assert not (tmp_path / "u.onnx").exists()
+
+
+def test_two_inputs_each_get_their_share():
+    """y = tanh(a W1^T) W3^T + b W2^T at the zero baseline: relevance.a and relevance.b against finite differences,
+    and their sum with f(0) and the residual recovers f(a, b)."""
+    rng = np.random.default_rng(9)
+    w1, w2, w3 = rng.normal(size=(4, 3)), rng.normal(size=(2, 5)), rng.normal(size=(2, 4))
+    inits = [numpy_helper.from_array(w.astype(np.float32), n) for w, n in ((w1, "w1"), (w2, "w2"), (w3, "w3"))]
+    nodes = [helper.make_node("Gemm", ["a", "w1"], ["h"], transB=1), helper.make_node("Tanh", ["h"], ["t"]),
+             helper.make_node("Gemm", ["t", "w3"], ["u"], transB=1),
+             helper.make_node("Gemm", ["b", "w2"], ["v"], transB=1), helper.make_node("Add", ["u", "v"], ["y"])]
+    graph = helper.make_graph(nodes, "two", [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["B", 3]),
+                                             helper.make_tensor_value_info("b", TensorProto.FLOAT, ["B", 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 2])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    a, b = rng.normal(size=(3, 3)), rng.normal(size=(3, 5))
+    sess = session(onnxlrp.compile(model, "taylor"))
+    ra, rb, residual, root, cls = sess.run(["relevance.a", "relevance.b", "taylor_residual", "taylor_root_value",
+                                            "explained_class"], {"a": a.astype(np.float32), "b": b.astype(np.float32)})
+
+    def f(a_, b_):
+        return np.tanh(a_ @ w1.T) @ w3.T + b_ @ w2.T
+
+    rows = np.arange(3)
+    np.testing.assert_allclose(rb, w2[cls] * b, rtol=1e-5, atol=1e-6)  # linear in b
+    grad_a = w3[cls] @ w1  # tanh'(0) = 1
+    np.testing.assert_allclose(ra, grad_a * a, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(root, np.zeros(3), atol=1e-7)
+    total = f(a, b)[rows, cls] - ra.sum(1) - rb.sum(1)
+    np.testing.assert_allclose(residual, total, rtol=1e-4, atol=1e-5)
+    with pytest.raises(OnnxlrpError, match="--baseline mean needs a model with one float input"):
+        onnxlrp.compile(model, "taylor", baseline="mean", baseline_data="unused.npy")

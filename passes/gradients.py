@@ -137,6 +137,65 @@ def log(ctx, node, g_out):
     return {0: ctx.b.op("Div", [g_out[0], ctx.value(node.input[0])], "g")}
 
 
+@gradient("Elu")
+def elu(ctx, node, g_out):
+    """1 for x > 0, else ``y + alpha``."""
+    b, x, y = ctx.b, ctx.value(node.input[0]), ctx.value(node.output[0])
+    slope = b.op("Where", [b.op("Greater", [x, const(ctx, 0.0, "zero")]), const(ctx, 1.0, "one"),
+                           b.op("Add", [y, const(ctx, attr(node, "alpha", 1.0), "alpha")])], "slope")
+    return {0: times(ctx, g_out[0], slope)}
+
+
+@gradient("Erf")
+def erf(ctx, node, g_out):
+    """``2 / sqrt(pi) exp(-x^2)``."""
+    b, x = ctx.b, ctx.value(node.input[0])
+    bell = b.op("Exp", [b.op("Neg", [b.op("Mul", [x, x])])], "bell")
+    return {0: times(ctx, g_out[0], b.op("Mul", [bell, const(ctx, 2 / np.sqrt(np.pi), "two_over_sqrt_pi")]))}
+
+
+@gradient("Softsign")
+def softsign(ctx, node, g_out):
+    """``1 / (1 + |x|)^2``."""
+    b = ctx.b
+    denominator = b.op("Add", [const(ctx, 1.0, "one"), b.op("Abs", [ctx.value(node.input[0])])])
+    return {0: b.op("Div", [g_out[0], b.op("Mul", [denominator, denominator])], "g")}
+
+
+@gradient("HardSigmoid")
+def hard_sigmoid(ctx, node, g_out):
+    """``alpha`` where ``0 < alpha x + beta < 1``, else 0."""
+    b, x = ctx.b, ctx.value(node.input[0])
+    alpha, beta = attr(node, "alpha", 0.2), attr(node, "beta", 0.5)
+    v = b.op("Add", [b.op("Mul", [x, const(ctx, alpha, "alpha")]), const(ctx, beta, "beta")])
+    inside = b.op("And", [b.op("Greater", [v, const(ctx, 0.0, "zero")]), b.op("Less", [v, const(ctx, 1.0, "one")])])
+    return {0: times(ctx, g_out[0], b.op("Mul", [float_mask(b, inside), const(ctx, alpha, "alpha")]))}
+
+
+def check_softmax(ctx, node):
+    return None if ctx.shapes.get(node.input[0]) else "needs a known rank"
+
+
+@gradient("Softmax", check=check_softmax)
+def softmax(ctx, node, g_out):
+    """``y * (g - sum(g * y))`` along the Softmax's axis."""
+    b, y = ctx.b, ctx.value(node.output[0])
+    axis = attr(node, "axis", -1) % len(ctx.shapes[node.input[0]])
+    inner = ctx.reduce("ReduceSum", b.op("Mul", [g_out[0], y]), [axis])
+    return {0: b.op("Mul", [y, b.op("Sub", [g_out[0], inner])], "g")}
+
+
+@gradient("Max", "Min")
+def extremum(ctx, node, g_out):
+    """Each operand gets ``g`` where it is the extremum, ties sharing it equally."""
+    b, y = ctx.b, ctx.value(node.output[0])
+    hits = {i: float_mask(b, b.op("Equal", [ctx.value(node.input[i]), y])) for i in range(len(node.input))}
+    count = hits[0] if len(hits) == 1 else b.op("Sum", list(hits.values()), "ties")
+    share = b.op("Div", [g_out[0], count], "share")
+    return {i: unbroadcast(ctx, times(ctx, share, hits[i]), node.input[i], node.output[0])
+            for i in path_inputs(ctx, node)}
+
+
 @gradient("Cast")
 def cast(ctx, node, g_out):
     return {0: g_out[0]}
@@ -186,11 +245,32 @@ def check_layer(ctx, node):
         layer.window is None else None
 
 
-@gradient("Conv", "Gemm", "MatMul", check=check_layer)
+def check_matmul(ctx, node):
+    if node.name in ctx.layers or len(path_inputs(ctx, node)) < 2:
+        return check_layer(ctx, node)
+    a, b = (ctx.shapes.get(i) for i in node.input)
+    if not a or not b or len(a) < 2 or a[:-2] != b[:-2]:
+        return "a product of two tensors needs known shapes with the same batch axes"
+    return None
+
+
+def swap_last(ctx, tensor: str, rank: int) -> str:
+    return ctx.b.op("Transpose", [tensor], "T", perm=[*range(rank - 2), rank - 1, rank - 2])
+
+
+@gradient("Conv", "Gemm", check=check_layer)
+@gradient("MatMul", check=check_matmul)
 def linear(ctx, node, g_out):
     """``W^T g``. A BatchNormalization that the layer folds in (:func:`onnxlrp.passes.linear.fold_batchnorm`) is in
-    its weight, and its own gradient is the identity then (:func:`batch_norm`)."""
+    its weight, and its own gradient is the identity then (:func:`batch_norm`). A MatMul of two relevance-carrying
+    tensors with the same batch axes (attention's scores and mixing): ``g b^T`` and ``a^T g``."""
     b = ctx.b
+    if node.name not in ctx.layers:
+        a_, b_ = node.input
+        rank = len(ctx.shapes[a_])
+        grads = {0: b.op("MatMul", [g_out[0], swap_last(ctx, ctx.value(b_), rank)], "g_a"),
+                 1: b.op("MatMul", [swap_last(ctx, ctx.value(a_), rank), g_out[0]], "g_b")}
+        return {i: grads[i] for i in path_inputs(ctx, node)}
     layer = ctx.layers[node.name]
     g = layer.transpose(b, g_out[0], layer.weight, "grad")
     return {0: b.op("Transpose", [g], "g", perm=[1, 0]) if layer.transpose_x else g}

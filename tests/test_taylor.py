@@ -287,3 +287,49 @@ def test_two_inputs_each_get_their_share():
     np.testing.assert_allclose(residual, total, rtol=1e-4, atol=1e-5)
     with pytest.raises(OnnxlrpError, match="--baseline mean needs a model with one float input"):
         onnxlrp.compile(model, "taylor", baseline="mean", baseline_data="unused.npy")
+
+
+def attention_model():
+    """x [B, 3, 4] -> single-head self-attention (Softmax(q k^T / 2) v) -> Erf/Elu/Softsign/HardSigmoid/Max
+    branches -> mean over tokens -> logits, and its float64 forward."""
+    rng = np.random.default_rng(10)
+    wq, wk, wv, wo = (rng.normal(size=(4, 4)) for _ in range(4))
+    w = rng.normal(size=(4, 3))
+    arrays = {"wq": wq, "wk": wk, "wv": wv, "wo": wo, "w": w, "half": np.array(0.5), "axes": np.array([1])}
+    inits = [numpy_helper.from_array(v.astype(np.int64 if k == "axes" else np.float32), k) for k, v in arrays.items()]
+    nodes = [helper.make_node("MatMul", ["x", "wq"], ["q"]), helper.make_node("MatMul", ["x", "wk"], ["k"]),
+             helper.make_node("MatMul", ["x", "wv"], ["v"]),
+             helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["q", "kt"], ["s"]), helper.make_node("Mul", ["s", "half"], ["s2"]),
+             helper.make_node("Softmax", ["s2"], ["p"], axis=-1), helper.make_node("MatMul", ["p", "v"], ["c"]),
+             helper.make_node("MatMul", ["c", "wo"], ["o"]), helper.make_node("Erf", ["o"], ["e"]),
+             helper.make_node("Elu", ["o"], ["l"], alpha=0.7), helper.make_node("Softsign", ["o"], ["ss"]),
+             helper.make_node("HardSigmoid", ["o"], ["hs"], alpha=0.3, beta=0.4),
+             helper.make_node("Max", ["e", "l"], ["m"]), helper.make_node("Sum", ["m", "ss", "hs"], ["t"]),
+             helper.make_node("ReduceMean", ["t", "axes"], ["r"], keepdims=0),
+             helper.make_node("MatMul", ["r", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "attention", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 3, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.checker.check_model(model)
+    from scipy.special import erf
+
+    def f(x):
+        q, k, v = x @ wq, x @ wk, x @ wv
+        s = q @ k.transpose(0, 2, 1) * 0.5
+        p = np.exp(s - s.max(-1, keepdims=True))
+        o = (p / p.sum(-1, keepdims=True)) @ v @ wo
+        elu = np.where(o > 0, o, 0.7 * (np.exp(o) - 1))
+        t = np.maximum(erf(o), elu) + o / (1 + np.abs(o)) + np.clip(0.3 * o + 0.4, 0, 1)
+        return t.mean(1) @ w
+
+    return model, f
+
+
+def test_attention_and_more_activations_match_finite_differences(tmp_path):
+    model, f = attention_model()
+    rng = np.random.default_rng(11)
+    x, x0 = rng.normal(size=(2, 3, 4)), rng.normal(size=(1, 3, 4))
+    out = run(model, x, baseline=save(tmp_path, "x0.npy", x0))
+    x0 = np.broadcast_to(x0, x.shape)
+    check_against(out, f, x, x0, gradient_fd(f, x0, out["explained_class"]))

@@ -228,11 +228,11 @@ def test_errors_are_one_line(tmp_path):
         onnxlrp.compile(model, "epsilon", baseline="zeros")
     with pytest.raises(OnnxlrpError, match="'taylor' does not use --epsilon"):
         onnxlrp.compile(model, "taylor", epsilon=0.1)
-    erf = helper.make_model(helper.make_graph(
-        [helper.make_node("Erf", ["x"], ["y"])], "erf", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+    sin = helper.make_model(helper.make_graph(
+        [helper.make_node("Sin", ["x"], ["y"])], "sin", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])]), opset_imports=[helper.make_opsetid("", 17)])
-    with pytest.raises(UnsupportedOpError, match="the taylor rule has no gradient for Erf"):
-        onnxlrp.compile(erf, "taylor")
+    with pytest.raises(UnsupportedOpError, match="the taylor rule has no gradient for Sin"):
+        onnxlrp.compile(sin, "taylor")
 
 
 def test_cli_compile_with_a_mean_baseline(tmp_path, capsys):

@@ -14,7 +14,9 @@ The compiled model computes both in one graph:
   forward values, forks sum. The target class is the arg-max of the scores at ``x`` (not at ``x0``).
 - :meth:`TaylorFamily.finish` multiplies the gradient by ``x - x0`` and adds the outputs ``taylor_root_value``
   (``f(x0)``, the explained score at the root point) and ``taylor_residual`` (``f(x) - f(x0) - sum_d R_d``, the
-  higher orders the decomposition leaves out; 0 for a model that is linear between ``x0`` and ``x``).
+  higher orders the decomposition leaves out; 0 for a model that is linear between ``x0`` and ``x``). Where ``f``
+  has no finite derivative at ``x0`` (a square root or logarithm at 0, a division by 0), the gradient is taken as 0
+  and that input's part shows in the residual: no NaN or infinity leaves the graph.
 
 Baselines (:func:`baselines`): ``zeros``; ``mean``, the mean over the samples of a data set (``--baseline-data``:
 an ``.npy`` array ``[N, ...]`` or an ``.npz`` with one array, or ``x``): the average input the model was shown, as
@@ -83,6 +85,8 @@ class TaylorFamily(Family):
             g = relevance.get(root)
             if g is None:
                 continue
+            broken = b.op("Or", [b.op("IsNaN", [g]), b.op("IsInf", [g])], "no_derivative")
+            g = b.op("Where", [broken, b.const(0.0, "zero"), g], "gradient")  # see the module docstring
             out[root] = b.op("Mul", [g, b.op("Sub", [ctx.value(x), ctx.value(root)], "step")], "R_taylor")
             total.append(ctx.reduce("ReduceSum", b.op("Flatten", [out[root]], "R_flat", axis=1), [1], keepdims=0))
         f_x0 = ctx.explained_value

@@ -333,3 +333,18 @@ def test_attention_and_more_activations_match_finite_differences(tmp_path):
     out = run(model, x, baseline=save(tmp_path, "x0.npy", x0))
     x0 = np.broadcast_to(x0, x.shape)
     check_against(out, f, x, x0, gradient_fd(f, x0, out["explained_class"]))
+
+
+def test_no_finite_derivative_at_the_baseline_gives_zero_and_shows_in_the_residual():
+    """y = sqrt(x) . w at x0 = 0: d sqrt / dx is infinite there; R = 0 and the residual is all of f(x) - f(0)."""
+    w = np.array([1.0, -2.0, 0.5], np.float32)
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("Sqrt", ["x"], ["r"]), helper.make_node("MatMul", ["r", "w"], ["y"])], "sqrt",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 2])],
+        [numpy_helper.from_array(np.stack([w, -w], 1), "w")]), opset_imports=[helper.make_opsetid("", 17)])
+    x = np.array([[0.25, 1.0, 4.0], [0.0, 0.5, 2.0]])
+    out = run(model, x)
+    np.testing.assert_array_equal(out["relevance"], 0.0)
+    f = np.sqrt(x) @ np.stack([w, -w], 1)
+    np.testing.assert_allclose(out["taylor_residual"], f[np.arange(2), out["explained_class"]], rtol=1e-6)

@@ -15,7 +15,7 @@ from onnxlrp.passes.canonicalize import FoldedConstants, canonicalize, restore_f
 from onnxlrp.passes.families import ClassicFamily, Family
 from onnxlrp.passes.relevance import RelevancePass, rule_table
 from onnxlrp.passes.rlrp import RLRPFamily
-from onnxlrp.passes.taylor import ROOT, TaylorFamily, baselines, with_root_copy
+from onnxlrp.passes.taylor import ROOT, TaylorFamily, baselines, describe_baseline, with_root_copy
 
 from . import __version__
 from .attributes import make_explicit
@@ -106,7 +106,8 @@ def _taylor_pass(model, *, output, node_output, opset, input_shapes, precision, 
         points = baselines(baseline, baseline_data, probe.sources, shapes)
         node_names = {ROOT + n.name: n.name for n in canonical.graph.node}
         shapes, roots = with_root_copy(canonical, shapes, probe.sources, probe.target, points)
-        rp = RelevancePass(canonical, shapes, TaylorFamily(roots), node_output=ROOT + probe.target,
+        family = TaylorFamily(roots, describe_baseline(baseline, baseline_data, points))
+        rp = RelevancePass(canonical, shapes, family, node_output=ROOT + probe.target,
                            node_inputs=list(roots), predicted_from=probe.target,
                            labels=roots | node_names | {ROOT + probe.target: probe.target})
         rp.explained_why = probe.explained_why
@@ -151,6 +152,8 @@ def compile(model_or_path, rule: str = "epsilon", *, composite: str | Path | Non
         "onnxlrp.relevance_of": json.dumps(dict(zip(outputs, map(rp.label, rp.sources), strict=True))),
         "onnxlrp.source_sha256": digest,
     }
+    if isinstance(rp.family, TaylorFamily):
+        meta["onnxlrp.baseline"] = rp.family.baseline
     kept = [p for p in compiled.metadata_props if not p.key.startswith("onnxlrp.")]
     del compiled.metadata_props[:]
     compiled.metadata_props.extend(kept)

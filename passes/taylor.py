@@ -63,8 +63,8 @@ class TaylorFamily(Family):
     divides_by_outputs = False
     fuses_patterns = False  # differentiated op by op: a fused pattern is its ops
 
-    def __init__(self, points: dict[str, str]):
-        self.points = points
+    def __init__(self, points: dict[str, str], baseline: str = ""):
+        self.points, self.baseline = points, baseline  # baseline: what x0 is, for the model's metadata
 
     def plan(self, nodes):
         return {node.name: TaylorGradient() for node in nodes}
@@ -169,6 +169,15 @@ def _load_array(path: str | Path, what: str) -> np.ndarray:
     if not np.issubdtype(loaded.dtype, np.number) or not np.all(np.isfinite(loaded)):
         raise OnnxlrpError(f"{show(path)}: {what} must hold finite numbers")
     return loaded.astype(np.float64)
+
+
+def describe_baseline(baseline: str | Path, baseline_data: str | Path | None, points: dict[str, np.ndarray]) -> str:
+    """What the root point is, for the compiled model's ``onnxlrp.baseline`` metadata."""
+    if baseline == "zeros":
+        return "zeros"
+    if baseline == "mean":
+        return f"mean of {Path(baseline_data).name}"
+    return f"file {Path(baseline).name}"
 
 
 def baselines(baseline: str | Path, baseline_data: str | Path | None, sources: list[str],

@@ -247,6 +247,8 @@ def test_cli_compile_with_a_mean_baseline(tmp_path, capsys):
     out = run(onnx.load(tmp_path / "m.onnx"), x, baseline="mean", baseline_data=str(tmp_path / "data.npy"))
     sess = session(onnx.load(tmp_path / "t.onnx"))
     np.testing.assert_allclose(sess.run(["relevance"], {"x": x.astype(np.float32)})[0], out["relevance"])
+    meta = {p.key: p.value for p in onnx.load(tmp_path / "t.onnx").metadata_props}
+    assert meta["onnxlrp.baseline"] == "mean of data.npy" and meta["onnxlrp.rule"] == "taylor"
     x0 = np.broadcast_to(data.mean(0, keepdims=True), x.shape)
     f = lambda z: ref.forward(layers, z)  # noqa: E731
     check_against(out, f, x, x0, gradient_fd(f, x0, out["explained_class"]))

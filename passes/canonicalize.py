@@ -28,7 +28,7 @@ from onnxlrp.errors import OnnxlrpError
 from onnxlrp.graph import implicit_inputs
 
 from .control_flow import every_name, inline_if
-from .onnx_ml import ML, lower_ml_ops
+from .onnx_ml import ML, declared_shapes, lower_ml_ops
 from .ops import spec
 
 MIN_OPSET = 13
@@ -490,19 +490,6 @@ def canonicalize(model: onnx.ModelProto, *, opset: int | None = None, input_shap
         folded.leaves.update({k: v for k, v in more.leaves.items() if k not in folded.leaves})
         model, shapes = infer_shapes(model)
     return model, shapes, folded
-
-
-def declared_shapes(model: onnx.ModelProto) -> dict[str, list]:
-    """The shapes onnx's (lenient) shape inference finds, unknown dims as None: what the ML lowering needs before
-    the strict inference of the lowered graph."""
-    try:
-        inferred = shape_inference.infer_shapes(model)
-    except Exception:  # noqa: BLE001 - the strict inference after the lowering reports real problems
-        inferred = model
-    graph = inferred.graph
-    return {vi.name: [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
-            for vi in list(graph.input) + list(graph.value_info) + list(graph.output)
-            if vi.type.tensor_type.HasField("shape")}
 
 
 def fold_static_shapes(graph: onnx.GraphProto, shapes: dict[str, list]) -> bool:

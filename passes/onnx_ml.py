@@ -219,6 +219,19 @@ def lower_feature_extractor(e: Emitter, node) -> None:
          output=node.output[0], axis=-1)
 
 
+def declared_shapes(model: onnx.ModelProto) -> dict[str, list]:
+    """The shapes onnx's (lenient) shape inference finds, unknown dims as None: what the ML lowering needs before
+    the strict inference of the lowered graph."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - the strict inference after the lowering reports real problems
+        inferred = model
+    graph = inferred.graph
+    return {vi.name: [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+            for vi in list(graph.input) + list(graph.value_info) + list(graph.output)
+            if vi.type.tensor_type.HasField("shape")}
+
+
 def copy_reading(node: onnx.NodeProto, first_input: str) -> onnx.NodeProto:
     copy = onnx.NodeProto()
     copy.CopyFrom(node)

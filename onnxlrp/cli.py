@@ -69,6 +69,11 @@ def rule_options(fn):
         click.option("--input-shape", multiple=True, help="NAME=D1,D2,... fixes open input dims (repeatable)."),
         click.option("--precision", type=click.Choice(["fp32", "fp16"]),
                      help="fp16: a float16 forward pass (for GPUs); relevance is always float32."),
+        click.option("--baseline",
+                     help="--rule taylor: the root point x0: zeros (default), mean (the mean sample of "
+                          "--baseline-data) or an .npy file holding x0."),
+        click.option("--baseline-data", type=click.Path(dir_okay=False),
+                     help="--baseline mean: an .npy/.npz of samples [N, ...] whose mean is the baseline."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -84,7 +89,8 @@ def compile_kwargs(kw: dict) -> dict:
                 opset=kw.pop("opset"), output=kw.pop("output_name"), node_output=kw.pop("node_output"),
                 node_input=list(kw.pop("node_input")) or None, relevance_at=list(kw.pop("relevance_at")),
                 input_shapes=parse_input_shapes(kw.pop("input_shape")), precision=kw.pop("precision"),
-                position=kw.pop("position"), **params)
+                position=kw.pop("position"), baseline=kw.pop("baseline"), baseline_data=kw.pop("baseline_data"),
+                **params)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -172,7 +178,8 @@ def rules_command():
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.argument("data", nargs=-1)
 @rule_options
-@click.option("--target", default="predicted", show_default=True, help="Class index, or 'predicted'.")
+@click.option("--target", default="predicted", show_default=True,
+              help="Class index, 'predicted', or 'all' (a heatmap per class in one figure, the .npy [classes, ...]).")
 @click.option("--preprocess", default="none", show_default=True, help=PREPROCESS_HELP)
 @click.option("-o", "--out-dir", default="onnxlrp-explain", show_default=True)
 @click.option("--overlay/--no-overlay", default=True, show_default=True, help="Blend the heatmap over the image.")
@@ -240,12 +247,23 @@ def explain_command(model, data, target, preprocess, out_dir, overlay, batch_siz
 @click.option("--column", help="Parquet: the column holding the images or tensors.")
 @click.option("--label-column", help="Parquet: the column holding the labels (default: label or labels).")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors (no progress).")
-def evaluate_command(model, **kw):
+@click.option("--flip", type=int, help="Instead: the flip test (Keras LRP thesis, Sec. 5.1): flip the K least and, "
+              "separately, the K most relevant inputs and report the change of the explained class's score.")
+@click.option("--flip-mode", type=click.Choice(["auto", "invert", "negate"]), default="auto", show_default=True,
+              help="--flip: invert is x -> 1 - x, negate is x -> -x; auto inverts when the data lie in [0, 1].")
+def evaluate_command(model, flip, flip_mode, **kw):
     """Masked-input accuracy (the R-LRP paper's study), pixel-flipping AOPC, localization with --masks; CSV, JSON
-    and plots."""
-    from .apps import run_evaluate
+    and plots. With --flip K: the flip test instead."""
+    from .apps import run_evaluate, run_flip
 
-    run_evaluate(model, **kw)
+    if flip is None:
+        run_evaluate(model, **kw)
+        return
+    if kw["absolute"] or kw["masks"] or kw["column"] or kw["label_column"]:
+        raise OnnxlrpError("--flip ranks by signed relevance of in-memory data: no --abs, --masks, --column or "
+                           "--label-column")
+    run_flip(model, k=flip, mode=flip_mode, data=kw["data"], rules=kw["rules"], pixel=kw["pixel"],
+             limit=kw["limit"], preprocess=kw["preprocess"], out_dir=kw["out_dir"], batch_size=kw["batch_size"])
 
 
 @cli.command("web")

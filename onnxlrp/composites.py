@@ -85,7 +85,7 @@ class Composite:
     name: str
     entries: list[Entry]
     description: str = ""
-    family: str = "classic"  # or "rlrp" or "semiring": see the module docstring
+    family: str = "classic"  # "rlrp", "semiring" or "taylor" (no rules: gradients, onnxlrp.passes.taylor)
     semiring: Semiring | None = None
 
     def rule_classes(self) -> list[type[Rule]]:
@@ -97,7 +97,7 @@ class Composite:
         """Refuse parameters that none of the composite's rules has (``--gamma`` with ``epsilon``), whatever the
         model: a parameter used only on some models (``--low``/``--high`` of a first-convolution z-box, on an MLP)
         is accepted (``inspect`` says which parameters a model leaves unused)."""
-        if self.family == "rlrp":
+        if self.family in ("rlrp", "taylor"):
             unused = sorted(params)
         elif self.family == "semiring":
             unused = sorted(p for p in params if p != "threshold" or not self.semiring.uses_threshold)
@@ -168,6 +168,9 @@ COMPOSITES.update({
          Entry("lxt-norm")],
         "CP-LRP (Ali et al. 2022, as LXT computes it): AttnLRP with the attention probabilities, LayerNorm's sigma "
         "and the gates held constant"),
+    "taylor": Composite(
+        "taylor", [], "first-order Taylor decomposition at a baseline (--baseline): R = df/dx(x0) * (x - x0), "
+        "with f(x0) and the residual f(x) - f(x0) - sum R as outputs (Bach et al.)", family="taylor"),
     "cmp": Composite(
         "cmp",
         [Entry("flat", first=True), Entry("alpha-beta", {"alpha": 2.0, "beta": 1.0}, ops=CONV),

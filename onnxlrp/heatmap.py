@@ -16,7 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
-__all__ = ["relevance_to_rgb", "save_heatmap", "save_plot"]
+__all__ = ["relevance_to_rgb", "save_class_grid", "save_heatmap", "save_plot"]
 
 #: Diverging colour map: blue (negative) -> white (zero) -> red (positive).
 CMAP = "bwr"
@@ -52,7 +52,8 @@ def _image_rgb(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     return np.clip(np.nan_to_num(img, nan=0.0), 0.0, 1.0)
 
 
-def relevance_to_rgb(relevance: np.ndarray, *, image: np.ndarray | None = None, alpha: float = 0.6) -> np.ndarray:
+def relevance_to_rgb(relevance: np.ndarray, *, image: np.ndarray | None = None, alpha: float = 0.6,
+                     peak: float | None = None) -> np.ndarray:
     """Colour a relevance map with a diverging colour map centred on zero.
 
     ``relevance`` is ``[H, W]`` or ``[C, H, W]`` (summed over channels).  Normalisation is symmetric:
@@ -62,12 +63,14 @@ def relevance_to_rgb(relevance: np.ndarray, *, image: np.ndarray | None = None, 
 
     With ``image`` (grayscale ``[H, W]``, ``[1, H, W]`` or RGB ``[3, H, W]`` / ``[H, W, 3]``, floats in [0, 1] or
     uint8), the result is the alpha blend ``alpha * heatmap + (1 - alpha) * image``.  Returns uint8 ``[H, W, 3]``.
+    ``peak`` replaces ``max|R|`` (maps drawn side by side on one scale; values beyond it saturate).
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
     r = _relevance_2d(relevance)
-    peak = float(np.abs(r).max()) if r.size else 0.0
-    v = r / peak if peak > 0 else np.zeros_like(r)
+    if peak is None:
+        peak = float(np.abs(r).max()) if r.size else 0.0
+    v = np.clip(r / peak, -1.0, 1.0) if peak > 0 else np.zeros_like(r)
     # an odd look-up table size puts an entry exactly on 0.5, so zero relevance is pure white
     rgb = colormaps[CMAP].resampled(511)((v + 1.0) / 2.0)[..., :3]
     if image is not None:
@@ -96,6 +99,47 @@ def save_heatmap(
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(rgb).save(out, format="PNG")
+    return out
+
+
+def save_class_grid(
+    path: str | os.PathLike[str],
+    maps: np.ndarray,
+    *,
+    titles: Sequence[str],
+    image: np.ndarray | None = None,
+    overlay: bool = True,
+    columns: int = 6,
+) -> Path:
+    """One figure: the input ``image`` (when given) and a heatmap per class, ``maps[k]`` (``[H, W]`` or
+    ``[C, H, W]``), titled ``titles[k]``, as the thesis's relevance matrix of every target class (its Fig. 10). All
+    maps share one colour scale, the largest ``|R|`` over every class, so that panels compare: a class the input
+    hardly speaks for stays pale. The heatmaps lie over the image when ``overlay``."""
+    maps = np.asarray(maps)
+    if len(titles) != len(maps):
+        raise ValueError(f"{len(titles)} titles for {len(maps)} maps")
+    flat = np.stack([_relevance_2d(m) for m in maps])
+    peak = float(np.abs(flat).max()) if flat.size else 0.0
+    panels = [(None, "input")] if image is not None else []
+    panels += list(zip(flat, titles, strict=True))
+    cols = min(columns, len(panels))
+    rows = -(-len(panels) // cols)
+    fig = Figure(figsize=(1.9 * cols, 2.3 * rows), dpi=100)
+    FigureCanvasAgg(fig)
+    for i, (r, title) in enumerate(panels):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        if r is None:
+            ax.imshow(_image_rgb(image, flat.shape[1:]))
+        else:
+            ax.imshow(relevance_to_rgb(r, image=image if overlay else None, peak=peak))
+        ax.set_title(title, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"relevance per class (one colour scale: |R| up to {peak:.3g})", fontsize=10)
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, format="png")
     return out
 
 

@@ -28,6 +28,7 @@ from onnxlrp.errors import OnnxlrpError
 from onnxlrp.graph import implicit_inputs
 
 from .control_flow import every_name, inline_if
+from .onnx_ml import ML, declared_shapes, lower_ml_ops
 from .ops import spec
 from .quantized import has_quantized_operators, standard_form
 
@@ -501,6 +502,8 @@ def canonicalize(model: onnx.ModelProto, *, opset: int | None = None, input_shap
     model = upgrade_opset(model, opset)
     graph = model.graph
     name_nodes(graph)
+    if any(node.domain == ML for node in graph.node):
+        lower_ml_ops(graph, default_opset(model), declared_shapes(model))
     constants_to_initializers(graph, ir_version)
     folded = fold_constants(graph, model.opset_import)
     drop_identities(graph)

@@ -20,7 +20,10 @@ differ:
 - **the final scaling** (:meth:`Family.finish`) of the input relevance.
 
 :class:`ClassicFamily` is the classic rules and composites (Zennit's conventions); :class:`onnxlrp.passes.rlrp.
-RLRPFamily` is R-LRP (Nyiri & Gibaru). A new family subclasses :class:`Family` and overrides what differs.
+RLRPFamily` is R-LRP (Nyiri & Gibaru); :class:`onnxlrp.passes.taylor.TaylorFamily` is the first-order Taylor
+decomposition (Bach et al.), which propagates gradients with its own per-op emitters (:meth:`Family.emitter`,
+:meth:`Family.unsupported_reason`) and sees patterns as their ops (:attr:`Family.fuses_patterns`). A new family
+subclasses :class:`Family` and overrides what differs.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from onnx import TensorProto
 
 from onnxlrp.ranges import Ranges
 from onnxlrp.rules import Rule, product
+
+from .ops import lookup, unsupported_reason
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,15 @@ class Family:
     algebra = REAL
     divides_by_outputs = False  # its rules divide by layer outputs (a Relu behind them may stand in, see relu_behind)
     gates_need_a_side = False  # its gate rule needs to know which factor is the gate (products without one are refused)
+    fuses_patterns = True  # the sweep sees recognized patterns (passes/patterns.py) as one virtual node each
+
+    def emitter(self, ctx, node):
+        """The backward emitter of ``node``: the op registry's (:mod:`onnxlrp.passes.ops`) for the LRP families."""
+        return lookup(ctx, node)
+
+    def unsupported_reason(self, ctx, node) -> str | None:
+        """Why ``node`` cannot carry this family's relevance, or None."""
+        return unsupported_reason(ctx, node)
 
     def plan(self, nodes: list[PlanNode]) -> dict[str, Rule]:
         """The rule of every rule-bearing node, by node name."""

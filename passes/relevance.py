@@ -28,7 +28,7 @@ from .diagnostics import batch_axis, input_dims, unsupported_summary
 from .families import Family, PlanNode
 from .forward_reads import ForwardReads
 from .linear import linear_layer
-from .ops import data_input_indices, lookup, spec, unsupported_reason
+from .ops import data_input_indices, spec
 from .ops.gates import describe_gate
 from .ops.helpers import path_inputs
 from .patterns import find_matches, fused_node_list
@@ -128,6 +128,8 @@ class RelevancePass:
     relevance_at: tuple[str, ...] = ()  # inner tensors whose relevance is output too (``relevance@TENSOR``)
     folded: object = None  # the constant subgraphs canonicalization folded (FoldedConstants), for QDQ weights
     position: int | None = None  # the explained position of a [batch, tokens, classes] output
+    predicted_from: str | None = None  # the tensor whose arg-max a target of -1 means (default: the explained one)
+    labels: dict[str, str] | None = None  # source -> the name its relevance output and value info go by
     graph: onnx.GraphProto = field(init=False)
     view: GraphView = field(init=False)
     b: GraphBuilder = field(init=False)
@@ -140,7 +142,7 @@ class RelevancePass:
     def __post_init__(self):
         self.graph = self.model.graph
         self.constants = {t.name: numpy_helper.to_array(t) for t in self.graph.initializer}
-        self.matches = find_matches(self.graph, self.constants, self.shapes)
+        self.matches = find_matches(self.graph, self.constants, self.shapes) if self.family.fuses_patterns else []
         for found in self.matches:
             self.constants.update(found.constants)
         self.quantized = standard_form(fused_node_list(self.graph, self.matches), self.constants)
@@ -199,7 +201,7 @@ class RelevancePass:
 
     def unsupported_nodes(self) -> list[tuple[onnx.NodeProto, str]]:
         """Every node on the relevance path that cannot carry relevance, with the reason."""
-        return [(node, reason) for node in self.nodes if (reason := unsupported_reason(self, node))]
+        return [(node, reason) for node in self.nodes if (reason := self.family.unsupported_reason(self, node))]
 
     def start_tensors(self) -> list[str]:
         """The ``node_inputs``, checked: float tensors that a node writes (or graph inputs), outside the subgraphs
@@ -306,6 +308,10 @@ class RelevancePass:
                 planned.append(PlanNode(name, node.op_type, k, counts.get(k, 0), depth_at[out]))
                 counts[k] = counts.get(k, 0) + 1
         return planned
+
+    def label(self, name: str) -> str:
+        """The name ``name`` goes by for the user (the Taylor family's root copies go by their originals)."""
+        return (self.labels or {}).get(name, name)
 
     def rule(self, node: onnx.NodeProto, kind: str | None = None) -> Rule:
         """The rule the family planned for ``node`` (for one of its ``kind`` when it has several)."""
@@ -502,7 +508,7 @@ class RelevancePass:
             if all(r is None for r in r_out):
                 continue
             self.b.scope = node.name or node.output[0]
-            emitted = lookup(self, node)(self, node, r_out)
+            emitted = self.family.emitter(self, node)(self, node, r_out)
             self.family.propagated(self, r_out, list(emitted.values()))
             for idx, r in emitted.items():
                 received.setdefault(node.input[idx], []).append((node.name, idx, r))
@@ -544,7 +550,9 @@ class RelevancePass:
                                                          b.const(1, "one_i", np.int64)], "positions"), index])
             y = b.op("Gather", [y, index], "logits", axis=1)
         flat = b.op("Flatten", [y], "logits", axis=1)
-        predicted = b.op("ArgMax", [flat], "predicted", axis=1, keepdims=0)
+        scores = flat if self.predicted_from is None else \
+            b.op("Flatten", [self.value(self.predicted_from)], "scores", axis=1)
+        predicted = b.op("ArgMax", [scores], "predicted", axis=1, keepdims=0)
         target = b.op("Where", [b.op("Less", [TARGET_INPUT, b.const(0, "zero_i", np.int64)]), predicted,
                                 TARGET_INPUT], "target")
         b.op("Identity", [target], "class")
@@ -554,6 +562,7 @@ class RelevancePass:
                                  b.const(1, "one_i", np.int64)], "classes")
         hit = b.op("Cast", [b.op("Equal", [b.op("Unsqueeze", [target, b.const([1], "axes", np.int64)]), classes])],
                    "one_hot", to=TensorProto.FLOAT)
+        self.one_hot = hit
         selected = b.op("Mul", [hit, flat], "selected")
         value = self.reduce("ReduceSum", selected, [1], keepdims=0)
         seed = b.op("Reshape", [self.family.seed(self, hit, selected), b.op("Shape", [y])], "R0")
@@ -587,8 +596,9 @@ class RelevancePass:
             r = relevance[name]
             if self.elem_type(name) != TensorProto.FLOAT:
                 r = b.op("Cast", [r], "R", to=TensorProto.FLOAT)
-            out = relevance_output(name, single)
-            vi = self.source_value_info(name)
+            label = self.label(name)
+            out = relevance_output(label, single)
+            vi = self.source_value_info(label)
             shape = None if vi is None or not vi.type.tensor_type.HasField("shape") else \
                 [d.dim_param or d.dim_value or None for d in vi.type.tensor_type.shape.dim]
             names.append(self.declare_output(out, r, shape))

@@ -51,8 +51,46 @@ ILL_CONDITIONED = ("flat", "wsquare", "zbox")
 
 
 def test_every_rule_and_composite_is_checked():
-    """Semirings (whose relevance has its own references) are checked in test_semiring.py."""
-    assert set(RULES) == {name for name, composite in COMPOSITES.items() if composite.semiring is None}
+    """Semirings (whose relevance has its own references) are checked in test_semiring.py; taylor in
+    test_taylor_shares_the_weights; the transformer composites in test_transformer_composites_keep_the_bound."""
+    assert set(RULES) | {"taylor"} | set(TRANSFORMER_COMPOSITES) == \
+        {name for name, composite in COMPOSITES.items() if composite.semiring is None}
+
+
+TRANSFORMER_COMPOSITES = ("attnlrp", "cp-lrp")
+
+
+@pytest.mark.parametrize("rule", TRANSFORMER_COMPOSITES)
+def test_transformer_composites_keep_the_bound(rule, tmp_path):
+    """AttnLRP and CP-LRP (their relevance is checked against LXT in test_transformers.py) hold the size bound on
+    the ResNet-like network with its Caffe2-style weights folded from tiled constants."""
+    rng = np.random.default_rng(43)
+    layers, shape = resnet_like(rng)
+    model = weights_from_constants(ns.to_onnx(tiled(layers), shape))
+    assert_size_bound(onnxlrp.compile(model, rule), saved_size(model, tmp_path / "source.onnx"),
+                      tmp_path / "compiled.onnx")
+
+
+def test_taylor_shares_the_weights(tmp_path):
+    """The forward pass at the baseline reads the model's own initializers (and the folded Tile weights): the size
+    bound holds; on the bundled digits CNN the relevance equals torch's float64 gradient at x0 times x - x0."""
+    rng = np.random.default_rng(42)
+    layers, shape = resnet_like(rng)
+    model = weights_from_constants(ns.to_onnx(tiled(layers), shape))
+    assert_size_bound(onnxlrp.compile(model, "taylor"), saved_size(model, tmp_path / "source.onnx"),
+                      tmp_path / "compiled.onnx")
+    x0 = rng.uniform(0, 1, size=(1, 1, 28, 28))
+    np.save(tmp_path / "x0.npy", x0)
+    compiled = onnxlrp.compile(str(DIGITS), "taylor", baseline=str(tmp_path / "x0.npy"))
+    assert_size_bound(compiled, DIGITS.stat().st_size, tmp_path / "digits.onnx")
+    x = (np.load(ROOT / "models" / "digits_test.npz")["images"][:3, None] / 255.0).astype(np.float32)
+    out = run(compiled, x)
+    torch = pytest.importorskip("torch")
+    at = torch.tensor(np.repeat(x0, 3, 0), requires_grad=True)
+    logits = digits_module(onnx.load(str(DIGITS)))(at)
+    logits[torch.arange(3), torch.as_tensor(out["explained_class"])].sum().backward()
+    expected = at.grad.numpy() * (x - x0)
+    assert_close_relative(out["relevance"], expected, 1e-5)
 
 
 def resnet_like(rng):

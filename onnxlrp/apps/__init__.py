@@ -5,6 +5,8 @@
 * :func:`run_evaluate` (:mod:`.evaluate`) runs the R-LRP paper's masked-input study (keep the p % most relevant
   inputs, set the others to 0, measure the accuracy) and region perturbation (MoRF, AOPC) for several rules
   (:mod:`.study`), and writes JSON, CSV and plots.
+* :func:`run_flip` (:mod:`.flip`) flips the K least and the K most relevant inputs of every sample and reports
+  how the explained class's score changes (the Keras LRP thesis's validation).
 * :func:`run_demo` (:mod:`.demo`) does both on the bundled digits CNN.
 
 Shared pieces: compiling and the forward pass (:mod:`.models`), preprocessing (:mod:`.preprocess`), the data sets
@@ -22,6 +24,7 @@ from .demo import run_demo
 from .evaluate import PAPER_PERCENTS, evaluate_rules, run_evaluate
 from .explain import run_explain
 from .explain_data import load_relevance, run_dataset_explain
+from .flip import run_flip
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, make_preprocess
 from .rulespec import RuleSpec, parse_rules
 
@@ -38,4 +41,5 @@ __all__ = [
     "run_dataset_explain",
     "run_evaluate",
     "run_explain",
+    "run_flip",
 ]

@@ -18,7 +18,7 @@ from onnxlrp.io.load import IN_MEMORY
 from onnxlrp.messages import explained_line, quote, show
 from onnxlrp.naming import escape_terminal, safe_filename
 
-from .batches import explain_batch
+from .batches import BatchResult, explain_batch
 from .files import PATH_TYPES, check_out_dir, ensure_dir, write_npy
 from .layout import image_layout
 from .models import input_shape, prepare
@@ -35,13 +35,18 @@ PROGRESS_MIN_IMAGES = 20
 _IMAGE_CACHE_BYTES = 512 * 2**20
 
 
-def _parse_target(target) -> int | None:
+ALL_CLASSES = "all"
+
+
+def _parse_target(target) -> int | str | None:
     if target is None or (isinstance(target, str) and target.strip().lower() == "predicted"):
         return None
+    if isinstance(target, str) and target.strip().lower() == ALL_CLASSES:
+        return ALL_CLASSES
     try:
         value = int(target)
     except (TypeError, ValueError):
-        raise OnnxlrpError(f"--target {target!r}: expected a class index or 'predicted'") from None
+        raise OnnxlrpError(f"--target {target!r}: expected a class index, 'predicted' or 'all'") from None
     if value < 0:
         raise OnnxlrpError(f"--target {value}: a class index is >= 0")
     return value
@@ -101,6 +106,26 @@ def _png(relevance: np.ndarray, image: np.ndarray | None, scale: int) -> Callabl
     return lambda tmp: save_heatmap(tmp, relevance, image=image, scale=scale)
 
 
+def _grid(maps: np.ndarray, image: np.ndarray | None, scores: np.ndarray, predicted: int,
+          overlay: bool) -> Callable[[Path], object]:
+    from onnxlrp.heatmap import save_class_grid
+
+    titles = [f"class {k}: {s:.3g}" + (" (pred.)" if k == predicted else "") for k, s in enumerate(scores)]
+    return lambda tmp: save_class_grid(tmp, maps, titles=titles, image=image, overlay=overlay)
+
+
+def explain_all_classes(explainer, prepared, x: np.ndarray, *, name: str, samples: list[str]):
+    """Every class of the batch ``x`` explained, one run per class with that class as the target: a
+    :class:`~.batches.BatchResult` whose relevance is ``[batch, classes, ...]`` (class and score: the predicted
+    ones), and the scores of every class ``[batch, classes]``."""
+    predicted = explainer(x, target=None)
+    scores = np.asarray(predicted.outputs[prepared.score]).reshape(len(x), -1)
+    classes = np.asarray(predicted.explained_class).reshape(-1).astype(np.int64)
+    per_class = [explain_batch(explainer, prepared, x, c, name=name, samples=samples) for c in range(scores.shape[1])]
+    return BatchResult(np.stack([r.relevance for r in per_class], axis=1), classes,
+                       scores[np.arange(len(x)), classes].astype(np.float64)), scores
+
+
 def is_data_set(path) -> bool:
     """A folder, or a file whose name says array (.npy, .npz) or Parquet: streamed by :mod:`.explain_data`."""
     from .parquet import PARQUET_SUFFIXES
@@ -122,7 +147,9 @@ def run_explain(model, images, *, out_dir, target="predicted", preprocess="none"
     Image files: write ``<out_dir>/<stem>.png`` (heatmap) and ``<stem>.npy`` (the relevance of the model's input:
     ``[C, H, W]``, or ``[H, W, C]`` for an NHWC model, :mod:`.layout`).  With one ``node_input`` the relevance has
     that tensor's shape: the heatmap is drawn over the image when its last two axes are the image's, alone when it is
-    2-D or 3-D, and left out otherwise (the ``.npy`` is always written).  Every image is decoded once before
+    2-D or 3-D, and left out otherwise (the ``.npy`` is always written).  ``target="all"``: every class is
+    explained; the ``.npy`` holds ``[classes, ...]`` and the PNG is one figure with the image and a heatmap per class
+    on one colour scale (the thesis's Fig. 10 grid).  Every image is decoded once before
     anything is written, so a bad image stops the run with one error line and no output at all.  Returns one dict
     per image (file, class, score, png, npy).
     """
@@ -137,6 +164,8 @@ def run_explain(model, images, *, out_dir, target="predicted", preprocess="none"
                                "or image files, not both or several")
         if node_input:
             raise OnnxlrpError(f"{show(data_sets[0])}: --node-input applies to image files, not to a data set")
+        if _parse_target(target) == ALL_CLASSES:
+            raise OnnxlrpError(f"{show(data_sets[0])}: --target all applies to image files, not to a data set")
         from .explain_data import run_dataset_explain
 
         compile_options.pop("node_input")
@@ -210,23 +239,33 @@ def _explain_files(model, images, *, out_dir, target, preprocess, overlay, batch
             idx = list(range(start, min(start + batch_size, len(paths))))
             raw = np.stack([cache[i] if i in cache else load_image(paths[i], channels=channels, size=(height, width))
                             for i in idx])
-            batch = explain_batch(explainer, prepared, layout.to_model(pre(raw)), wanted, name=shown,
-                                  samples=[show(paths[i]) for i in idx])
+            x = layout.to_model(pre(raw))
+            names = [show(paths[i]) for i in idx]
+            if wanted == ALL_CLASSES:
+                batch, class_scores = explain_all_classes(explainer, prepared, x, name=shown, samples=names)
+            else:
+                batch, class_scores = explain_batch(explainer, prepared, x, wanted, name=shown, samples=names), None
             if start == 0:
                 written.folder()  # only now: nothing is created when the first batch fails
             for j, i in enumerate(idx):
                 k, score = int(batch.classes[j]), float(batch.scores[j])
                 png, npy = out / f"{stems[i]}.png", out / f"{stems[i]}.npy"
-                drawn_map = layout.to_chw(batch.relevance[j]) if not node_input else batch.relevance[j]
-                drawn = drawn_map.ndim in (2, 3)
+                maps = batch.relevance[j] if class_scores is not None else batch.relevance[j][None]
+                drawn_maps = np.stack([layout.to_chw(m) if not node_input else m for m in maps])
+                drawn = drawn_maps.ndim - 1 in (2, 3)
                 if drawn:
-                    like_image = drawn_map.shape[-2:] == (height, width)
-                    written.add(write_atomic(png, _png(view(drawn_map), raw[j] if overlay and like_image else None,
-                                                       scale if like_image else heatmap_scale(*drawn_map.shape[-2:]))))
+                    like_image = drawn_maps.shape[-2:] == (height, width)
+                    if class_scores is not None:
+                        picture = _grid(drawn_maps, raw[j] if like_image else None, class_scores[j], k, overlay)
+                    else:
+                        picture = _png(view(drawn_maps[0]), raw[j] if overlay and like_image else None,
+                                       scale if like_image else heatmap_scale(*drawn_maps.shape[-2:]))
+                    written.add(write_atomic(png, picture))
                 written.add(write_npy(npy, batch.relevance[j]))
                 results.append({"file": str(paths[i]), "class": k, "score": score, "png": str(png) if drawn else None,
                                 "npy": str(npy)})
-                echo(f"{show(paths[i])}: class {k} (score {score:.4g}) -> {show(png if drawn else npy)}")
+                every = f", all {class_scores.shape[1]} classes" if class_scores is not None else ""
+                echo(f"{show(paths[i])}: class {k} (score {score:.4g}{every}) -> {show(png if drawn else npy)}")
             if bar is not None:
                 bar.update(len(idx))
     return results

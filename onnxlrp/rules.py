@@ -504,10 +504,11 @@ class RLRP(Rule):
     def relevance(self, b, layer, r, scale: str | None = None):
         """``scale``: a per-sample factor ``[batch]`` (R-LRP's range keeping), applied where it costs least (see
         :func:`scaled_product`)."""
+        x_shape = None if layer.x_shape is None else layer.x_shape[1:]  # a dense layer behind a computed Reshape
         out_shape = [layer.weight.shape[0], *layer.window.out_spatial] if layer.kind == "conv" else \
-            [*layer.x_shape[1:-1], layer.weight.shape[1]]
+            None if x_shape is None else [*x_shape[:-1], layer.weight.shape[1]]
         return scaled_product(b, layer.x, r, lambda g: layer.transpose(b, g, layer.weight, "W"), rlrp_factor(layer),
-                              scale, out_shape, layer.x_shape[1:])
+                              scale, out_shape, x_shape)
 
 
 def scaled_product(b: GraphBuilder, x: str, r: str, transpose, factor: np.ndarray | None, scale: str | None,
@@ -521,22 +522,32 @@ def scaled_product(b: GraphBuilder, x: str, r: str, transpose, factor: np.ndarra
     if relative is not None and np.all(relative == 1):
         relative = None
     if scale is not None and relative is None and not smaller(x_shape, r_shape):
-        r, scale = mul(b, r, per_sample(b, scale, len(r_shape) + 1)), None
+        r, scale = times_per_sample(b, r, scale, r_shape), None
     c = transpose(r)
     if relative is not None:
         card = b.const(relative, "card_J")
         multiplier = card if scale is None else b.op("Mul", [card, per_sample(b, scale, len(x_shape) + 1)], "card_J")
         c = mul(b, c, multiplier)
     elif scale is not None:
-        c = mul(b, c, per_sample(b, scale, len(x_shape) + 1))
+        c = times_per_sample(b, c, scale, x_shape)
     return mul(b, x, c)
 
 
-def smaller(a: list, b: list) -> bool:
+def smaller(a: list | None, b: list | None) -> bool:
     """Whether a tensor of per-sample shape ``a`` has fewer elements than one of shape ``b`` (False if unknown)."""
-    if any(not isinstance(d, int) for d in a + b):
+    if a is None or b is None or any(not isinstance(d, int) for d in a + b):
         return False
     return int(np.prod(a)) < int(np.prod(b))
+
+
+def times_per_sample(b: GraphBuilder, t: str, scale: str, shape: list | None) -> str:
+    """``t`` times the ``[batch]`` factor ``scale``, sample by sample; ``shape``: ``t``'s per-sample shape (None when
+    its rank is unknown: through a flattened view)."""
+    if shape is not None:
+        return mul(b, t, per_sample(b, scale, len(shape) + 1))
+    flat = b.op("Flatten", [t], "flat", axis=1)
+    column = b.op("Unsqueeze", [scale, b.const([1], "axes", np.int64)], "scale")
+    return b.op("Reshape", [mul(b, flat, column), b.op("Shape", [t])], "R")
 
 
 def per_sample(b: GraphBuilder, scale: str, rank: int) -> str:

@@ -136,6 +136,7 @@ class RLRPFamily(Family):
         self.fork_joins: dict[str, list[str]] = {}
         self.join_reach: dict[tuple[str, str], list[int]] = {}
         self.log_bound: dict[str, str] = {}  # relevance -> [batch]: an upper bound of log2 max |R| per sample
+        self.unscaled: set[str] = set()  # layers between a plain fork and the node its branches meet at
         self.bound_steps: dict[str, int] = {}  # relevance -> layers since its bound was last measured
         self.pending: tuple[str, int] | None = None  # the bound of what the layer being emitted sends back
 
@@ -166,6 +167,9 @@ class RLRPFamily(Family):
         fork or a sum, and at the first layer; in between the previous layer's bound stands in, so that the bounds'
         slack (a weight bound above the actual product, a peak of ``x`` where the relevance is small) cannot
         accumulate into an underflow. Everything per sample is a log2, so nothing in it overflows."""
+        if node.name in self.unscaled:  # its branch adds up with another at a plain fork: one scale for both
+            self.pending = UNBOUNDED
+            return r_out, None
         b = ctx.b
         rank_r, rank_x = (len(ctx.shapes.get(t) or []) for t in (node.output[0], node.input[0]))
         log_x = self.log2_peak(ctx, x, rank_x, signed=not ctx.nonnegative(node.input[0]))
@@ -238,6 +242,7 @@ class RLRPFamily(Family):
                  and sum(n.input[i] in ctx.tensors for i in data_input_indices(n)) > 1]
         forks = ctx.view.forks_of_joins(ctx.tensors, ctx.sources, joins)
         sub = ctx.view.flow.subgraph(ctx.tensors)
+        self.find_plain_forks(ctx, sub)
 
         def slots_reached(node, join) -> list[int]:
             reach = set()
@@ -263,6 +268,26 @@ class RLRPFamily(Family):
                 slots = [idx] if consumer is join else slots_reached(consumer, join)
                 if slots:
                     self.assigned[(consumer.name, idx)] = (join.name, slots)
+
+    def find_plain_forks(self, ctx, sub) -> None:
+        """Fill ``unscaled``: a node that brings several relevance-carrying inputs together without being a join (the
+        magnitude of an STFT's two convolutions, an element-wise Max of branches) sends relevance down branches that
+        add up unnormalized at their fork (Eq. 13 normalizes joins only), so the layers between the fork and the
+        node must not scale their relevance each by its own range factor (:meth:`before_layer`)."""
+        meeting = [n for n in ctx.nodes if not spec(n).join
+                   and sum(n.input[i] in ctx.tensors for i in data_input_indices(n)) > 1]
+        forks = ctx.view.forks_of_joins(ctx.tensors, ctx.sources, meeting) if meeting else {}
+        for node in meeting:
+            fork = forks.get(node.name)
+            if fork is None or fork.startswith("\0"):
+                continue
+            below = nx.descendants(sub, fork) | {fork}
+            above = set()
+            for i in data_input_indices(node):
+                if node.input[i] in sub:
+                    above |= nx.ancestors(sub, node.input[i]) | {node.input[i]}
+            self.unscaled |= {n.name for n in ctx.nodes if n.input and n.input[0] in below and n.output
+                              and n.output[0] in above}
 
     def combine(self, ctx, tensor, parts):
         """At a fork, Eq. 13 per join, innermost join first: each branch contribution ``c`` of join ``J`` becomes

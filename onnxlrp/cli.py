@@ -199,7 +199,8 @@ def explain_command(model, images, target, preprocess, out_dir, overlay, batch_s
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--data", default="builtin:digits", show_default=True,
               help="builtin:digits, a .npz with images/labels, or a folder with one sub-folder per class index.")
-@click.option("--rules", default="rlrp,lrp0,epsilon", show_default=True, help="Comma-separated rules to compare.")
+@click.option("--rules", help="Comma-separated rules to compare (default: rlrp,lrp0,epsilon; with --text: "
+              "attnlrp,cp-lrp).")
 @click.option("--percent", default="1,5,10,15,20,25,40,50,60,75,80,85,90,95,99", show_default=True)
 @click.option("--abs", "absolute", is_flag=True, help="Rank by |relevance| instead of signed relevance.")
 @click.option("--pixel", is_flag=True, help="Rank pixels by relevance summed over channels.")
@@ -209,11 +210,25 @@ def explain_command(model, images, target, preprocess, out_dir, overlay, batch_s
 @click.option("--batch-size", type=int, default=128, show_default=True)
 @click.option("--masks", help="A .npz with object 'masks' [N,H,W] or 'boxes' [N,4] (x0,y0,x1,y1): adds the "
               "pointing game and the relevance mass ratios mu, mu_w.")
-def evaluate_command(model, **kw):
+@click.option("--text", "texts", multiple=True, help="A text for a token model (repeatable): the AttnLRP paper's "
+              "faithfulness test (remove the most / least relevant tokens first; area between the curves).")
+@click.option("--tokenizer", type=click.Path(dir_okay=False), help="tokenizer.json for --text.")
+@click.option("--steps", type=int, default=20, show_default=True, help="With --text: removal steps.")
+@click.option("--position", type=int, help="With --text: the explained position of a [batch, tokens, classes] output.")
+def evaluate_command(model, texts, tokenizer, steps, position, **kw):
     """Masked-input accuracy (the R-LRP paper's study), pixel-flipping AOPC, localization with --masks; CSV, JSON
-    and plots."""
+    and plots. With --text: token models' faithfulness (MoRF and LeRF token removal, delta_AF)."""
+    if texts or tokenizer:
+        if not (texts and tokenizer):
+            raise OnnxlrpError("evaluate --text needs --tokenizer tokenizer.json (and --tokenizer needs --text)")
+        from .apps.token_faithfulness import run_evaluate_text
+
+        run_evaluate_text(model, texts, tokenizer, rules=kw["rules"] or "attnlrp,cp-lrp", steps=steps,
+                          position=position, out_dir=kw["out_dir"])
+        return
     from .apps import run_evaluate
 
+    kw["rules"] = kw["rules"] or "rlrp,lrp0,epsilon"
     run_evaluate(model, **kw)
 
 

@@ -142,18 +142,18 @@ def inspect_command(model, **kw):
 @cli.command("rules")
 def rules_command():
     """List the rules and composites."""
-    from .composites import COMPOSITES
-    from .node_rules import DEFAULTS, NODE_RULES
+    from .composites import ALL_RULES, COMPOSITES, DEFAULTS
     from .rules import RULES
 
     click.echo("rules (applied to every Conv/Gemm/MatMul):")
     for name in RULES:
         click.echo(f"  {name:28s} {COMPOSITES[name].description}")
-    click.echo("rules for joins, pools, resizes, element-wise Max/Min, gates, normalizations and recurrent layers "
-               "(in a TOML composite; defaults: "
-               + ", ".join(f"{kind} -> {cls.name}" for kind, cls in DEFAULTS.items()) + "):")
-    for name, cls in NODE_RULES.items():
-        click.echo(f"  {name:28s} {cls.summary}")
+    click.echo("rules for joins, pools, resizes, element-wise Max/Min, gates, normalizations, recurrent layers and, in "
+               "transformers, offsets, softmax and products of two activations (in a TOML composite; defaults: "
+               + ", ".join(f"{kind} -> {cls.name}" for kind, cls in DEFAULTS.items()) + "; offset: unchanged):")
+    for name, cls in ALL_RULES.items():
+        if name not in RULES:
+            click.echo(f"  {name:28s} {cls.summary}")
     click.echo("composites:")
     for name, comp in COMPOSITES.items():
         if name not in RULES:

@@ -153,19 +153,19 @@ def inspect_command(model, **kw):
 @cli.command("rules")
 def rules_command():
     """List the rules and composites."""
-    from .composites import COMPOSITES
-    from .node_rules import DEFAULTS, NODE_RULES
+    from .composites import ALL_RULES, COMPOSITES, DEFAULTS
     from .rules import RULES
     from .semirings import rules_listing
 
     click.echo("rules (applied to every Conv/Gemm/MatMul):")
     for name in RULES:
         click.echo(f"  {name:28s} {COMPOSITES[name].description}")
-    click.echo("rules for joins, pools, resizes, element-wise Max/Min, gates, normalizations and recurrent layers "
-               "(in a TOML composite; defaults: "
-               + ", ".join(f"{kind} -> {cls.name}" for kind, cls in DEFAULTS.items()) + "):")
-    for name, cls in NODE_RULES.items():
-        click.echo(f"  {name:28s} {cls.summary}")
+    click.echo("rules for joins, pools, resizes, element-wise Max/Min, gates, normalizations, recurrent layers and, in "
+               "transformers, offsets, softmax and products of two activations (in a TOML composite; defaults: "
+               + ", ".join(f"{kind} -> {cls.name}" for kind, cls in DEFAULTS.items()) + "; offset: unchanged):")
+    for name, cls in ALL_RULES.items():
+        if name not in RULES:
+            click.echo(f"  {name:28s} {cls.summary}")
     click.echo("composites:")
     for name, comp in COMPOSITES.items():
         if name not in RULES and comp.semiring is None:
@@ -234,7 +234,8 @@ def explain_command(model, data, target, preprocess, out_dir, overlay, batch_siz
 @click.option("--data", default="builtin:digits", show_default=True,
               help="builtin:digits, a folder with one sub-folder per class index, a .npz with images and labels, or "
                    "Parquet with an image or tensor column and a label column; streamed in batches.")
-@click.option("--rules", default="rlrp,lrp0,epsilon", show_default=True, help="Comma-separated rules to compare.")
+@click.option("--rules", help="Comma-separated rules to compare (default: rlrp,lrp0,epsilon; with --text: "
+              "attnlrp,cp-lrp).")
 @click.option("--percent", default="1,5,10,15,20,25,40,50,60,75,80,85,90,95,99", show_default=True)
 @click.option("--abs", "absolute", is_flag=True, help="Rank by |relevance| instead of signed relevance.")
 @click.option("--pixel", is_flag=True, help="Rank pixels by relevance summed over channels.")
@@ -251,11 +252,28 @@ def explain_command(model, data, target, preprocess, out_dir, overlay, batch_siz
               "separately, the K most relevant inputs and report the change of the explained class's score.")
 @click.option("--flip-mode", type=click.Choice(["auto", "invert", "negate"]), default="auto", show_default=True,
               help="--flip: invert is x -> 1 - x, negate is x -> -x; auto inverts when the data lie in [0, 1].")
-def evaluate_command(model, flip, flip_mode, **kw):
+@click.option("--text", "texts", multiple=True, help="A text for a token model (repeatable): the AttnLRP paper's "
+              "faithfulness test (remove the most / least relevant tokens first; area between the curves).")
+@click.option("--tokenizer", type=click.Path(dir_okay=False), help="tokenizer.json for --text.")
+@click.option("--steps", type=int, default=20, show_default=True, help="With --text: removal steps.")
+@click.option("--position", type=int, help="With --text: the explained position of a [batch, tokens, classes] output.")
+def evaluate_command(model, flip, flip_mode, texts, tokenizer, steps, position, **kw):
     """Masked-input accuracy (the R-LRP paper's study), pixel-flipping AOPC, localization with --masks; CSV, JSON
-    and plots. With --flip K: the flip test instead."""
+    and plots. With --flip K: the flip test instead. With --text: token models' faithfulness (MoRF and LeRF token
+    removal, delta_AF)."""
+    if texts or tokenizer:
+        if not (texts and tokenizer):
+            raise OnnxlrpError("evaluate --text needs --tokenizer tokenizer.json (and --tokenizer needs --text)")
+        if flip is not None:
+            raise OnnxlrpError("evaluate: give --flip or --text, not both")
+        from .apps.token_faithfulness import run_evaluate_text
+
+        run_evaluate_text(model, texts, tokenizer, rules=kw["rules"] or "attnlrp,cp-lrp", steps=steps,
+                          position=position, out_dir=kw["out_dir"])
+        return
     from .apps import run_evaluate, run_flip
 
+    kw["rules"] = kw["rules"] or "rlrp,lrp0,epsilon"
     if flip is None:
         run_evaluate(model, **kw)
         return

@@ -158,7 +158,9 @@ def test_cli_debug_shows_the_traceback(tmp_path):
 def test_rules_lists_rules_and_composites(capsys):
     assert main(["rules"]) == 0
     out = capsys.readouterr().out
-    for name in ("rlrp", "epsilon", "zbox", "epsilon-gamma-box", "epsilon-alpha2-beta1-flat", "cmp"):
+    for name in ("rlrp", "epsilon", "zbox", "epsilon-gamma-box", "epsilon-alpha2-beta1-flat", "cmp", "uniform",
+                 "linearized", "attnlrp", "cp-lrp", "lxt-epsilon", "softmax-taylor", "uniform-epsilon", "lxt-norm",
+                 "activation-gate"):
         assert f"  {name} " in out
 
 

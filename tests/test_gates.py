@@ -200,9 +200,13 @@ def test_swiglu_has_no_gate_factor_value_splits_uniformly():
 
 
 def test_rlrp_refuses_a_product_without_a_gate():
-    with pytest.raises(UnsupportedOpError, match=r"Mul x1 \(y: a product of two relevance-carrying tensors "
-                                                 r"of which neither \(or both\) is a gate"):
+    with pytest.raises(UnsupportedOpError, match=r"Mul x1 \(y: a product of two relevance-carrying tensors of which "
+                                                 r"neither \(or both\) is a gate"):
         onnxlrp.compile(glu(True), "rlrp")
+    (line,) = inspect(glu(True), "rlrp").unsupported
+    assert line.startswith("y (Mul, domain ai.onnx, opset 17): a product of two relevance-carrying tensors of which "
+                           "neither (or both) is a gate (Sigmoid, HardSigmoid, Softmax, bounded Clip): rlrp has no "
+                           "rule for it")
 
 
 def test_cli_inspect_prints_the_gates(tmp_path):

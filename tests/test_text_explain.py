@@ -76,3 +76,30 @@ def test_explain_text_errors_are_one_line(tmp_path):
     no_tokenizer = run_cli("explain", model_path, "--text", "w1")
     assert no_tokenizer.returncode == 1 and "needs --tokenizer" in no_tokenizer.stderr
     assert not (tmp_path / "onnxlrp-explain").exists()
+
+
+def test_evaluate_text_faithfulness(tmp_path):
+    """``evaluate --text ... --tokenizer``: per rule, delta_AF averaged over the texts as the API computes it on the
+    tokenized texts; one-line error without the tokenizer."""
+    from onnxlrp.apps.token_faithfulness import token_faithfulness
+
+    model_path = tmp_path / "bert.onnx"
+    onnx.save(tm.exported("bert", "ts", 17, "eager"), model_path)
+    tokenizer = word_tokenizer(tmp_path / "tokenizer.json")
+    texts = ["w1 w7 w3 w12 w2", "w5 w6 w9"]
+    done = run_cli("evaluate", model_path, "--text", texts[0], "--text", texts[1], "--tokenizer", tokenizer,
+                   "--rules", "attnlrp,epsilon", "--steps", "4", "-o", tmp_path / "out")
+    assert done.returncode == 0, done.stderr
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(results["rules"]) == {"attnlrp", "epsilon"} and results["steps"] == 4
+    tok = tokenizers.Tokenizer.from_file(str(tokenizer))
+    compiled = onnxlrp.compile(tm.exported("bert", "ts", 17, "eager"), "attnlrp")
+    expected = []
+    for text in texts:
+        ids = np.array([tok.encode(text).ids], np.int64)
+        expected.append(token_faithfulness(compiled, {"input_ids": ids, "attention_mask": np.ones_like(ids)},
+                                           steps=4)["delta_af"])
+    assert results["rules"]["attnlrp"]["delta_af"] == pytest.approx(np.mean(expected), rel=1e-5, abs=1e-7)
+    missing = run_cli("evaluate", model_path, "--text", "w1", "-o", tmp_path / "none")
+    assert missing.returncode == 1 and "needs --tokenizer" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1

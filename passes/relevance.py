@@ -299,7 +299,7 @@ class RelevancePass(SeedAndOutputs):
         """``Relu(z)`` (as float32) when the relevance of ``z`` is 0 wherever ``z <= 0``: the only reader of ``z`` is
         a Relu, or a Clip with lower bound 0 (ReLU6), and the relevance of that reader's output vanishes where the
         output is 0. The rules may then divide by ``Relu(z) + eps`` instead of ``stab(z)`` (see
-        :func:`onnxlrp.rules.divide_behind_relu`): the Relu's own output, which leaves the forward Conv + Relu
+        :func:`onnxlrp.quotients.divide_behind_relu`): the Relu's own output, which leaves the forward Conv + Relu
         fusable, or one Relu on ``z`` behind a Clip (where ``z > hi`` the Clip's output is not ``z``)."""
         if not self.family.divides_by_outputs:
             return None

@@ -40,7 +40,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .rules import Rule, product
+from .quotients import product
+from .rules import Rule
 
 LXT_EPSILON = 1e-8  # lxt.explicit.rules.EpsilonRule, lxt.explicit.functional.add2 and matmul
 LXT_NORM_EPSILON = 1e-6  # lxt.explicit.functional.layer_norm_grad_fn: relevance_norm = R / (y + 1e-6)

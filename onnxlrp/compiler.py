@@ -12,8 +12,9 @@ from pathlib import Path
 import onnx
 from onnx import helper
 
-from onnxlrp.passes.canonicalize import FoldedConstants, canonicalize, restore_folded
+from onnxlrp.passes.canonicalize import canonicalize
 from onnxlrp.passes.families import ClassicFamily, Family
+from onnxlrp.passes.folding import FoldedConstants, restore_folded
 from onnxlrp.passes.relevance import RelevancePass, rule_table
 from onnxlrp.passes.rlrp import RLRPFamily
 from onnxlrp.passes.semiring import SemiringFamily

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .rules import STABILIZER, Rule, divide_behind_relu, divide_relevance, product
+from .quotients import divide_behind_relu, divide_relevance, product
+from .rules import STABILIZER, Rule
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class Norm(Rule):
 
     def join(self, ctx, node, r: str, on_path: list[int]) -> dict[int, str]:
         """Behind a Relu, the join's relevance is 0 wherever its output is, so the Relu's output plus eps is the
-        denominator (:func:`onnxlrp.rules.divide_behind_relu`), and an operand that a Conv or BatchNormalization
+        denominator (:func:`onnxlrp.quotients.divide_behind_relu`), and an operand that a Conv or BatchNormalization
         produces for this join alone may be read through its stand-in (``RelevancePass.join_stand_in``)."""
         b = ctx.b
         y = ctx.relu_behind(node.output[0]) if self.stabilizer > 0 else None  # y / (y + 0) is 0/0 where y = 0

@@ -11,11 +11,11 @@ Where it normalizes (``t -> t * 2^-k``, ``k = floor(log2(max |t|))``, so ``max |
 
 - the seed;
 - the numerator of a division by a stabilized forward value (``R / stab(z)``, ``|stab(z)| >= eps``) whose
-  magnitude is not known at compile time (:func:`onnxlrp.rules.quotient`): the quotient is then below
+  magnitude is not known at compile time (:func:`onnxlrp.quotients.quotient`): the quotient is then below
   ``4 / eps``;
 - the input of a transposed product ``W^T g`` whose compile-time bound would leave :data:`LIMIT` (each product grows
   the bound by ``log2 max_i sum_j |w_ji|``, see :func:`transpose_growth`);
-- the cofactor ``c`` of a relevance ``x * c`` that is written out as a tensor (:func:`onnxlrp.rules.product`), so
+- the cofactor ``c`` of a relevance ``x * c`` that is written out as a tensor (:func:`onnxlrp.quotients.product`), so
   that ``|x * c| <= 4 |x|``: no product of a forward value and relevance can overflow while the forward value fits.
 
 In a chain of layers that divide a relevance ``y * c`` by their own output ``y`` (LRP-epsilon behind a ReLU, Zennit's

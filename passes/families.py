@@ -32,8 +32,9 @@ from dataclasses import dataclass
 
 from onnx import TensorProto
 
+from onnxlrp.quotients import product
 from onnxlrp.ranges import Ranges
-from onnxlrp.rules import Rule, product
+from onnxlrp.rules import Rule
 
 from .ops import lookup, unsupported_reason
 
@@ -165,7 +166,7 @@ class ClassicFamily(Family):
 
     def combine(self, ctx, tensor, parts):
         """When every term is a product ``x * c_k`` with the same forward value ``x`` (a fork whose readers all
-        multiply by their input, see :func:`onnxlrp.rules.product`), the sum is ``x * sum_k c_k``: one product
+        multiply by their input, see :func:`onnxlrp.quotients.product`), the sum is ``x * sum_k c_k``: one product
         instead of one per reader. The summed cofactor is normalized here when its bound exceeds
         :data:`FORK_LIMIT`: the branches below then start from one exponent and rarely need a normalization (and
         an alignment at their fork) of their own."""

@@ -380,7 +380,7 @@ def integer_layer(e: Expander, node) -> bool:
 
 def folded_dequantization(folded, name: str) -> Weight | None:
     """A QDQ model's weight ``name``, folded at canonicalization from ``DequantizeLinear(q, scale, zero_point)`` of
-    constants (:class:`onnxlrp.passes.canonicalize.FoldedConstants`), as the expression over the integer ``q``: its
+    constants (:class:`onnxlrp.passes.folding.FoldedConstants`), as the expression over the integer ``q``: its
     ops fold when onnxruntime creates the session, where ops on the DequantizeLinear's output would run on every
     call (onnxruntime keeps DequantizeLinear nodes for its quantized kernels)."""
     node = next((n for n in folded.nodes if name in n.output), None) if folded is not None else None

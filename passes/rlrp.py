@@ -37,7 +37,8 @@ import networkx as nx
 import numpy as np
 
 from onnxlrp.errors import OnnxlrpError
-from onnxlrp.rules import RLRP, Rule, mul, scaled_product
+from onnxlrp.quotients import mul
+from onnxlrp.rules import RLRP, Rule, scaled_product
 
 from .families import Family
 from .ops import data_input_indices, spec

@@ -11,7 +11,7 @@ from spec_zoo import ZOO
 
 import onnxlrp
 from onnxlrp.builder import GraphBuilder
-from onnxlrp.rules import shrink, stabilize
+from onnxlrp.quotients import shrink, stabilize
 from onnxlrp.runtime import with_target
 
 # our rule name -> (reference rule name, our params, reference params)

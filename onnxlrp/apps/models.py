@@ -15,7 +15,7 @@ from onnxlrp.errors import OnnxlrpError
 from onnxlrp.io import read_model
 from onnxlrp.messages import show
 from onnxlrp.naming import escape_terminal
-from onnxlrp.passes.relevance import SCORE_HEADS
+from onnxlrp.passes.explained import SCORE_HEADS
 from onnxlrp.scopes import implicit_inputs
 
 from .files import PATH_TYPES

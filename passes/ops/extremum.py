@@ -17,7 +17,7 @@ after ``Max(a, b)``.
 
 from __future__ import annotations
 
-from onnxlrp.rules import mul
+from onnxlrp.quotients import mul
 
 from .helpers import float_mask, path_inputs, unbroadcast
 from .registry import backward

@@ -9,7 +9,7 @@ the squares are the two contributions to the layer (Eq. 8 with the squares as th
 
 from __future__ import annotations
 
-from onnxlrp.rules import quotient
+from onnxlrp.quotients import quotient
 
 from .registry import backward
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from onnxlrp.rules import product
+from onnxlrp.quotients import product
 
 from .helpers import attr
 from .registry import backward

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from onnxlrp.layers import Window
-from onnxlrp.rules import factors_of, mul
+from onnxlrp.quotients import factors_of, mul
 
 from .helpers import attr, explicit_pads, float_mask, reshape_like
 from .registry import backward
@@ -302,8 +302,8 @@ class WindowMax(MaxView):
 
     def route_first(self, b, r):
         """Padded taps are set to ``-inf`` so that they never win. When ``r = y * c`` (see
-        :func:`onnxlrp.rules.product`), the winner's input is ``y``, so the routed relevance is also ``x * route(c)``
-        (remembered as such; ``drop_unread`` keeps one of the two)."""
+        :func:`onnxlrp.quotients.product`), the winner's input is ``y``, so the routed relevance is also
+        ``x * route(c)`` (remembered as such; ``drop_unread`` keeps one of the two)."""
         wd, channels = self.window, self.channels
         patches, kernel = window_patches(b, self.x, wd, channels)
         valid = tap_validity(wd)[None, None]

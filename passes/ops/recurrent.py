@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from onnxlrp.rules import stabilize
+from onnxlrp.quotients import stabilize
 
 from .helpers import attr
 from .registry import backward

@@ -180,6 +180,11 @@ def torch_export(name: str, exporter: str = "torchscript", opset: int = 17) -> o
 # ---------------------------------------------------------------- Keras through tf2onnx
 
 KERAS_SIZE = 64
+XCEPTION_SIZE = 71  # the smallest input Keras' Xception takes
+
+
+def keras_size(name: str) -> int:
+    return XCEPTION_SIZE if name == "Xception" else KERAS_SIZE
 
 
 def keras_norms(keras):
@@ -206,9 +211,9 @@ def _keras_export_bytes(name: str) -> bytes:
         model, shape = keras_norms(keras), (6, 6, 8)
     else:
         build = {"EfficientNetB0": keras.applications.EfficientNetB0,
-                 "MobileNetV3Small": keras.applications.MobileNetV3Small}[name]
-        model, shape = build(weights=None, input_shape=(KERAS_SIZE, KERAS_SIZE, 3), classes=10), \
-            (KERAS_SIZE, KERAS_SIZE, 3)
+                 "MobileNetV3Small": keras.applications.MobileNetV3Small, "Xception": keras.applications.Xception}[name]
+        shape = (keras_size(name), keras_size(name), 3)
+        model = build(weights=None, input_shape=shape, classes=10)
     rng = np.random.default_rng(0)
     for layer in model.layers:  # random gamma and beta
         for w in layer.weights:
@@ -230,13 +235,14 @@ def _keras_export_bytes(name: str) -> bytes:
 
 
 def keras_export(name: str) -> onnx.ModelProto:
-    """``EfficientNetB0``, ``MobileNetV3Small`` (64x64x3, 10 classes, dynamic batch) or ``norms`` (6x6x8, batch 2),
-    NHWC input ``image``; the first output is the Softmax (``norms``: the logits)."""
+    """``EfficientNetB0``, ``MobileNetV3Small`` (64x64x3, 10 classes, dynamic batch), ``Xception`` (71x71x3, the
+    same) or ``norms`` (6x6x8, batch 2), NHWC input ``image``; the first output is the Softmax (``norms``: the
+    logits)."""
     return onnx.load_from_string(_keras_export_bytes(name))
 
 
 def keras_sample(name: str, batch: int = 2, seed: int = 1) -> np.ndarray:
-    shape = (6, 6, 8) if name == "norms" else (KERAS_SIZE, KERAS_SIZE, 3)
+    shape = (6, 6, 8) if name == "norms" else (keras_size(name), keras_size(name), 3)
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(batch, *shape)) if name == "norms" else rng.uniform(0, 255, (batch, *shape))
     return x.astype(np.float32)

@@ -43,25 +43,10 @@ from onnxlrp.runtime import with_target  # noqa: E402
 TOKENS = 128
 
 
-def randomize(model, seed: int = 0):
-    import torch
-
-    generator = torch.Generator().manual_seed(seed)
-    norms = {id(p) for m in model.modules() if "Norm" in type(m).__name__ for p in m.parameters(recurse=False)}
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=generator, dtype=p.dtype)
-            if id(p) in norms:
-                p.copy_(1 + 0.2 * noise if name.endswith("weight") else 0.1 * noise)
-            elif p.ndim == 1:
-                p.copy_(0.1 * noise)
-            else:
-                p.copy_(noise / np.sqrt(p.numel() / p.shape[0]))
-    return model.eval()
-
-
 def build(name: str):
-    """``(torch model, {input name: array} at batch 1, explained ids key or None)``."""
+    """``(torch model, {input name: array} at batch 1, explained ids key or None)``; the parameters seeded as the
+    transformer tests seed them (:func:`transformer_models.randomize`)."""
+    from transformer_models import randomize
     from vision_models import import_torchvision
 
     tv = import_torchvision()

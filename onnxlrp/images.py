@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from onnxlrp.errors import OnnxlrpError
-from onnxlrp.io.parse import stat_regular_file
+from onnxlrp.io.parse import stat_path, stat_regular_file
 from onnxlrp.messages import first_line, reason, show
 
 __all__ = ["IMAGE_EXTENSIONS", "MAX_PIXELS", "RASTER_FORMATS", "decode_image", "list_images", "load_image"]
@@ -217,12 +217,7 @@ def list_images(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
     for raw in paths:
         p = Path(raw)
         shown = show(p)
-        try:
-            st = os.stat(p)
-        except FileNotFoundError:
-            raise OnnxlrpError(f"{shown}: no such file or folder") from None
-        except OSError as err:
-            raise OnnxlrpError(f"{shown}: cannot access ({reason(err)})") from None
+        st = stat_path(p, "no such file or folder")
         if stat.S_ISDIR(st.st_mode):
             try:
                 with os.scandir(p) as it:

@@ -26,6 +26,7 @@ import numpy as np
 
 from onnxlrp.errors import OnnxlrpError
 from onnxlrp.io.load import IN_MEMORY
+from onnxlrp.io.parse import stat_path
 from onnxlrp.messages import first_line, quote, reason, show
 from onnxlrp.naming import escape_terminal
 
@@ -385,12 +386,7 @@ def open_source(data: str | os.PathLike, spec: InputSpec, *, labels: bool = Fals
 
     path = Path(data)
     where = show(path)
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise OnnxlrpError(f"{where}: no such data file or folder") from None
-    except OSError as err:
-        raise OnnxlrpError(f"{where}: cannot access ({reason(err)})") from None
+    st = stat_path(path, "no such data file or folder")
     suffix = path.suffix.lower()
     if stat.S_ISDIR(st.st_mode):
         parquet = _walk(path, PARQUET_SUFFIXES, [])

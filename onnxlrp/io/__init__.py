@@ -27,7 +27,7 @@ from .atomic import sigterm_guard, umask_mode, write_atomic, write_files_atomic
 from .bombs import MAX_BOMB_ELEMENTS, check_resource_bombs
 from .digest import model_digest
 from .load import load_model, read_model
-from .parse import stat_regular_file
+from .parse import stat_path, stat_regular_file
 from .save import EXTERNAL_DATA_THRESHOLD, ORT_MAX_IR_VERSION, clamp_ir_version, save_model_atomic
 from .structure import KNOWN_DOMAINS, check_domains, check_structure
 from .tensors import DEFAULT_MAX_BYTES, check_tensor_sizes
@@ -48,6 +48,7 @@ __all__ = [
     "read_model",
     "save_model_atomic",
     "sigterm_guard",
+    "stat_path",
     "stat_regular_file",
     "umask_mode",
     "write_atomic",

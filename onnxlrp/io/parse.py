@@ -13,7 +13,7 @@ from onnx import ModelProto
 from onnxlrp.errors import OnnxlrpError
 from onnxlrp.messages import first_line, gib, quote, reason, show
 
-__all__ = ["PROTOBUF_MAX_BYTES", "check_basic", "check_versions", "parse_model", "read_model_file",
+__all__ = ["PROTOBUF_MAX_BYTES", "check_basic", "check_versions", "parse_model", "read_model_file", "stat_path",
            "stat_regular_file"]
 
 #: protobuf cannot parse (or write) a message of 2 GiB or more.
@@ -21,6 +21,17 @@ PROTOBUF_MAX_BYTES = 2**31 - 1
 #: Deepest message nesting accepted.  protobuf's parser stops at about 100 levels, so this only limits models built
 #: in memory, before the recursive walks over the model (structure, tensors, scopes) could exhaust Python's stack.
 MAX_NESTING = 200
+
+
+def stat_path(path: str | os.PathLike[str], missing: str) -> os.stat_result:
+    """``os.stat`` of a path the user gave (a file or a folder), one line when it cannot be had: ``missing`` for a
+    path that does not exist, the OS's reason otherwise."""
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        raise OnnxlrpError(f"{show(path)}: {missing}") from None
+    except OSError as err:
+        raise OnnxlrpError(f"{show(path)}: cannot access ({reason(err)})") from None
 
 
 def stat_regular_file(path: str | os.PathLike[str], *, what: str, folder_message: str,

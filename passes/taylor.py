@@ -34,7 +34,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from onnxlrp.errors import OnnxlrpError
-from onnxlrp.messages import show
+from onnxlrp.messages import first_line, reason, show
 from onnxlrp.rules import Rule
 
 from .families import Family
@@ -158,7 +158,8 @@ def _load_array(path: str | Path, what: str) -> np.ndarray:
     try:
         loaded = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as err:
-        raise OnnxlrpError(f"{show(path)}: cannot read {what} ({err.__class__.__name__}: {err})") from None
+        cause = reason(err) if isinstance(err, OSError) else first_line(err)
+        raise OnnxlrpError(f"{show(path)}: cannot read {what} ({cause})") from None
     if isinstance(loaded, np.lib.npyio.NpzFile):
         keys = list(loaded.keys())
         key = "x" if "x" in keys else keys[0] if len(keys) == 1 else None
